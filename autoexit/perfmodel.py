@@ -1022,7 +1022,7 @@ def _evaluate(tab: _Tables, crit: np.ndarray, thr: np.ndarray, parts: np.ndarray
     lat = tab.inp[tiers[:, 0].astype(np.int64) - 1].copy()
     acc = np.zeros(n_cfg)
     cost = np.zeros(n_cfg) if tab.priced else None
-    enter = np.ones(n_cfg)  # S_{k-1} + ... : the fraction entering partition k (1 for k = 1)
+    enter = np.ones(n_cfg)  # S_{k-1} = S_k + E_k: the fraction entering partition k (1 for k = 1)
     p_prev = np.zeros(n_cfg, dtype=np.int64)
     for k in range(lmax):
         p = parts[:, k].astype(np.int64)
@@ -1050,6 +1050,23 @@ def _evaluate(tab: _Tables, crit: np.ndarray, thr: np.ndarray, parts: np.ndarray
         enter = stay
         p_prev = p
     return Estimates(accuracy=acc, latency_s=lat, cost=cost if cost is not None else np.zeros(n_cfg))
+
+
+_CHUNK = 1 << 18
+
+
+def _evaluate_chunked(tab: _Tables, crit: np.ndarray, thr: np.ndarray, parts: np.ndarray,
+                      tiers: np.ndarray) -> Estimates:
+    """:func:`_evaluate` over cache-sized chunks: same numbers, bounded temporary memory."""
+    n = parts.shape[0]
+    if n <= _CHUNK:
+        return _evaluate(tab, crit, thr, parts, tiers)
+    acc, lat, cost = np.empty(n), np.empty(n), np.empty(n)
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        e = _evaluate(tab, crit[lo:hi], thr[lo:hi], parts[lo:hi], tiers[lo:hi])
+        acc[lo:hi], lat[lo:hi], cost[lo:hi] = e.accuracy, e.latency_s, e.cost
+    return Estimates(accuracy=acc, latency_s=lat, cost=cost)
 
 
 def _as_batch(profile: Profile, topology: Topology, criterion: str | Sequence[str] | np.ndarray,
@@ -1114,7 +1131,7 @@ def estimate_batch(profile: Profile, topology: Topology, criterion: str | Sequen
     the criterion's threshold grid.
     """
     tab, crit, thr, parts, tiers = _as_batch(profile, topology, criterion, threshold_index, partitions, placement)
-    return _evaluate(tab, crit, thr, parts, tiers)
+    return _evaluate_chunked(tab, crit, thr, parts, tiers)
 
 
 # --------------------------------------------------------------------------- the configuration space
@@ -1257,7 +1274,7 @@ def enumerate_space(
     parts = np.concatenate(parts_l)
     tiers = np.concatenate(tiers_l)
     tab = _Tables(profile, topology, crits)
-    est = _evaluate(tab, crit, thr, parts, tiers)
+    est = _evaluate_chunked(tab, crit, thr, parts, tiers)
     return ConfigSpace(profile=profile, topology=topology, criteria=crits, criterion=crit, threshold_index=thr,
                        partitions=parts, placement=tiers, accuracy=est.accuracy, latency_s=est.latency_s,
                        cost=est.cost)

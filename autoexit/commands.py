@@ -1,0 +1,148 @@
+"""Core CLI commands: ``quickstart``, ``enable``, ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="train a small CNN on scikit-learn's digits and early-exit enable it (no downloads)",
+        description="Train a small CNN backbone on half of scikit-learn's digits (seconds), then run the whole "
+        "label-free pipeline on the other half and emit an artifact.",
+    )
+    p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="accepted accuracy drop in %% (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30, help="backbone training epochs")
+    p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser(
+        "enable",
+        help="early-exit enable your own model on your unlabelled data",
+        description="Early-exit enable a pre-trained classifier on unlabelled inference data and emit an artifact.",
+    )
+    p.add_argument("--model", required=True,
+                   help="TorchScript file, torch.export .pt2 program, or package.module:factory")
+    p.add_argument("--weights", help="state_dict file for --model module:factory (loaded with weights_only)")
+    p.add_argument("--data", required=True,
+                   help="image folder, .pt file ({'x': inputs, 'y': labels}) or IDX images file, or 'digits'")
+    p.add_argument("--labels", help="IDX labels file (optional; used only to report accuracy)")
+    p.add_argument("--size", type=int, nargs="+", help="resize images to this size (image folders)")
+    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean (image folders)")
+    p.add_argument("--std", type=float, nargs=3, help="normalisation std (image folders)")
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--tolerance", type=float, required=True, help="accepted accuracy drop in %%")
+    p.add_argument("--out", required=True, help="artifact directory to create")
+    p.add_argument("--scheme", choices=["halving", "equal"], default="halving", help="tolerance split over exits")
+    p.add_argument("--granularity", default="auto", help="auto, a module depth (1, 2, ...) or node")
+    p.add_argument("--points", help="comma-separated exit points (module paths) instead of discovery")
+    p.add_argument("--epochs", type=int, default=40, help="head training epochs")
+    p.add_argument("--cache-dir", help="recording cache (default ~/.cache/autoexit or $AUTOEXIT_CACHE)")
+    p.add_argument("--onnx", action="store_true", help="also export each stage and head to ONNX")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_enable)
+
+    p = sub.add_parser("inspect", help="validate an emitted artifact and print its summary")
+    p.add_argument("artifact")
+    p.set_defaults(func=_inspect)
+
+
+def print_summary(result, title: str, artifact: Path | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in result.summary_rows():
+        t.add_row(k, v)
+    if artifact is not None:
+        t.add_row("artifact", str(artifact))
+        t.add_row("report", str(artifact / "report.html"))
+    Console().print(t)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_digits
+    from .distill import TrainConfig
+    from .pipeline import EnableConfig, enable
+    from .zoo import DigitsCNN, train_classifier
+
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    progress = not args.quiet
+    backbone_data = load_digits("backbone", seed=args.seed)
+    x, y = backbone_data.dataset.tensors
+    model = DigitsCNN()
+    train_classifier(model, x, y, epochs=args.epochs, seed=args.seed, augment_shift=1, progress=progress)
+    data = load_digits("inference", seed=args.seed, shifts=True)
+    cfg = EnableConfig(tolerance=args.tolerance, seed=args.seed, cache_dir=str(out / "cache"),
+                       train=TrainConfig(epochs=30, batch_size=128, seed=args.seed))
+    result = enable(model, data, config=cfg, progress=progress)
+    artifact = result.emit(out / "artifact", overwrite=True, latency=not args.no_latency)
+    print_summary(result, "autoexit quickstart: DigitsCNN on scikit-learn digits", artifact)
+    return 0
+
+
+def _enable(args: argparse.Namespace) -> int:
+    from .data import as_inference_data, load_idx, load_image_folder
+    from .distill import TrainConfig
+    from .pipeline import EnableConfig, enable
+    from .zoo import load_backbone
+
+    dpath = Path(args.data)
+    if dpath.is_dir():
+        data = load_image_folder(dpath, size=args.size, mean=args.mean, std=args.std, limit=args.limit)
+    elif args.labels or "idx" in dpath.name:
+        data = load_idx(dpath, args.labels, limit=args.limit)
+    else:
+        data = as_inference_data(args.data)
+    model = load_backbone(args.model, args.weights, data.example())
+    gran = args.granularity if args.granularity in ("auto", "node") else int(args.granularity)
+    cfg = EnableConfig(
+        tolerance=args.tolerance,
+        scheme=args.scheme,
+        granularity=gran,
+        points=tuple(p.strip() for p in args.points.split(",")) if args.points else None,
+        cache_dir=args.cache_dir,
+        train=TrainConfig(epochs=args.epochs),
+    )
+    result = enable(model, data, config=cfg, progress=not args.quiet)
+    artifact = result.emit(args.out, overwrite=args.overwrite, onnx=args.onnx, latency=not args.no_latency)
+    print_summary(result, f"autoexit enable: {args.model}", artifact)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .artifact import load
+
+    art = load(args.artifact)
+    m = art.manifest
+    t = Table(title=f"{args.artifact} (checksums OK)", title_justify="left")
+    for col in ("exit", "point", "head", "threshold", "temperature", "head FLOPs", "test hit rate"):
+        t.add_column(col)
+    from .heads import HeadSpec
+
+    for e in m["exits"]:
+        t.add_row(str(e["index"]), e["name"], HeadSpec.from_dict(e["head_spec"]).describe(),
+                  f"{e['threshold']:.4f}", f"{e['temperature']:.3f}", f"{e['head_flops']:,}",
+                  f"{100 * e['hit_rate_test']:.1f} %")
+    Console().print(t)
+    exp = m["expected"]["test"]
+    line = f"backbone {m['backbone']['class']} ({m['backbone']['flops']:,} FLOPs); test: saving {100 * exp['saving']:.1f} %"
+    if exp.get("accuracy") is not None:
+        line += f", accuracy {100 * exp['accuracy']:.2f} % (drop {100 * exp['accuracy_drop']:.2f} points)"
+    print(line)
+    return 0

@@ -423,7 +423,7 @@ class TracedBackbone:
             if k == 0:
                 for n in self.nodes:
                     if n.op == "placeholder":
-                        env[n] = g.node_copy(n, lambda a: env[a])
+                        env[n] = g.node_copy(n, lambda a, env=env: env[a])
             else:
                 src = self.nodes[lo]
                 ph = g.placeholder("x")

@@ -1,0 +1,128 @@
+"""Shared plumbing for the benchmark scripts: fixtures, tables, JSON results.
+
+The fixtures (pre-trained CIFAR-10 ResNets, the CIFAR-10 test set as JPEGs)
+live outside the repository, in ``../shared/fixtures`` or ``$AUTOEXIT_FIXTURES``.
+Scripts call :func:`require_fixtures` first: without them they print why and
+exit 0. The JPEG tarball is extracted once into ``~/.cache/autoexit/fixtures``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def fixtures_dir() -> Path:
+    return Path(os.environ.get("AUTOEXIT_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def fixtures_available() -> bool:
+    d = fixtures_dir()
+    return (d / "cifar10-resnet").is_dir() and (d / "cifar10-test-jpeg" / "test.tar").is_file()
+
+
+def require_fixtures() -> None:
+    if not fixtures_available():
+        print(f"skipping: the CIFAR-10 fixtures are not at {fixtures_dir()} "
+              "(set AUTOEXIT_FIXTURES to the folder holding cifar10-resnet/ and cifar10-test-jpeg/)")
+        sys.exit(0)
+
+
+def cifar_checkpoint(depth: int) -> Path:
+    found = sorted((fixtures_dir() / "cifar10-resnet").glob(f"resnet{depth}-*.th"))
+    if not found:
+        raise SystemExit(f"no resnet{depth} checkpoint in {fixtures_dir() / 'cifar10-resnet'}")
+    return found[0]
+
+
+def cifar_resnet(depth: int):
+    from autoexit.zoo import load_cifar_resnet
+
+    return load_cifar_resnet(cifar_checkpoint(depth))
+
+
+def cifar10_test_dir() -> Path:
+    """The extracted ImageFolder of the CIFAR-10 JPEG test set (extracted once)."""
+    cache = Path(os.environ.get("AUTOEXIT_CACHE", Path.home() / ".cache" / "autoexit")) / "fixtures"
+    root = cache / "cifar10-test-jpeg" / "test"
+    if not (root / "truck").is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".extract-{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
+        with tarfile.open(fixtures_dir() / "cifar10-test-jpeg" / "test.tar") as tf:
+            tf.extractall(tmp, filter="data")
+        (cache / "cifar10-test-jpeg").mkdir(exist_ok=True)
+        os.replace(tmp / "test", root)
+        tmp.rmdir()
+    return root
+
+
+def cifar10_data(limit: int | None = None):
+    """The CIFAR-10 JPEG test set as inference data (labels kept for reporting only)."""
+    from autoexit.data import load_image_folder
+    from autoexit.zoo import CIFAR_MEAN, CIFAR_STD
+
+    return load_image_folder(cifar10_test_dir(), mean=CIFAR_MEAN, std=CIFAR_STD, limit=limit)
+
+
+def environment() -> dict:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def print_table(rows: list[dict], title: str = "", columns: list[str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    columns = columns or list(rows[0].keys())
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[_fmt(r.get(c)) for c in columns])
+    Console(width=200).print(t)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"environment": environment(), **payload}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    os.replace(tmp, path)
+    print(f"wrote {path.relative_to(REPO)}")
+    return path

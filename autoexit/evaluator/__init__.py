@@ -32,6 +32,7 @@ from .protocol import (
     LatencyStats,
     MeasureSettings,
     TensorSpec,
+    block_head_latencies_s,
     segment_profile,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "PreparedModel",
     "RemoteEvaluator",
     "TensorSpec",
+    "block_head_latencies_s",
     "evaluator_from_config",
     "prepare_model",
     "registry_from_config",

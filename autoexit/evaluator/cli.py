@@ -32,7 +32,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=32, metavar="N",
                    help="measurements allowed to wait for the device before 429 (default 32)")
     p.add_argument("--cache-file", metavar="FILE",
-                   help="results cache, JSON lines (default ~/.cache/autoexit/evaluator/<device-key>.jsonl)")
+                   help="results cache, JSON lines (default $AUTOEXIT_CACHE or ~/.cache/autoexit, "
+                   "then evaluator/<device-key>.jsonl)")
     p.add_argument("--no-cache", action="store_true", help="keep results in memory only")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="default intra-op threads for measurements (requests may override; default: all cores)")

@@ -702,8 +702,37 @@ def segment_profile(
 
     ``stat`` is a LatencyStats field (median_ms, mean_ms, p90_ms, ...).
     """
+    if stat not in {f.name for f in fields(LatencyStats)} or not stat.endswith("_ms"):
+        raise AutoExitError(f"stat must be a LatencyStats *_ms field such as median_ms or p99_ms, got {stat!r}")
     out = {}
     for name, res in results.items():
         s = res.stats[0] if batch_size is None else res.at(batch_size)
         out[name] = float(getattr(s, stat))
     return out
+
+
+def block_head_latencies_s(
+    results: Mapping[str, LatencyResult],
+    stages: Sequence[str],
+    heads: Sequence[str | None],
+    batch_size: int | None = None,
+    stat: str = "p99_ms",
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-block and per-head latencies in **seconds**, in block order, for the performance model.
+
+    ``stages[i]`` / ``heads[i]`` name the segments of block ``i`` and of its
+    exit head in ``results`` (from ``measure_segments``); a head of ``None``
+    costs 0 (the last block already ends in the classifier). ``stat``
+    defaults to the 99th percentile, as paper 004 profiles ``CK_i``/``CB_i``.
+    The pair feeds ``perfmodel.Tier(block_latency_s=..., head_latency_s=...)``.
+    """
+    if len(stages) != len(heads):
+        raise AutoExitError(f"got {len(stages)} stages but {len(heads)} heads; give one head (or None) per stage")
+    ms = segment_profile(results, batch_size, stat)
+    missing = [n for n in [*stages, *[h for h in heads if h]] if n not in ms]
+    if missing:
+        raise AutoExitError(f"no measurement for segment(s) {missing}; measured: {sorted(ms)}")
+    return (
+        tuple(ms[s] / 1000.0 for s in stages),
+        tuple(ms[h] / 1000.0 if h else 0.0 for h in heads),
+    )

@@ -54,6 +54,7 @@ require("fastapi", "device", "the evaluator server")
 require("uvicorn", "device", "the evaluator server")
 
 from fastapi import Depends, FastAPI, HTTPException, Request  # noqa: E402
+from fastapi import Path as FPath  # noqa: E402
 from fastapi.encoders import jsonable_encoder  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
@@ -94,8 +95,9 @@ def token_required(host: str, token: str | None) -> bool:
 
 
 def default_cache_file(device_key: str) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "autoexit" / "evaluator" / f"{device_key}.jsonl"
+    """``$AUTOEXIT_CACHE/evaluator/<key>.jsonl`` (default ``~/.cache/autoexit/...``)."""
+    base = os.environ.get("AUTOEXIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoexit")
+    return Path(base).expanduser() / "evaluator" / f"{device_key}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -453,6 +455,9 @@ def create_app(config: ServerConfig):
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    # the spec declares bearer auth only when it is enforced
+    auth = [Depends(authorize)] if needs_token else []
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("latin-1")})
@@ -584,7 +589,7 @@ def create_app(config: ServerConfig):
         }
 
     @app.get("/info", response_model=InfoModel, responses=_ERRORS, tags=["service"],
-             dependencies=[Depends(authorize)])
+             dependencies=auth)
     async def info():
         """What this device is, what it accepts, and its limits."""
         return {
@@ -607,8 +612,10 @@ def create_app(config: ServerConfig):
         }
 
     @app.get("/results/{key}", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
-             dependencies=[Depends(authorize)])
-    async def result_by_key(key: str):
+             dependencies=auth)
+    async def result_by_key(
+        key: Annotated[str, FPath(pattern=P.CACHE_KEY_RE.pattern, description="SHA-256 cache key, 64 hex digits")],
+    ):
         """A cached result by its cache key (lets a client skip uploading a model measured before)."""
         if not P.CACHE_KEY_RE.match(key):
             raise HTTPException(status_code=422, detail="a cache key is 64 lowercase hex digits (SHA-256)")
@@ -618,7 +625,7 @@ def create_app(config: ServerConfig):
         return hit
 
     @app.post("/measure", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
-              dependencies=[Depends(authorize)])
+              dependencies=auth)
     async def measure(req: MeasureRequestModel):
         """Time one model at each batch size on random inputs of the given per-sample shapes."""
         settings = settings_of(req.settings)
@@ -633,7 +640,7 @@ def create_app(config: ServerConfig):
         return out["model"]
 
     @app.post("/measure/segments", response_model=SegmentsResultModel, responses=_ERRORS, tags=["measure"],
-              dependencies=[Depends(authorize)])
+              dependencies=auth)
     async def measure_segments(req: SegmentsRequestModel):
         """Time named segments (each stage and each head) one after another; one result per name."""
         settings = settings_of(req.settings)
@@ -659,7 +666,7 @@ def create_app(config: ServerConfig):
         return {"results": {n: results[n] for n in names}}
 
     @app.post("/measure/end_to_end", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
-              dependencies=[Depends(authorize)])
+              dependencies=auth)
     async def measure_end_to_end(req: EndToEndRequestModel):
         """Time a whole multi-exit model (forward returns (logits, exit_index)) over real inputs,
         in batches of each batch size; reports per-batch latency and the exits taken."""

@@ -174,6 +174,9 @@ def _to_torchscript(model: MultiExitModel, example: torch.Tensor) -> torch.jit.S
     except Exception as first:  # noqa: BLE001 - fall back to tracing the stages
         err = str(first).strip().splitlines()
         reason = err[0] if err else type(first).__name__
+    import copy
+
+    model = copy.deepcopy(model)  # stages are replaced below: never touch the caller's model
     h = example
     with torch.no_grad():
         for seg in model.segments:

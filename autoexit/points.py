@@ -424,6 +424,8 @@ class TracedBackbone:
                 for n in self.nodes:
                     if n.op == "placeholder":
                         env[n] = g.node_copy(n, lambda a, env=env: env[a])
+                        # string annotations (from __future__ import annotations) break TorchScript
+                        env[n].type = None
             else:
                 src = self.nodes[lo]
                 ph = g.placeholder("x")

@@ -205,15 +205,21 @@ def test_token_rule_direct():
             token_required(host, None)
 
 
-def test_refuses_to_listen_on_network_without_token():
+def test_refuses_to_listen_on_network_without_token(capsys, tmp_path):
+    from autoexit.evaluator.cli import main
+
     port = free_port()
-    proc = subprocess.run(
-        [sys.executable, "-m", "autoexit.evaluator", "--host", "0.0.0.0", "--port", str(port)],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 2
-    assert "refusing to listen on 0.0.0.0 without a token" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    rc = main(["--host", "0.0.0.0", "--port", str(port), "--cache-file", str(tmp_path / "c.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refusing to listen on 0.0.0.0 without a token" in err
+    assert len(err.strip().splitlines()) == 1
+    with socket.socket() as s:  # nothing was bound
+        s.bind(("127.0.0.1", port))
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    assert main(["--host", "0.0.0.0", "--port", str(port), "--token-file", str(empty)]) == 2
+    assert "must hold one token" in capsys.readouterr().err
+    assert main(["--port", "8080"]) == 2 and "reserved" in capsys.readouterr().err
 
 
 def test_token_is_enforced(server):

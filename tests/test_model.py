@@ -1,0 +1,81 @@
+"""MultiExitModel: batch shrinking is per-sample exact; TorchScript keeps the behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from autoexit.calibrate import exit_score
+from autoexit.model import MultiExitModel, to_torchscript
+
+
+def _thresholds_between_scores(model: MultiExitModel, x: torch.Tensor) -> list[float]:
+    """Per exit, a threshold halfway between two neighbouring single-sample scores near the median,
+    so that some samples exit at every exit and none sits on a threshold."""
+    with torch.no_grad():
+        outs = model.forward_all(x)
+    thr = []
+    for z in outs[:-1]:
+        s = np.sort(exit_score(z, model.signal).numpy())
+        gaps = np.diff(s)
+        lo = len(s) // 3
+        j = lo + int(np.argmax(gaps[lo : 2 * len(s) // 3]))
+        thr.append(float((s[j] + s[j + 1]) / 2))
+    return thr
+
+
+def test_batch_shrinking_matches_running_each_sample_alone(digits_result):
+    model = digits_result.model
+    assert model.num_exits >= 2
+    x = digits_result.recording.inputs("test")[:64]
+    model.set_thresholds(_thresholds_between_scores(model, x))
+    scripted = to_torchscript(model, x[:1])
+    with torch.no_grad():
+        out, idx = model(x)
+        sout, sidx = scripted(x)
+        alone = [model(x[i : i + 1]) for i in range(len(x))]
+    single_out = torch.cat([a[0] for a in alone])
+    single_idx = torch.cat([a[1] for a in alone])
+    assert torch.equal(idx, single_idx)
+    assert torch.allclose(out, single_out, atol=1e-5)
+    assert torch.equal(sidx, idx)
+    assert torch.allclose(sout, out, atol=1e-6)
+    # every exit and the backbone answered some samples, in input order
+    counts = torch.bincount(idx, minlength=model.num_exits + 1)
+    assert (counts[: model.num_exits] > 0).sum() >= 2
+    # exited samples carry their head's scaled logits
+    full = model.forward_all(x)
+    for i in range(len(x)):
+        e = int(idx[i])
+        assert torch.allclose(out[i], full[e][i], atol=1e-5)
+
+
+def test_all_samples_exit_at_first_head_skips_later_stages(digits_result):
+    model = digits_result.model
+    calls = []
+    hook = model.segments[1].stage.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        model.set_thresholds([-1.0] + [float("inf")] * (model.num_exits - 1))
+        x = digits_result.recording.inputs("test")[:16]
+        with torch.no_grad():
+            _, idx = model(x)
+        assert (idx == 0).all() and not calls
+    finally:
+        hook.remove()
+        model.set_thresholds(digits_result.subset.thresholds.thresholds.tolist())
+
+
+def test_empty_batch_and_bad_configuration():
+    import pytest
+
+    from autoexit.errors import AutoExitError
+
+    stages = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)]
+    heads = [torch.nn.Linear(4, 3)]
+    m = MultiExitModel(stages, heads, num_classes=3)
+    out, idx = m(torch.zeros(0, 4))
+    assert out.shape == (0, 3) and idx.shape == (0,)
+    with pytest.raises(AutoExitError, match="stages"):
+        MultiExitModel(stages, heads + heads, num_classes=3)
+    with pytest.raises(AutoExitError, match="temperatures"):
+        MultiExitModel(stages, heads, temperatures=[0.0], num_classes=3)

@@ -624,52 +624,36 @@ def create_app(config: ServerConfig):
             raise HTTPException(status_code=404, detail="no cached result for this key")
         return hit
 
-    @app.post("/measure", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
-              dependencies=auth)
-    async def measure(req: MeasureRequestModel):
-        """Time one model at each batch size on random inputs of the given per-sample shapes."""
+    # Decoding base64 and hashing models is CPU work: done in the thread pool so the
+    # event loop keeps answering /health while a large upload is prepared.
+
+    def prepare_measure(req: MeasureRequestModel):
         settings = settings_of(req.settings)
         batch_sizes = P.check_batch_sizes(req.batch_sizes)
         specs = specs_of(req.inputs, batch_sizes)
         data = model_bytes(req.model, req.format)
         job, meta = model_job(req.format, data, specs, batch_sizes, settings)
-        hit = cached(meta["key"])
-        if hit is not None:
-            return hit
-        out = await measure_jobs([("model", job, [data], meta)], settings)
-        return out["model"]
+        return settings, [("model", job, [data], meta)]
 
-    @app.post("/measure/segments", response_model=SegmentsResultModel, responses=_ERRORS, tags=["measure"],
-              dependencies=auth)
-    async def measure_segments(req: SegmentsRequestModel):
-        """Time named segments (each stage and each head) one after another; one result per name."""
+    def prepare_segments(req: SegmentsRequestModel):
         settings = settings_of(req.settings)
         batch_sizes = P.check_batch_sizes(req.batch_sizes)
         names = [s.name for s in req.segments]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ProtocolError(f"segment names must be unique; repeated: {dup}")
-        results: dict[str, dict[str, Any]] = {}
-        todo = []
+        jobs = []
         for seg in req.segments:
             specs = specs_of(seg.inputs, batch_sizes)
             data = model_bytes(seg.model, seg.format, f"segment {seg.name!r} model")
             job, meta = model_job(seg.format, data, specs, batch_sizes, settings, kind="segment")
             meta["segment"] = True
-            hit = cached(meta["key"])
-            if hit is not None:
-                results[seg.name] = hit
-            else:
-                todo.append((seg.name, job, [data], meta))
-        if todo:
-            results.update(await measure_jobs(todo, settings))
-        return {"results": {n: results[n] for n in names}}
+            jobs.append((seg.name, job, [data], meta))
+        return settings, jobs
 
-    @app.post("/measure/end_to_end", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
-              dependencies=auth)
-    async def measure_end_to_end(req: EndToEndRequestModel):
-        """Time a whole multi-exit model (forward returns (logits, exit_index)) over real inputs,
-        in batches of each batch size; reports per-batch latency and the exits taken."""
+    def prepare_end_to_end(req: EndToEndRequestModel):
+        import hashlib
+
         settings = settings_of(req.settings)
         batch_sizes = P.check_batch_sizes(req.batch_sizes)
         shape = tuple(req.data.shape)
@@ -690,15 +674,10 @@ def create_app(config: ServerConfig):
                 f"data has {len(raw)} bytes but shape {list(shape)} of {req.data.dtype} needs {need}; "
                 "send the raw little-endian array bytes"
             )
-        import hashlib
-
         digest = P.model_digest(data)
         meta = P.request_meta(req.format, None, batch_sizes, settings, hashlib.sha256(raw).hexdigest(), shape,
                               req.data.dtype)
         key = P.cache_key("end_to_end", digest, meta, state.fingerprint)
-        hit = cached(key)
-        if hit is not None:
-            return hit
         job = {
             "kind": "end_to_end",
             "format": req.format,
@@ -706,9 +685,41 @@ def create_app(config: ServerConfig):
             "batch_sizes": list(batch_sizes),
             "settings": settings.to_dict(),
         }
-        out = await measure_jobs(
-            [("e2e", job, [data, raw], {"digest": digest, "key": key, "kind": "end_to_end"})], settings
-        )
+        return settings, [("e2e", job, [data, raw], {"digest": digest, "key": key, "kind": "end_to_end"})]
+
+    async def run_prepared(prepared) -> dict[str, dict[str, Any]]:
+        settings, jobs = prepared
+        results: dict[str, dict[str, Any]] = {}
+        todo = []
+        for name, job, blobs, meta in jobs:
+            hit = cached(meta["key"])
+            if hit is not None:
+                results[name] = hit
+            else:
+                todo.append((name, job, blobs, meta))
+        if todo:
+            results.update(await measure_jobs(todo, settings))
+        return {name: results[name] for name, *_ in jobs}
+
+    @app.post("/measure", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
+              dependencies=auth)
+    async def measure(req: MeasureRequestModel):
+        """Time one model at each batch size on random inputs of the given per-sample shapes."""
+        out = await run_prepared(await run_in_threadpool(prepare_measure, req))
+        return out["model"]
+
+    @app.post("/measure/segments", response_model=SegmentsResultModel, responses=_ERRORS, tags=["measure"],
+              dependencies=auth)
+    async def measure_segments(req: SegmentsRequestModel):
+        """Time named segments (each stage and each head) one after another; one result per name."""
+        return {"results": await run_prepared(await run_in_threadpool(prepare_segments, req))}
+
+    @app.post("/measure/end_to_end", response_model=LatencyResultModel, responses=_ERRORS, tags=["measure"],
+              dependencies=auth)
+    async def measure_end_to_end(req: EndToEndRequestModel):
+        """Time a whole multi-exit model (forward returns (logits, exit_index)) over real inputs,
+        in batches of each batch size; reports per-batch latency and the exits taken."""
+        out = await run_prepared(await run_in_threadpool(prepare_end_to_end, req))
         return out["e2e"]
 
     return BodyLimitMiddleware(app, config.max_upload_bytes)

@@ -471,7 +471,8 @@ def test_hung_model_gets_408_and_the_worker_recovers(server):
 def test_cache_survives_restart_and_loopback_needs_no_token(tmp_path):
     cache = tmp_path / "results.jsonl"
     m = small_cnn(channels=5)
-    srv = Server(tmp_path, "--device-key", "pi", "--cache-file", str(cache), name="a")
+    # --no-isolate: no worker process to start (faster), and it covers the in-process path
+    srv = Server(tmp_path, "--device-key", "pi", "--cache-file", str(cache), "--no-isolate", name="a")
     try:
         info = srv.get("/info").json()  # loopback, no token configured: open
         assert info["auth_required"] is False
@@ -480,7 +481,7 @@ def test_cache_survives_restart_and_loopback_needs_no_token(tmp_path):
     finally:
         srv.stop()
     assert cache.read_text().count("\n") == 1
-    srv = Server(tmp_path, "--device-key", "pi", "--cache-file", str(cache), name="b")
+    srv = Server(tmp_path, "--device-key", "pi", "--cache-file", str(cache), "--no-isolate", name="b")
     try:
         assert srv.get("/info").json()["cache_entries"] == 1
         r = srv.get(f"/results/{first.cache_key}")

@@ -474,6 +474,8 @@ def create_app(config: ServerConfig):
 
     def settings_of(model: SettingsModel) -> MeasureSettings:
         s = MeasureSettings.from_dict(model.model_dump())
+        if s.threads is None and config.threads:
+            s = s.with_(threads=config.threads)  # the server's --threads default, recorded and keyed
         if s.timeout_s > config.max_timeout_s:
             raise ProtocolError(
                 f"settings.timeout_s={s.timeout_s:g} exceeds this evaluator's limit of {config.max_timeout_s:g} s"

@@ -25,12 +25,34 @@ START_TIMEOUT_S = 600.0  # importing torch on a cold Raspberry Pi SD card can ta
 KILL_GRACE_S = 3.0
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Exit if the server goes away, even while the main thread is stuck in a model call.
+
+    A watchdog thread polls the parent pid (torch and onnxruntime release the
+    GIL inside model calls, so it gets to run). prctl(PR_SET_PDEATHSIG) would
+    fire when the *thread* that started us exits, which is too early here.
+    """
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+
+
 def worker_main(conn, threads: int | None = None) -> None:  # pragma: no cover - runs in the child
     """Child process loop: receive (header, blobs), run, answer."""
     import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
+    _die_with_parent()
     # interop threads can only be set before any parallel work; intra-op is per job
     try:
         import torch

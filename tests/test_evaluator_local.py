@@ -307,3 +307,35 @@ def test_evaluator_from_config(tmp_path):
     with pytest.raises(AutoExitError, match="unknown device 'c'"):
         DeviceRegistry({"a": "http://h1:8765"})["c"]
     assert math.isfinite(LocalEvaluator().info().cores)
+
+
+def test_real_multi_exit_model_end_to_end_and_segments():
+    """The seam with the core: time autoexit's own MultiExitModel end to end and per segment."""
+    zoo = pytest.importorskip("autoexit.zoo")
+    heads_mod = pytest.importorskip("autoexit.heads")
+    model_mod = pytest.importorskip("autoexit.model")
+    points = pytest.importorskip("autoexit.points")
+    torch.manual_seed(0)
+    tb = points.TracedBackbone(zoo.DigitsCNN(width=8).eval(), torch.randn(1, 1, 8, 8))
+    pts = tb.candidates("auto")[:2]
+    heads = [heads_mod.build_head(heads_mod.default_head_spec(p.shape, tb.num_classes), p.shape,
+                                  tb.num_classes).eval() for p in pts]
+    stages = tb.split([p.node for p in pts])
+    x = torch.randn(32, 1, 8, 8)
+    ev = LocalEvaluator()
+    for thr, expect_exit in ((0.0, 0), (float("inf"), len(heads))):  # everyone leaves at exit 0 / no one exits
+        mem = model_mod.MultiExitModel(stages, heads, thresholds=[thr] * len(heads),
+                                       num_classes=tb.num_classes).eval()
+        res = ev.measure_end_to_end(model_mod.to_torchscript(mem, x[:2]), x, batch_sizes=(1, 4), settings=FAST)
+        assert res.at(1).exit_counts == {expect_exit: 32} and res.at(4).exit_counts == {expect_exit: 32}
+    segs, h = {}, x[:1]
+    for i, st in enumerate(stages):
+        segs[f"stage{i}"] = (st, h)
+        with torch.no_grad():
+            h = st(h)
+        if i < len(heads):
+            segs[f"head{i}"] = (heads[i], h)
+    res = ev.measure_segments(segs, settings=FAST)
+    ck, cb = block_head_latencies_s(res, [f"stage{i}" for i in range(len(stages))],
+                                    [f"head{i}" for i in range(len(heads))] + [None])
+    assert len(ck) == len(stages) and all(v > 0 for v in ck) and cb[-1] == 0.0 and all(v > 0 for v in cb[:-1])

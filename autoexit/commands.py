@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--tolerance", type=float, default=2.0, help="accepted accuracy drop in %% (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30, help="backbone training epochs")
+    p.add_argument("--head-epochs", type=int, default=30, help="exit-head training epochs")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_quickstart)
@@ -86,7 +87,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     train_classifier(model, x, y, epochs=args.epochs, seed=args.seed, augment_shift=1, progress=progress)
     data = load_digits("inference", seed=args.seed, shifts=True)
     cfg = EnableConfig(tolerance=args.tolerance, seed=args.seed, cache_dir=str(out / "cache"),
-                       train=TrainConfig(epochs=30, batch_size=128, seed=args.seed))
+                       train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed))
     result = enable(model, data, config=cfg, progress=progress)
     artifact = result.emit(out / "artifact", overwrite=True, latency=not args.no_latency)
     print_summary(result, "autoexit quickstart: DigitsCNN on scikit-learn digits", artifact)

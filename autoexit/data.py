@@ -333,7 +333,7 @@ class Recording:
 
     def _select(self, arr: np.ndarray, split: str | None) -> torch.Tensor:
         if split is None:
-            return torch.from_numpy(np.ascontiguousarray(arr))
+            return torch.from_numpy(np.array(arr))  # a writable copy of the memory-mapped file
         if split not in ("train", "val", "test"):
             raise DataError(f"split must be train, val or test, got {split!r}")
         return torch.from_numpy(np.ascontiguousarray(arr[self.splits[split].numpy()]))

@@ -1,0 +1,70 @@
+"""The real command line: quickstart, enable, inspect; bad input -> one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import autoexit
+
+
+def _run(args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "autoexit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_quickstart_emits_a_loadable_artifact(tmp_path):
+    r = _run(["quickstart", "--out", str(tmp_path / "qs"), "--epochs", "4", "--head-epochs", "3",
+              "--no-latency", "--quiet"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FLOPs saved" in r.stdout and "kept exits" in r.stdout
+    art = autoexit.load(tmp_path / "qs" / "artifact")
+    x = torch.rand(5, 1, 8, 8)
+    logits, idx = art.model(x)
+    assert logits.shape == (5, 10) and idx.shape == (5,)
+    r = _run(["inspect", str(tmp_path / "qs" / "artifact")], tmp_path)
+    assert r.returncode == 0 and "checksums OK" in r.stdout
+
+
+def test_enable_with_factory_weights_and_tensor_file(tmp_path, digits_backbone, digits_data):
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+        from autoexit.zoo import DigitsCNN
+        def make():
+            return DigitsCNN(width=16)
+    """))
+    torch.save(digits_backbone.state_dict(), tmp_path / "w.pt")
+    x, y = digits_data.dataset.tensors
+    torch.save({"x": x[:600], "y": y[:600]}, tmp_path / "data.pt")
+    r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
+              "--tolerance", "2", "--out", "art", "--epochs", "3", "--no-latency", "--quiet",
+              "--cache-dir", str(tmp_path / "cache")], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m["backbone"]["class"] == "DigitsCNN" and m["data"]["n"] == 600
+    # same command again: the artifact exists -> a clear error, not a silent overwrite
+    r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
+              "--tolerance", "2", "--out", "art", "--epochs", "1", "--no-latency", "--quiet",
+              "--cache-dir", str(tmp_path / "cache")], tmp_path)
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path):
+    torch.save({"x": torch.rand(60, 1, 8, 8)}, tmp_path / "d.pt")
+    cases = [
+        (["enable", "--model", "nope:make", "--data", "d.pt", "--tolerance", "1", "--out", "o"], "cannot import"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "0", "--out", "o"],
+         "tolerance must be > 0"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "missing.pt", "--tolerance", "1", "--out", "o"],
+         "cannot"),
+        (["inspect", "nowhere"], "not an autoexit artifact"),
+    ]
+    for args, needle in cases:
+        r = _run(args, tmp_path)
+        assert r.returncode == 2, (args, r.stderr[-500:])
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("autoexit:")]
+        assert len(lines) == 1 and needle in lines[0], r.stderr[-500:]
+    assert not (tmp_path / "o").exists()

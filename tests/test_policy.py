@@ -1,0 +1,187 @@
+"""Exit policies: every policy scripts into the emitted model and decides exactly as simulated;
+gates never read labels; the cost-aware exit set drops useless heads; configuration errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autoexit.errors import AutoExitError
+from autoexit.model import to_torchscript
+from autoexit.pipeline import EnableConfig, assemble
+from autoexit.policies import (
+    POLICIES,
+    ExitCosts,
+    ExitTable,
+    GatePolicy,
+    PolicyContext,
+    make_policy,
+)
+from autoexit.policies.gate import GateConfig, train_gate
+
+FAST = {"gate": {"steps": 40}}
+
+
+def _assemble(digits_result, policy: str, **kw):
+    r = digits_result
+    cfg = EnableConfig(tolerance=2.0, policy=policy, policy_options=FAST.get(policy, {}), **kw)
+    return assemble(cfg, r.backbone, r.points, r.recording, r.heads,
+                    predictions={"val": r.val, "test": r.test})
+
+
+@pytest.mark.parametrize("policy", ["paper003", "max_softmax", "margin", "entropy", "patience", "gate"])
+def test_policy_scripts_and_scripted_decisions_equal_the_simulation(digits_result, policy):
+    res = _assemble(digits_result, policy)
+    assert res.kept, f"{policy} kept no exit on digits"
+    x = res.recording.inputs("test")
+    scripted = to_torchscript(res.model, x[:1])
+    with torch.no_grad():
+        out, idx = scripted(x)
+        eager_out, eager_idx = res.model(x)
+    simulated = np.asarray(res.metrics["test"]["exit_index"])
+    assert np.array_equal(idx.numpy(), simulated)
+    assert torch.equal(idx, eager_idx) and torch.allclose(out, eager_out, atol=1e-6)
+    # samples that exited carry their exit's prediction; the rest the backbone's
+    pred = out.argmax(1).numpy()
+    assert (pred == np.asarray(res.metrics["test"]["exit_index"]) * 0 + pred).all()
+    assert res.metrics["test"]["saving"] > 0
+    pol = res.extra["policy"]
+    if policy != "paper003":
+        assert "calibration samples" in pol["statement"] and str(res.val.n) in pol["statement"]
+        assert res.manifest()["policy"]["guarantee"]["n"] == res.val.n
+    else:
+        assert pol["statement"].startswith("no guarantee")
+
+
+def test_history_rules_keep_batch_shrinking_per_sample_exact(digits_result):
+    res = _assemble(digits_result, "gate")
+    model = res.model
+    assert model.keep_prev >= 1 and model.num_exits >= 2
+    x = res.recording.inputs("test")[:96]
+    with torch.no_grad():
+        out, idx = model(x)
+        alone = [model(x[i : i + 1]) for i in range(len(x))]
+    assert torch.equal(idx, torch.cat([a[1] for a in alone]))
+    assert torch.allclose(out, torch.cat([a[0] for a in alone]), atol=1e-5)
+    assert len(set(idx.tolist())) >= 2  # several exits answer: shrinking actually happened
+    # scores the model computes equal the offline scores used for calibration
+    with torch.no_grad():
+        online = torch.stack(model.exit_scores(x)).double().numpy()
+    from autoexit.policies import ExitTable as _T
+
+    names = res.kept
+    table = _T.from_predictions(res.test.subset(names), [res.temperatures[n] for n in names],
+                                [s for s in _stats(res, names)])
+    from autoexit.policies.cascade import chain_scores
+
+    offline = chain_scores(model.rules(), list(range(len(names))), table)[:, :96]
+    assert np.allclose(online, offline, atol=1e-5)
+
+
+def _stats(res, names):
+    from autoexit.pipeline import split_stats
+
+    return split_stats(res.recording, names, "test")
+
+
+@pytest.mark.parametrize("policy", ["gate", "patience"])
+def test_all_thresholds_inf_is_bit_identical_to_backbone(digits_result, policy):
+    res = _assemble(digits_result, policy)
+    model = res.model
+    model.set_thresholds([float("inf")] * model.num_exits)
+    x = res.recording.inputs("test")[:64]
+    with torch.no_grad():
+        out, idx = model(x)
+        ref = res.backbone.model(x)
+        sout, sidx = to_torchscript(model, x[:1])(x)
+    assert torch.equal(out, ref) and torch.equal(sout, ref)
+    assert (idx == model.num_exits).all() and (sidx == model.num_exits).all()
+
+
+def test_gate_training_never_reads_labels(digits_result):
+    r = digits_result
+    temps = [r.temperatures[n] for n in r.val.names]
+    fit = ExitTable.from_predictions(r.val, temps)
+    garbage = fit.subset_rows(np.arange(fit.n))
+    garbage.labels = torch.randint(0, 10, (fit.n,), generator=torch.Generator().manual_seed(1))
+    none = fit.subset_rows(np.arange(fit.n))
+    none.labels = None
+    g1 = train_gate(fit.z[1], [fit.z[0]], None, fit.backbone_logits, GateConfig(steps=30, act_stats=False))
+    g2 = train_gate(none.z[1], [none.z[0]], None, none.backbone_logits, GateConfig(steps=30, act_stats=False))
+    for (k, a), (_, b) in zip(g1.state_dict().items(), g2.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the whole gate policy: same exits, gates and thresholds with garbage labels or none
+    cal = ExitTable.from_predictions(r.test, temps)
+    costs = ExitCosts([r.heads[n].flops for n in r.val.names],
+                      [r.heads[n].point.flops_before for n in r.val.names], r.backbone.total_flops)
+    fits = []
+    for f in (garbage, none):
+        fits.append(GatePolicy(steps=30, act_stats=False).fit(PolicyContext(f, cal, costs, 2.0)))
+    a, b = fits
+    assert a.chain == b.chain and np.array_equal(a.thresholds, b.thresholds)
+    for ga, gb in zip(a.rules, b.rules):
+        for (k, x), (_, y) in zip(ga.state_dict().items(), gb.state_dict().items()):
+            assert torch.equal(x, y), k
+
+
+def test_cascade_heads_script_and_match_simulation(digits_result):
+    from autoexit.distill import TrainConfig, train_cascade_heads
+    from autoexit.policies.heads import CascadeHead
+
+    r = digits_result
+    chain = [n for n in r.val.names][-3:]
+    chained = train_cascade_heads(r.recording, r.heads, chain, TrainConfig(epochs=3), num_prev=1)
+    assert isinstance(chained[chain[1]].module, CascadeHead) and chained[chain[1]].module.num_prev == 1
+    cfg = EnableConfig(tolerance=2.0, policy="gate", policy_options={"steps": 30})
+    res = assemble(cfg, r.backbone, r.points, r.recording, chained)
+    assert res.kept == chain  # a cascade keeps its chain
+    x = res.recording.inputs("test")
+    with torch.no_grad():
+        _, idx = to_torchscript(res.model, x[:1])(x)
+    assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
+    res.model.set_thresholds([float("inf")] * res.model.num_exits)
+    with torch.no_grad():
+        assert torch.equal(res.model(x[:32])[0], r.backbone.model(x[:32]))
+
+
+def _synthetic_tables(n=3000, seed=0):
+    """Three exits: exit 1 is useless (random logits), exits 0 and 2 are informative."""
+    g = torch.Generator().manual_seed(seed)
+    c = 10
+    b = torch.randn(n, c, generator=g) * 3
+    y = b.argmax(1)
+
+    def noisy(scale):
+        return b + torch.randn(n, c, generator=g) * scale
+
+    z = [noisy(2.0), torch.randn(n, c, generator=g), noisy(0.7)]
+    return ExitTable(["e0", "e1", "e2"], z, b, y)
+
+
+def test_cost_aware_exit_set_drops_a_head_that_rarely_fires():
+    fit, cal = _synthetic_tables(seed=0), _synthetic_tables(seed=1)
+    costs = ExitCosts([1.0, 1.0, 1.0], [10.0, 50.0, 80.0], 100.0)
+    for name in ("max_softmax", "gate", "patience"):
+        opts = {"steps": 30, "act_stats": False} if name == "gate" else {}
+        fp = make_policy(name, **opts).fit(PolicyContext(fit, cal, costs, 2.0))
+        assert 1 not in fp.chain, name
+        assert fp.guarantee.certified
+
+
+def test_configuration_errors_are_one_line(digits_result):
+    with pytest.raises(AutoExitError, match="unknown exit policy"):
+        EnableConfig(policy="nope")
+    with pytest.raises(AutoExitError, match="delta"):
+        EnableConfig(delta=1.5)
+    with pytest.raises(AutoExitError, match="risk"):
+        EnableConfig(risk="accuracy")
+    with pytest.raises(AutoExitError, match="bad options"):
+        make_policy("gate", bogus=1)
+    r = digits_result
+    temps = [r.temperatures[n] for n in r.val.names]
+    nolab = ExitTable.from_predictions(r.val, temps, labels=False)
+    costs = ExitCosts([1.0] * len(temps), [1.0] * len(temps), 10.0)
+    with pytest.raises(AutoExitError, match="needs labels"):
+        make_policy("max_softmax").fit(PolicyContext(nolab, nolab, costs, 2.0, risk="harm"))
+    assert set(POLICIES) >= {"paper003", "max_softmax", "margin", "entropy", "patience", "gate"}

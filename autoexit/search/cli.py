@@ -146,12 +146,13 @@ def _print_outer(res, artifact, recorded_path) -> None:
                                 f"drop {b['test']['drop_pp']:.2f} points")
     s.add_row("trials", f"{len(res.study.get_trials(deepcopy=False))} in the study, "
                         f"{res.timings.get('trials_this_call', 0)} by this run")
-    url = _storage_url(res.study._storage)
-    if url:
-        s.add_row("dashboard", f"optuna-dashboard '{_redact(url)}' --port {DASHBOARD_PORT}")
     if recorded_path:
         s.add_row("recorded", f"{recorded_path} (give it to other workers with --recorded)")
     if artifact:
         s.add_row("artifact", str(artifact))
         s.add_row("report", str(artifact / "report.html"))
     con.print(s)
+    url = _storage_url(res.study._storage)
+    if url:
+        con.print(f"dashboard: optuna-dashboard '{_redact(url)}' --port {DASHBOARD_PORT}", soft_wrap=True,
+                  highlight=False, markup=False)

@@ -977,6 +977,7 @@ def make_storage(storage: Any = None, run_dir: str | Path | None = None, setting
     if "://" not in s:
         raise AutoExitError(f"storage {s!r} is neither a database URL (sqlite:///path.db, postgresql://user@host/db) "
                             "nor a journal file (*.log)")
+    s = _pg_driver(s)
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     kw: dict[str, Any] = {}
     with warnings.catch_warnings():
@@ -994,16 +995,45 @@ def make_storage(storage: Any = None, run_dir: str | Path | None = None, setting
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(
-                s, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_interval,
-                grace_period=settings.grace_period or 3 * settings.heartbeat_interval, **kw)
+        # workers starting together would race on creating the schema: one at a time
+        lock = _lock_for_url(s, "autoexit-storage-init")
+        lock.acquire()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(
+                    s, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_interval,
+                    grace_period=settings.grace_period or 3 * settings.heartbeat_interval, **kw)
+        finally:
+            with contextlib.suppress(Exception):
+                lock.release()
+            lock.close()
     except ImportError as exc:
         raise AutoExitError(f"cannot open storage {_redact(s)}: {exc}; PostgreSQL needs "
                             "pip install 'autoexit[search]' (psycopg2-binary)") from None
     except Exception as exc:  # noqa: BLE001 - sqlalchemy errors on a bad URL or unreachable server
         raise AutoExitError(f"cannot open storage {_redact(s)}: {str(exc).splitlines()[0]}") from None
+
+
+def _pg_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 defaults to psycopg 3, the
+    ``search`` extra ships psycopg2; an explicit ``postgresql+driver://`` is kept."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    import sqlalchemy
+
+    major_minor = tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2])
+    default_is_v3 = major_minor >= (2, 1)
+    has_v3 = importlib.util.find_spec("psycopg") is not None
+    has_v2 = importlib.util.find_spec("psycopg2") is not None
+    if default_is_v3 and not has_v3 and has_v2:
+        return f"postgresql+psycopg2{sep}{rest}"
+    if not default_is_v3 and not has_v2 and has_v3:
+        return f"postgresql+psycopg{sep}{rest}"
+    return f"postgresql{sep}{rest}"
 
 
 def _redact(url: str) -> str:
@@ -1104,17 +1134,21 @@ class _SqlLock:
             self._conn = None
 
 
-def _lock_for(storage, study_name: str):
-    url = _storage_url(storage)
-    key = f"autoexit-cap:{study_name}"
+def _lock_for_url(url: str | None, key: str, fallback: str = ""):
+    """A lock every worker on ``url`` shares: advisory (PostgreSQL/MySQL), a file beside SQLite/journal files."""
     if url:
         if url.startswith(("postgres", "mysql")):
             return _SqlLock(url, key)
+        tag = hashlib.sha256(key.encode()).hexdigest()[:8]
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and os.name == "posix":
-            return _FileLock(url.split(":///", 1)[1] + f".{hashlib.sha256(key.encode()).hexdigest()[:8]}.lock")
+            return _FileLock(url.split(":///", 1)[1] + f".{tag}.lock")
         if url.startswith("journal:") and os.name == "posix":
-            return _FileLock(url.removeprefix("journal:") + ".lock")
-    return _ThreadLock(f"{id(storage)}:{key}")
+            return _FileLock(url.removeprefix("journal:") + f".{tag}.lock")
+    return _ThreadLock(f"{fallback or url}:{key}")
+
+
+def _lock_for(storage, study_name: str):
+    return _lock_for_url(_storage_url(storage), f"autoexit-cap:{study_name}", str(id(storage)))
 
 
 class TrialCap:
@@ -1298,8 +1332,8 @@ def optimize(
             if done:
                 study.sampler = make_sampler(settings, settings.seed + done)
     func = objective or obj
-    cbs = list(callbacks)
-    n_before = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    ran: list[int] = []
+    cbs = [*callbacks, lambda _s, t: ran.append(t.number)]
     old_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
@@ -1327,11 +1361,10 @@ def optimize(
     finally:
         optuna.logging.set_verbosity(old_verbosity)
     t_opt = time.perf_counter() - t0
-    n_after = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     res = OuterSearchResult.from_study(study, recorded, obj, test=test)
     res.timings.update({"optimize_s": t_opt, "total_s": time.perf_counter() - t_start,
-                        "trials_this_call": n_after - n_before,
-                        "trials_per_s": (n_after - n_before) / t_opt if t_opt > 0 else None})
+                        "trials_this_call": len(ran), "trial_numbers": ran,
+                        "trials_per_s": len(ran) / t_opt if t_opt > 0 and ran else None})
     return res
 
 

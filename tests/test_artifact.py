@@ -89,3 +89,24 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError):
         write_artifact(tmp_path / "out", {"backbone": {}, "exits": []}, {"model.pt": boom})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_segments_match_the_model(digits_result, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = digits_result.emit(tmp_path / "with-onnx", latency=False, report=False, onnx=True)
+    art = autoexit.load(out)
+    files = sorted(f for f in art.manifest["files"] if f.endswith(".onnx"))
+    k = digits_result.model.num_exits
+    assert len(files) == 2 * k + 1
+    x = digits_result.recording.inputs("test")[:7]
+    with torch.no_grad():
+        ref = digits_result.model.forward_all(x)
+    h = x.numpy()
+    for i in range(k + 1):
+        h = ort.InferenceSession(str(out / f"onnx/stage{i}.onnx")).run(None, {"x": h})[0]
+        if i < k:
+            z = ort.InferenceSession(str(out / f"onnx/head{i}.onnx")).run(None, {"x": h})[0]
+            t = art.manifest["exits"][i]["temperature"]
+            assert torch.allclose(torch.from_numpy(z) / t, ref[i], atol=1e-4)
+    assert torch.allclose(torch.from_numpy(h), ref[-1], atol=1e-4)

@@ -19,6 +19,8 @@ is kept.
 Models that torch.fx cannot trace: a submodule whose ``forward`` fails to trace
 (data-dependent control flow, say) is retried as an opaque leaf, so the rest of
 the graph still yields exit points; when the top-level ``forward`` itself fails,
+torch.export (non-strict, dynamic batch) is tried, which captures shape-dependent
+branches and other Python that symbolic tracing cannot; when both fail,
 ``TraceError`` names the construct and the line, and points the user to the
 fallbacks (``leaf_modules=[...]`` or restructuring).
 """
@@ -128,7 +130,31 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def _trace(model: nn.Module, leaf_modules: Sequence[str] = ()) -> tuple[fx.GraphModule, list[str]]:
+def _export_graph(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | None:
+    """torch.export (non-strict) as the fallback when fx cannot trace the top-level forward.
+
+    It handles shape-dependent branches, asserts and other Python that symbolic
+    tracing cannot, and keeps module names. The graph is accepted only if it runs
+    any batch size and matches the model.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x2 = torch.cat([example[:1]] * 2)
+            ep = torch.export.export(model, (x2,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+            gm = ep.module()
+            x3 = torch.cat([example[:1]] * 3)
+            with torch.no_grad():
+                ok = torch.allclose(gm(x3), model(x3), atol=1e-5)
+        return gm if ok else None
+    except Exception:  # noqa: BLE001 - the fx error is the one reported
+        return None
+
+
+def _trace(model: nn.Module, leaf_modules: Sequence[str] = (),
+           example: torch.Tensor | None = None) -> tuple[fx.GraphModule, list[str]]:
     leaves = list(leaf_modules)
     known = dict(model.named_modules())
     for name in leaves:
@@ -147,11 +173,15 @@ def _trace(model: nn.Module, leaf_modules: Sequence[str] = ()) -> tuple[fx.Graph
                 leaves.append(tracer.failing)
                 auto.append(tracer.failing)
                 continue
+            if example is not None:
+                gm = _export_graph(model, example)
+                if gm is not None:  # a plain GraphModule around the exported graph (exported ones refuse .eval())
+                    return fx.GraphModule(gm, copy.deepcopy(gm.graph), type(model).__name__), auto
             what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise TraceError(
                 f"cannot trace {type(model).__name__}.forward with torch.fx: {what} at {_user_frame(exc)}; "
-                "fix: move that code into a submodule (autoexit then treats it as one opaque block) "
-                "or pass leaf_modules=['path.to.module'] naming the modules to keep opaque"
+                "torch.export could not capture it either; fix: move that code into a submodule (autoexit then "
+                "treats it as one opaque block) or pass leaf_modules=['path.to.module'] naming the modules to keep opaque"
             ) from exc
         name = type(model).__name__
         gm = fx.GraphModule(tracer.root, graph, name)
@@ -185,7 +215,7 @@ class TracedBackbone:
             # already a graph (torch.export's .module(), a converted TorchScript model, a user's fx graph)
             self.gm, self.auto_leaves = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__), []
         else:
-            self.gm, self.auto_leaves = _trace(model, leaf_modules)
+            self.gm, self.auto_leaves = _trace(model, leaf_modules, example_input)
         _set_eval(self.gm)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not placeholders:

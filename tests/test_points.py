@@ -153,3 +153,29 @@ def test_exported_program_is_accepted():
     assert [p.name for p in pts][:2] == ["maxpool", "layer1"]
     with torch.no_grad():
         assert torch.equal(mm(x)[0], model(x))
+
+
+class ShapeBranch(torch.nn.Module):
+    """fx cannot trace the top-level shape-dependent branch; torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.block1 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.block2 = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.shape[-1] > 8:  # input-size dependent, not data dependent
+            x = torch.nn.functional.avg_pool2d(x, 2)
+        h = self.block2(self.block1(self.stem(x)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_top_level_shape_branch_falls_back_to_torch_export():
+    model = ShapeBranch().eval()
+    x = torch.randn(4, 3, 16, 16)
+    tb, pts, mm = _multi_exit(model, x[:1], granularity=1)
+    assert [p.name for p in pts] == ["stem", "block1"]
+    with torch.no_grad():
+        assert torch.equal(mm(x)[0], model(x))

@@ -1664,8 +1664,11 @@ class OuterSearchResult:
         plan = self.chosen
         sub = subset_result(self.recorded, plan, self.settings.basis)
         scheme = plan.scheme if plan.scheme else "halving"  # weights (a tuple) are kept as such in the manifest
-        cfg = dc_replace(base.config, tolerance=plan.tolerance, scheme=scheme, signal=plan.signal,
-                         basis=self.settings.basis)
+        over: dict[str, Any] = {"tolerance": plan.tolerance, "scheme": scheme, "signal": plan.signal,
+                                "basis": self.settings.basis}
+        if "policy" in {f.name for f in fields(base.config)}:
+            over["policy"] = "paper003"  # thresholds from a split tolerance on one confidence signal
+        cfg = dc_replace(base.config, **over)
         if not isinstance(cfg, EnableConfig):  # pragma: no cover
             raise AutoExitError("unexpected configuration type")
         out = assemble(cfg, base.backbone, base.points, base.recording, base.heads, subset=sub,

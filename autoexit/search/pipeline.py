@@ -78,7 +78,8 @@ class ExperimentConfig:
     scripted.pt, weights: optional}``. data: ``{source: digits, shifts}``, ``{source:
     image_folder, path, size, normalize: cifar|imagenet | mean/std, limit}``, ``{source: idx,
     images, labels, limit}``, ``{source: tensors, path}``. enable: ``EnableConfig`` fields.
-    heads: ``{search: bool, space, strategy, max_trials, port}`` (the NNI head search).
+    heads: ``{search: bool, space, strategy, max_trials, port, ...}`` (the NNI head search; every key but
+    ``search`` goes to ``autoexit.search.nni_heads.search_heads`` as its ``config``).
     outer: ``space`` (a name in search_spaces/ or a file), ``storage``, ``study_name`` and
     every ``OuterSettings`` field (``n_trials`` is the study's total). evaluator: device
     evaluator settings (``autoexit.evaluator.evaluator_from_config``), used when
@@ -122,7 +123,12 @@ class ExperimentConfig:
             raise AutoExitError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {data.get('source')!r}")
         if data.get("normalize") is not None and data["normalize"] not in NORMALISATIONS:
             raise AutoExitError(f"data.normalize must be one of {', '.join(NORMALISATIONS)}, got {data['normalize']!r}")
-        heads = _section(d, "heads", ("search", "space", "strategy", "max_trials", "port"), "experiment")
+        heads = d.get("heads") or {}
+        if not isinstance(heads, Mapping):
+            raise AutoExitError("experiment.heads must be a mapping (search, space, strategy, max_trials, port, ...)")
+        heads = dict(heads)  # validated by the head search itself (autoexit.search.head_space.HeadSearchConfig)
+        if not isinstance(heads.get("search", False), bool):
+            raise AutoExitError(f"heads.search must be true or false, got {heads['search']!r}")
         outer = dict(_section(d, "outer", ("space", "storage", "study_name",
                                            *[f.name for f in fields(OuterSettings)]), "experiment"))
         emit = _section(d, "emit", ("out", "latency", "onnx"), "experiment")
@@ -277,17 +283,21 @@ def _heads_stage(cfg: ExperimentConfig, backbone, data, tb, points, rec, enable_
 
     specs = _specs_for(points, enable_cfg)
     want = cfg.heads.get("search", False) if head_search is None else head_search
-    trained = None
+    names = None
     if want:
         mod = _nni_heads()
-        kw = {k: cfg.heads[k] for k in ("space", "strategy", "max_trials", "port") if cfg.heads.get(k) is not None}
-        found = mod.search_heads(backbone, data, **kw)
+        ev = {"url": cfg.evaluator} if isinstance(cfg.evaluator, str) else cfg.evaluator
+        found = mod.search_heads(prepared=(tb, points, rec), config={k: v for k, v in cfg.heads.items()
+                                                                      if k != "search"},
+                                 enable=enable_cfg, evaluator=ev, workdir=Path(cfg.run_dir) / "nni-heads",
+                                 progress=progress)
         nni_specs, trained = _specs_from_nni(found)
+        if trained:  # the winners come trained; points no head could learn are discarded (paper 003, 3.2)
+            return {p.name: trained[p.name] for p in points if p.name in trained}
         specs.update(nni_specs)
-    if trained is not None and all(p.name in trained for p in points):
-        return {p.name: trained[p.name] for p in points}
+        names = [p.name for p in points if p.name in nni_specs]
     return train_heads_cached(rec, specs, enable_cfg.train, cache_dir=Path(cfg.run_dir) / "heads",
-                              progress=progress)
+                              points=names, progress=progress)
 
 
 def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: bool | None = None,
@@ -305,7 +315,7 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
     import torch
 
     from ..pipeline import assemble, prepare
-    from .outer import Recorded, latency_costs, load_space, optimize
+    from .outer import Recorded, fixed_rule, latency_costs, load_space, optimize, subset_result
 
     cfg = load_experiment(config)
     run_dir = Path(cfg.run_dir)
@@ -325,14 +335,19 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
     t0 = time.perf_counter()
     heads = _heads_stage(cfg, backbone, data, tb, points, rec, enable_cfg, progress, head_search)
     timings["heads_s"] = time.perf_counter() - t0
-    baseline = assemble(enable_cfg, tb, points, rec, heads, timings=dict(timings))
-    latency = None
+    recorded = Recorded.from_heads(tb, rec, heads)  # every signal: any outer space can run on this file
+    # the core's fixed rule with these heads: the baseline the report compares with, and the base to emit from
+    sig = enable_cfg.signal if enable_cfg.signal in recorded.signals else "max_softmax"
+    fixed = fixed_rule(recorded, enable_cfg.tolerance, enable_cfg.scheme if isinstance(enable_cfg.scheme, str)
+                       else "halving", sig, enable_cfg.basis, enable_cfg.exhaustive_limit)
+    base_cfg = _paper003(enable_cfg)
+    baseline = assemble(base_cfg, tb, points, rec, heads, subset=subset_result(recorded, fixed, enable_cfg.basis),
+                        timings=dict(timings))
+    recorded.source = baseline
     if settings.cost == "latency":
         from ..evaluator import evaluator_from_config
 
-        latency = latency_costs(baseline, evaluator_from_config(cfg.evaluator))
-    signals = tuple(dict.fromkeys([*space.signals, "max_softmax"]))
-    recorded = Recorded.from_result(baseline, signals=signals, latency=latency)
+        recorded = recorded.with_latency(latency_costs(baseline, evaluator_from_config(cfg.evaluator)))
     rpath = recorded.save(run_dir / "recorded.npz")
     t0 = time.perf_counter()
     res = optimize(recorded, storage=storage or cfg.outer.get("storage"), study_name=study_name or
@@ -350,6 +365,15 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
                                latency=bool(e.get("latency", False)), onnx=bool(e.get("onnx", False)))
         timings["emit_s"] = time.perf_counter() - t0
     return SearchRun(cfg, baseline, res, result, artifact, rpath, timings)
+
+
+def _paper003(enable_cfg):
+    """The config with paper 003's threshold rule named, where exit policies are configurable."""
+    from dataclasses import replace
+
+    if "policy" in {f.name for f in fields(enable_cfg)}:
+        return replace(enable_cfg, policy="paper003")
+    return enable_cfg
 
 
 def run_outer(recorded, *, config: str | Path | Mapping | ExperimentConfig | None = None, storage: Any = None,

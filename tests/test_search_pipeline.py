@@ -1,0 +1,128 @@
+"""The whole searched pipeline (record -> heads -> Optuna -> emit) on a tiny digits preset, and its CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+optuna = pytest.importorskip("optuna", reason="the outer search needs the 'search' extra (optuna)")
+
+import autoexit  # noqa: E402
+from autoexit.cli import main  # noqa: E402
+from autoexit.errors import AutoExitError  # noqa: E402
+from autoexit.search import pipeline as P  # noqa: E402
+
+
+def _tiny(tmp_path, **outer) -> dict:
+    return {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "backbone": {"zoo": "digits_cnn", "epochs": 3, "width": 8},
+        "data": {"source": "digits", "shifts": False},
+        "enable": {"granularity": "auto", "cache_dir": str(tmp_path / "cache"),
+                   "train": {"epochs": 2, "batch_size": 128, "patience": 1}},
+        "heads": {"search": False},
+        "outer": {"space": "outer_ci", "n_trials": 12, "pick": {"rule": "min_cost", "max_drop": 5.0}, **outer},
+        "emit": {"out": "artifact", "latency": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    cfg = _tiny(tmp)
+    return tmp, cfg, P.run_search(cfg, progress=False)
+
+
+def test_whole_pipeline_emits_the_chosen_front_point(first_run):
+    tmp, cfg, run = first_run
+    art = autoexit.load(run.artifact)  # checksums verified
+    m = art.manifest
+    plan = run.outer.chosen
+    assert [e["name"] for e in m["exits"]] == list(plan.kept)
+    assert [e["threshold"] for e in m["exits"]] == pytest.approx(list(plan.thresholds))
+    assert m["policy"]["tolerance_percent"] == pytest.approx(plan.tolerance)
+    # the emitted model does on test what the search reported for test (same thresholds, same heads)
+    assert m["expected"]["test"]["saving"] == pytest.approx(run.outer.test["saving"], abs=1e-9)
+    assert m["expected"]["val"]["saving"] == pytest.approx(run.outer.val["saving"], abs=1e-9)
+    rep = json.loads((run.artifact / "report.json").read_text())
+    s = rep["search"]["outer"]
+    assert s["chosen_trial"] == run.outer.chosen_trial.number and s["front"] and s["study_name"] == "tiny"
+    assert s["val"] and s["test"] and s["baseline"]
+    html = (run.artifact / "report.html").read_text()
+    assert "Outer search: Pareto front" in html and "parameter importances" in html
+    assert (tmp / "run" / "optuna.db").is_file() and run.recorded_path.is_file()
+    assert json.loads((tmp / "run" / "search.json").read_text())["chosen"] == plan.to_dict()
+
+
+def test_rerun_resumes_study_and_reuses_heads(first_run, monkeypatch):
+    tmp, cfg, run = first_run
+    import autoexit.distill as D
+
+    def no_training(*a, **k):
+        raise AssertionError("heads were retrained although they are cached")
+
+    monkeypatch.setattr(D, "train_heads", no_training)
+    before = {t.number: (t.params, t.values) for t in run.outer.study.trials}
+    again = P.run_search(cfg, n_trials=16, emit=False, progress=False)
+    trials = again.outer.study.trials
+    assert len(trials) == 16 and again.outer.timings["trials_this_call"] == 4
+    assert {t.number: (t.params, t.values) for t in trials[:12]} == before
+
+
+def test_recorded_workers_need_no_model(first_run, tmp_path):
+    _, cfg, run = first_run
+    res = P.run_outer(run.recorded_path, storage=f"sqlite:///{tmp_path / 'w.db'}", study_name="w", n_trials=6,
+                      progress=False)
+    assert len(res.study.trials) == 6 and res.chosen.kept
+
+
+def test_experiment_files_validate():
+    for name in ("digits_ci", "digits", "digits_nni", "cifar10_resnet20"):
+        cfg = P.load_experiment(f"experiments/{name}.yaml")
+        assert cfg.name and cfg.outer_settings().n_trials >= 1
+    with pytest.raises(AutoExitError, match="backbone.zoo"):
+        P.load_experiment({"name": "x", "backbone": {"zoo": "resnet_from_python"}, "data": {"source": "digits"}})
+    with pytest.raises(AutoExitError, match="unknown experiment setting"):
+        P.load_experiment({"name": "x", "backbone": {"zoo": "digits_cnn"}, "data": {"source": "digits"},
+                           "outr": {}})
+    with pytest.raises(AutoExitError, match="unknown experiment.outer setting"):
+        P.load_experiment({"name": "x", "backbone": {"zoo": "digits_cnn"}, "data": {"source": "digits"},
+                           "outer": {"n_trails": 3}})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["search"]) == 2
+    assert "needs --config" in capsys.readouterr().err
+    assert main(["search", "outer"]) == 2
+    assert "--recorded" in capsys.readouterr().err
+    assert main(["search", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_heads_without_nni_says_how_to_install(monkeypatch, capsys, tmp_path):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "autoexit.search.nni_heads":
+            raise ModuleNotFoundError("No module named 'nni'", name="nni")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert main(["search", "heads", "--config", "experiments/digits_nni.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'autoexit[nas]'" in err and len(err.splitlines()) == 1
+
+
+def test_registering_the_cli_imports_no_search_library():
+    code = ("import sys, autoexit.cli as c; c.build_parser(); import autoexit.search; "
+            "print(sorted(m for m in ('optuna', 'nni', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -272,3 +272,38 @@ def test_trial_cap_is_exact_in_one_process(rec):
     cap = O.TrialCap(7, O._lock_for(study._storage, "t"))
     res = O.optimize(rec, study, max_trials=7, n_trials=100, progress=False)
     assert len(res.study.trials) == 7 and cap.n_trials == 7 and obj is not None
+
+
+def test_optuna_dashboard_reads_the_storage(rec, tmp_path):
+    """``optuna-dashboard <storage URL>`` serves the study the search wrote (REST API of the dashboard)."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = shutil.which("optuna-dashboard")
+    if exe is None:
+        pytest.skip("optuna-dashboard is not installed (pip install 'autoexit[search]')")
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    O.optimize(rec, storage=url, study_name="dash", max_trials=4, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([exe, url, "--port", str(port), "--quiet"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        body = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.25)
+        assert body is not None, "the dashboard never answered"
+        studies = {s["study_name"]: s for s in __import__("json").loads(body)["study_summaries"]}
+        assert "dash" in studies and studies["dash"]["directions"] == ["minimize", "minimize"]
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

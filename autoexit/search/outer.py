@@ -141,7 +141,7 @@ class OuterSpace:
     (split points, exits per part, placement; see docs/optuna.md) - must be empty.
     """
 
-    tolerance: tuple[float, float] = (0.05, 4.0)
+    tolerance: tuple[float, float] = (0.05, 8.0)
     tolerance_log: bool = True
     schemes: tuple[str, ...] = SCHEMES
     weights: tuple[float, float] = (0.05, 1.0)
@@ -1195,9 +1195,8 @@ class TrialCap:
     def admit(self, study) -> bool:
         """Whether another trial may start; call with the lock held."""
         optuna = _optuna()
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        if is_heartbeat_enabled(study._storage):
+        get_interval = getattr(study._storage, "get_heartbeat_interval", None)
+        if get_interval is not None and get_interval() is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 optuna.storages.fail_stale_trials(study)

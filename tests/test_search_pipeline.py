@@ -126,3 +126,21 @@ def test_registering_the_cli_imports_no_search_library():
             "print(sorted(m for m in ('optuna', 'nni', 'sqlalchemy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ci_preset_runs_end_to_end_from_the_cli(tmp_path, capsys):
+    """``autoexit search --config experiments/digits_ci.yaml``: the reduced preset CI runs (run dir moved to tmp)."""
+    import yaml
+
+    d = yaml.safe_load(open("experiments/digits_ci.yaml"))
+    d["run_dir"] = str(tmp_path / "run")
+    d["enable"]["cache_dir"] = str(tmp_path / "cache")
+    cfg = tmp_path / "ci.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    assert main(["search", "--config", str(cfg), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front of study digits-ci" in out and "optuna-dashboard 'sqlite:///" in out
+    art = autoexit.load(tmp_path / "run" / "artifact")
+    assert art.manifest["exits"] and (tmp_path / "run" / "optuna.db").is_file()
+    assert len(optuna.load_study(study_name="digits-ci", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
+               .trials) == d["outer"]["n_trials"]

@@ -21,13 +21,17 @@ from autoexit.policies import (
 from autoexit.policies.gate import GateConfig, train_gate
 
 FAST = {"gate": {"steps": 40}}
+_CACHE: dict = {}
 
 
-def _assemble(digits_result, policy: str, **kw):
-    r = digits_result
-    cfg = EnableConfig(tolerance=2.0, policy=policy, policy_options=FAST.get(policy, {}), **kw)
-    return assemble(cfg, r.backbone, r.points, r.recording, r.heads,
-                    predictions={"val": r.val, "test": r.test})
+def _assemble(digits_result, policy: str):
+    """One assembled result per policy for the whole module (tests restore what they change)."""
+    if policy not in _CACHE:
+        r = digits_result
+        cfg = EnableConfig(tolerance=2.0, policy=policy, policy_options=FAST.get(policy, {}))
+        _CACHE[policy] = assemble(cfg, r.backbone, r.points, r.recording, r.heads,
+                                  predictions={"val": r.val, "test": r.test})
+    return _CACHE[policy]
 
 
 @pytest.mark.parametrize("policy", ["paper003", "max_softmax", "margin", "entropy", "patience", "gate"])
@@ -42,9 +46,9 @@ def test_policy_scripts_and_scripted_decisions_equal_the_simulation(digits_resul
     simulated = np.asarray(res.metrics["test"]["exit_index"])
     assert np.array_equal(idx.numpy(), simulated)
     assert torch.equal(idx, eager_idx) and torch.allclose(out, eager_out, atol=1e-6)
-    # samples that exited carry their exit's prediction; the rest the backbone's
-    pred = out.argmax(1).numpy()
-    assert (pred == np.asarray(res.metrics["test"]["exit_index"]) * 0 + pred).all()
+    # the metrics' agreement is the scripted model's agreement with the backbone
+    bpred = res.test.backbone_pred.numpy()
+    assert res.metrics["test"]["agreement"] == pytest.approx(float((out.argmax(1).numpy() == bpred).mean()))
     assert res.metrics["test"]["saving"] > 0
     pol = res.extra["policy"]
     if policy != "paper003":
@@ -68,13 +72,11 @@ def test_history_rules_keep_batch_shrinking_per_sample_exact(digits_result):
     # scores the model computes equal the offline scores used for calibration
     with torch.no_grad():
         online = torch.stack(model.exit_scores(x)).double().numpy()
-    from autoexit.policies import ExitTable as _T
-
-    names = res.kept
-    table = _T.from_predictions(res.test.subset(names), [res.temperatures[n] for n in names],
-                                [s for s in _stats(res, names)])
     from autoexit.policies.cascade import chain_scores
 
+    names = res.kept
+    table = ExitTable.from_predictions(res.test.subset(names), [res.temperatures[n] for n in names],
+                                       _stats(res, names))
     offline = chain_scores(model.rules(), list(range(len(names))), table)[:, :96]
     assert np.allclose(online, offline, atol=1e-5)
 
@@ -89,14 +91,18 @@ def _stats(res, names):
 def test_all_thresholds_inf_is_bit_identical_to_backbone(digits_result, policy):
     res = _assemble(digits_result, policy)
     model = res.model
+    saved = model.thresholds()
     model.set_thresholds([float("inf")] * model.num_exits)
-    x = res.recording.inputs("test")[:64]
-    with torch.no_grad():
-        out, idx = model(x)
-        ref = res.backbone.model(x)
-        sout, sidx = to_torchscript(model, x[:1])(x)
-    assert torch.equal(out, ref) and torch.equal(sout, ref)
-    assert (idx == model.num_exits).all() and (sidx == model.num_exits).all()
+    try:
+        x = res.recording.inputs("test")[:64]
+        with torch.no_grad():
+            out, idx = model(x)
+            ref = res.backbone.model(x)
+            sout, sidx = to_torchscript(model, x[:1])(x)
+        assert torch.equal(out, ref) and torch.equal(sout, ref)
+        assert (idx == model.num_exits).all() and (sidx == model.num_exits).all()
+    finally:
+        model.set_thresholds(saved)
 
 
 def test_gate_training_never_reads_labels(digits_result):
@@ -117,7 +123,7 @@ def test_gate_training_never_reads_labels(digits_result):
                       [r.heads[n].point.flops_before for n in r.val.names], r.backbone.total_flops)
     fits = []
     for f in (garbage, none):
-        fits.append(GatePolicy(steps=30, act_stats=False).fit(PolicyContext(f, cal, costs, 2.0)))
+        fits.append(GatePolicy(steps=30, act_stats=False).fit(PolicyContext(f, cal, costs, 2.0, max_exits=2)))
     a, b = fits
     assert a.chain == b.chain and np.array_equal(a.thresholds, b.thresholds)
     for ga, gb in zip(a.rules, b.rules):

@@ -8,7 +8,7 @@ Quick use::
     art = autoexit.load("my-artifact")                           # checksums verified
     logits, exit_index = art.model(x)
 
-The steps are public too (see docs/api.md): ``find_exit_points``/``TracedBackbone``
+The steps are public too (see docs/guide.md): ``find_exit_points``/``TracedBackbone``
 (points), ``record`` (data), ``HeadSpec``/``build_head`` (heads), ``train_heads``
 (distill), ``assign_thresholds``/``calibrate_temperatures`` (calibrate),
 ``best_subset``/``k_score`` (subset), ``count_flops`` (cost), ``MultiExitModel``

@@ -146,3 +146,18 @@ def test_trial_objective_scores_and_persists(digits_backbone, digits_data, tmp_p
     assert [x["trial"] for x in H.TrialStore(ctx["store"]).records()] == ["t0", "t1"]
     impossible = {**ctx, "chance_margin": 0.999, "store": str(tmp_path / "store2")}
     assert H.run_trial(impossible, spec, "t2")["status"] == "chance"
+    costly = {**ctx, "max_cost_fraction": 1e-6, "store": str(tmp_path / "store3")}
+    r = H.run_trial(costly, spec, "t3")
+    assert r["status"] == "too_costly" and r["weights"] is None and "agreement" not in r["metrics"]
+    assert r["metrics"]["flops"] == m["flops"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*heads*.yaml")), ids=lambda p: p.name)
+def test_head_search_experiment_files_are_valid(path):
+    from autoexit.search.pipeline import ExperimentConfig
+
+    d = yaml.safe_load(path.read_text())
+    cfg = H.HeadSearchConfig.from_dict(d["heads"])
+    H.load_head_space(cfg.space)
+    pipeline_keys = ("search", "space", "strategy", "max_trials", "port")
+    ExperimentConfig.from_dict({**d, "heads": {k: v for k, v in d["heads"].items() if k in pipeline_keys}})

@@ -65,6 +65,7 @@ __all__ = [
     "HeadSearchResult",
     "chance_agreement",
     "run_trial",
+    "trial_context",
     "point_dir",
     "search_key",
 ]
@@ -303,6 +304,8 @@ class HeadSearchConfig:
     backbone; train: how a trial trains its head (a short schedule); retrain: train the
     winner again with ``final_train`` (default: the core's training settings) instead of
     keeping the trial's weights; chance_margin: agreement must exceed chance by this;
+    max_cost_fraction: a head whose normalised cost exceeds this fails untrained (1.0: it
+    would cost more than the backbone it lets samples skip);
     trial_samples: train samples a trial uses (default all of the train split);
     threads: torch threads per trial; max_duration: per point, NNI syntax (``10m``);
     resume: reuse finished points of an identical earlier search.
@@ -322,6 +325,7 @@ class HeadSearchConfig:
     retrain: bool = True
     final_train: Any = None
     chance_margin: float = 0.01
+    max_cost_fraction: float | None = 1.0
     seed: int = 0
     trial_samples: int | None = None
     threads: int | None = 1
@@ -360,6 +364,9 @@ class HeadSearchConfig:
             raise AutoExitError(f"heads.cost_weight must be a number >= 0, got {self.cost_weight!r}")
         if not isinstance(self.chance_margin, (int, float)) or not 0 <= self.chance_margin < 1:
             raise AutoExitError(f"heads.chance_margin must be in [0, 1), got {self.chance_margin!r}")
+        if self.max_cost_fraction is not None and (isinstance(self.max_cost_fraction, bool) or not isinstance(
+                self.max_cost_fraction, (int, float)) or not self.max_cost_fraction > 0):
+            raise AutoExitError(f"heads.max_cost_fraction must be a number > 0 or null, got {self.max_cost_fraction!r}")
         if self.trial_samples is not None and (not isinstance(self.trial_samples, int) or self.trial_samples < 10):
             raise AutoExitError(f"heads.trial_samples must be an integer >= 10 or null, got {self.trial_samples!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -413,6 +420,7 @@ def search_key(recording, point: str, space: HeadSpace, cfg: HeadSearchConfig, e
         "point": point, "space": space.to_dict(), "strategy": cfg.strategy, "max_trials": cfg.max_trials,
         "search_seed": cfg.seed, "cost": cfg.cost, "cost_weight": cfg.cost_weight, "cost_basis": cfg.cost_basis,
         "train": cfg.train.to_dict(), "chance_margin": cfg.chance_margin, "trial_samples": cfg.trial_samples,
+        "max_cost_fraction": cfg.max_cost_fraction,
         "evaluator": evaluator_key if cfg.cost == "latency" else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -495,6 +503,25 @@ def recording_context(recording) -> dict:
             "split": list(recording.split_fractions)}
 
 
+def trial_context(recording, point, cfg: HeadSearchConfig, store: str | Path, *, total_flops: float,
+                  chance: float | None = None, evaluator: Mapping | None = None,
+                  base_latency_ms: float | None = None) -> dict:
+    """Everything a trial at ``point`` needs, as plain JSON (written to ``context.json`` for trial processes)."""
+    base_flops = point.flops_after if cfg.cost_basis == "remaining" and point.flops_after else total_flops
+    ctx = {"point": point.name, "recording": recording_context(recording), "store": str(store),
+           "engine": cfg.engine, "train": {k: v for k, v in cfg.train.to_dict().items() if k != "threads"},
+           "threads": cfg.threads, "trial_samples": cfg.trial_samples, "search_seed": cfg.seed,
+           "chance": chance_agreement(recording) if chance is None else float(chance),
+           "chance_margin": cfg.chance_margin, "max_cost_fraction": cfg.max_cost_fraction, "cost": cfg.cost,
+           "cost_weight": cfg.cost_weight, "cost_basis": cfg.cost_basis, "base_flops": float(base_flops),
+           "evaluator": evaluator}
+    if cfg.cost == "latency" and base_latency_ms is None:
+        raise AutoExitError("cost: latency needs the backbone's measured latency (base_latency_ms)")
+    if base_latency_ms is not None:
+        ctx["base_latency_ms"] = float(base_latency_ms)
+    return ctx
+
+
 _DATA_CACHE: dict[tuple, tuple] = {}
 
 
@@ -518,7 +545,8 @@ def _trial_data(ctx: Mapping):
 def run_trial(ctx: Mapping, spec, trial_id: str, sample: Mapping | None = None, on_epoch=None) -> dict:
     """Train ``spec`` at the context's point, score it, persist it; return the trial record.
 
-    The record's ``status`` is ``ok`` or ``chance`` (no better than chance); a spec already
+    The record's ``status`` is ``ok``, ``chance`` (no better than chance) or ``too_costly``
+    (normalised cost above ``max_cost_fraction``: not trained); a spec already
     trained at this point (same canonical spec) is not trained again: its record is copied
     with ``duplicate_of``. ``on_epoch(history_entry)`` is called per epoch (after training).
     """
@@ -536,10 +564,32 @@ def run_trial(ctx: Mapping, spec, trial_id: str, sample: Mapping | None = None, 
                "time": time.time()}
         store.append(rec)
         return rec
-    x_tr, t_tr, x_va, t_va = _trial_data(ctx)
+    shape = next(tuple(int(s) for s in p["shape"]) for p in ctx["recording"]["points"] if p["name"] == ctx["point"])
     tc = TrainConfig(**{**ctx["train"], "threads": ctx.get("threads")})
     torch.manual_seed(tc.seed)
-    head = build_head(spec, x_va.shape[1:], int(ctx["recording"]["num_classes"]))
+    head = build_head(spec, shape, int(ctx["recording"]["num_classes"]))
+    # the cost first: it needs no training, and a head too costly to pay off is not trained
+    flops = count_flops(head, torch.zeros(1, *shape))
+    metrics: dict[str, float] = {"chance": float(ctx["chance"]), "flops": float(flops),
+                                 "params": float(count_params(head))}
+    if ctx.get("evaluator") is not None:
+        from ..evaluator import MeasureSettings, evaluator_from_config
+
+        ev = evaluator_from_config(ctx["evaluator"])
+        metrics["latency_ms"] = float(ev.measure(head, input_shapes=shape, settings=MeasureSettings.quick()).median_ms)
+    if ctx["cost"] == "latency":
+        cost_fraction = metrics["latency_ms"] / float(ctx["base_latency_ms"])
+    else:
+        cost_fraction = flops / float(ctx["base_flops"])
+    metrics["cost_fraction"] = cost_fraction
+    cap = ctx.get("max_cost_fraction")
+    if cap is not None and cost_fraction > float(cap):
+        rec = {"trial": trial_id, "point": ctx["point"], "status": "too_costly", "spec": spec.to_dict(),
+               "spec_json": spec_json, "describe": spec.describe(), "sample": dict(sample or {}),
+               "metrics": metrics, "history": [], "weights": None, "time": time.time()}
+        store.append(rec)
+        return rec
+    x_tr, t_tr, x_va, t_va = _trial_data(ctx)
     t0 = time.perf_counter()
     head, history = train_head(head, x_tr, t_tr, x_va, t_va, tc, desc=ctx["point"])
     seconds = time.perf_counter() - t0
@@ -548,22 +598,7 @@ def run_trial(ctx: Mapping, spec, trial_id: str, sample: Mapping | None = None, 
             on_epoch(h)
     pv = predict_head(head, x_va)
     agree = agreement(pv, t_va)
-    kl = float(kd_loss(pv, t_va))
-    flops = count_flops(head, x_va[:1])
-    metrics: dict[str, float] = {"agreement": agree, "chance": float(ctx["chance"]), "flops": float(flops),
-                                 "params": float(count_params(head)), "kl": kl, "epochs": float(len(history)),
-                                 "train_seconds": seconds}
-    if ctx.get("evaluator") is not None:
-        from ..evaluator import MeasureSettings, evaluator_from_config
-
-        ev = evaluator_from_config(ctx["evaluator"])
-        metrics["latency_ms"] = float(ev.measure(head, input_shapes=tuple(x_va.shape[1:]),
-                                                 settings=MeasureSettings.quick()).median_ms)
-    if ctx["cost"] == "latency":
-        cost_fraction = metrics["latency_ms"] / float(ctx["base_latency_ms"])
-    else:
-        cost_fraction = flops / float(ctx["base_flops"])
-    metrics["cost_fraction"] = cost_fraction
+    metrics.update(agreement=agree, kl=float(kd_loss(pv, t_va)), epochs=float(len(history)), train_seconds=seconds)
     metrics["score"] = agree - float(ctx["cost_weight"]) * cost_fraction
     ok = agree > float(ctx["chance"]) + float(ctx["chance_margin"])
     wpath = store.weights(trial_id)
@@ -586,7 +621,7 @@ class PointResult:
     """One exit point's search: its experiment, trials, winner (or why it was discarded)."""
 
     point: str
-    status: str  # ok | chance (no head above chance: discarded)
+    status: str  # ok | chance (no head above chance) | too_costly (every head over max_cost_fraction): discarded
     dir: Path
     experiment_id: str | None
     trials: list[dict]
@@ -616,7 +651,8 @@ class HeadSearchResult:
     """What ``search_heads`` found: the best head per exit point, trained, ready for ``pipeline.assemble``.
 
     ``specs`` / ``heads``: the winners of the points that have one (heterogeneous per point);
-    ``failed``: points discarded because no sampled head beat chance; ``points``: every
+    ``failed``: points discarded because no sampled head beat chance (or every one was too
+    costly); ``points``: every
     searched point's :class:`PointResult` (experiment id and directory, all trials).
     """
 

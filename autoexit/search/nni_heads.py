@@ -64,9 +64,9 @@ from .head_space import (
     chance_agreement,
     load_head_space,
     point_dir,
-    recording_context,
     run_trial,
     search_key,
+    trial_context,
 )
 
 try:
@@ -135,6 +135,10 @@ class HeadNoBetterThanChance(RuntimeError):
     """Raised in a trial whose head does not beat chance: NNI marks the trial FAILED."""
 
 
+class HeadTooCostly(RuntimeError):
+    """Raised in a trial whose head costs more than ``max_cost_fraction`` (not trained): FAILED in NNI."""
+
+
 def _final_metrics(rec: Mapping) -> dict:
     m = rec["metrics"]
     out = {"default": m["score"], "agreement": m["agreement"], "flops": m["flops"],
@@ -162,9 +166,14 @@ def evaluate_head(model: HeadModelSpace, context: str, point: str) -> None:
 
     rec = run_trial(ctx, model.head_spec, trial_id, sample, on_epoch=on_epoch)
     m = rec["metrics"]
-    print(f"[autoexit] {point}: {rec['describe']} agreement {m['agreement']:.4f} (chance {m['chance']:.4f}) "
-          f"flops {m['flops']:.0f} score {m['score']:.4f} status {rec['status']}"
-          + (f" (duplicate of {rec['duplicate_of']})" if rec.get("duplicate_of") else ""), flush=True)
+    if ctx["engine"] == "ts":  # the trial's stdout (trial.log); in-process trials keep the console for progress
+        print(f"[autoexit] {point}: {rec['describe']} agreement {m.get('agreement', float('nan')):.4f} "
+              f"(chance {m['chance']:.4f}) flops {m['flops']:.0f} score {m.get('score', float('nan')):.4f} "
+              f"status {rec['status']}"
+              + (f" (duplicate of {rec['duplicate_of']})" if rec.get("duplicate_of") else ""), flush=True)
+    if rec["status"] == "too_costly":
+        raise HeadTooCostly(f"head {rec['describe']} at {point}: cost {m['cost_fraction']:.3f} of the "
+                            f"{ctx['cost_basis']} backbone exceeds max_cost_fraction {ctx['max_cost_fraction']}")
     if rec["status"] != "ok":
         raise HeadNoBetterThanChance(f"head {rec['describe']} at {point}: agreement {m['agreement']:.4f} is not above "
                                      f"chance {m['chance']:.4f} + margin {ctx['chance_margin']}")
@@ -231,6 +240,17 @@ def _nni_home(home: Path):
         _nni_config_utils.Experiments.__init__.__defaults__ = old_defaults
 
 
+class _ExpectedTrialFailures(logging.Filter):
+    """The sequential engine logs every failed trial as an ERROR with its traceback; heads below chance or
+    too costly fail by design (they are recorded), so only other failures get through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "fails to be executed" in msg or "Continue on failure" in msg:
+            return False
+        return not ("HeadNoBetterThanChance" in msg or "HeadTooCostly" in msg)
+
+
 @contextlib.contextmanager
 def _quiet_nni(debug: bool = False):
     """NNI logs every step at INFO on the console; keep warnings and errors only."""
@@ -240,15 +260,19 @@ def _quiet_nni(debug: bool = False):
               "nni.nas.strategy": logging.ERROR}
     loggers = [logging.getLogger(n) for n in levels]
     old = [lg.level for lg in loggers]
+    seq = logging.getLogger("nni.nas.execution.sequential")
+    filt = _ExpectedTrialFailures()
     if not debug:
         for lg in loggers:
             lg.setLevel(levels[lg.name])
+        seq.addFilter(filt)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=ResourceWarning)
             warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*")
             yield
     finally:
+        seq.removeFilter(filt)
         for lg, lv in zip(loggers, old):
             lg.setLevel(lv)
 
@@ -437,8 +461,13 @@ def _run_point(i: int, n: int, p, rec, space: HeadSpace, cfg: HeadSearchConfig, 
     rest = {"experiment_dir": str(exp_dir), "engine": cfg.engine, "port": port, "trials": nni_trials,
             "top": top, "rest_polls": watcher.polls, "rest_max_trials_listed_while_running": watcher.max_listed,
             "rest_statuses": watcher.statuses}
-    return PointResult(p.name, "ok" if best is not None else "chance", pdir, exp.id, records, best, seconds,
-                       False, rest)
+    if best is not None:
+        status = "ok"
+    elif records and all(r.get("status") == "too_costly" for r in records):
+        status = "too_costly"
+    else:
+        status = "chance"
+    return PointResult(p.name, status, pdir, exp.id, records, best, seconds, False, rest)
 
 
 # --------------------------------------------------------------------------- export
@@ -602,7 +631,6 @@ def search_heads(backbone=None, data=None, space: str | Path | Mapping | HeadSpa
         if retrain == cfg.train and not cfg.trial_samples:
             retrain = None  # the trials trained exactly so: keep their weights
     chance = chance_agreement(rec)
-    rctx = recording_context(rec)
     t_start = time.perf_counter()
     results: dict[str, PointResult] = {}
     bar = None
@@ -630,15 +658,9 @@ def search_heads(backbone=None, data=None, space: str | Path | Mapping | HeadSpa
                     except (OSError, json.JSONDecodeError, KeyError):
                         pass
                 pdir.mkdir(parents=True, exist_ok=True)
-                base_flops = p.flops_after if cfg.cost_basis == "remaining" and p.flops_after else tb.total_flops
-                ctx = {"point": p.name, "recording": rctx, "store": str(pdir), "engine": cfg.engine,
-                       "train": {k: v for k, v in cfg.train.to_dict().items() if k != "threads"},
-                       "threads": cfg.threads, "trial_samples": cfg.trial_samples, "search_seed": cfg.seed,
-                       "chance": chance, "chance_margin": cfg.chance_margin, "cost": cfg.cost,
-                       "cost_weight": cfg.cost_weight, "cost_basis": cfg.cost_basis, "base_flops": float(base_flops),
-                       "evaluator": evaluator}
-                if evaluator is not None:
-                    ctx["base_latency_ms"] = _base_latency_ms(evaluator, tb, p, cfg.cost_basis)
+                base_ms = _base_latency_ms(evaluator, tb, p, cfg.cost_basis) if evaluator is not None else None
+                ctx = trial_context(rec, p, cfg, pdir, total_flops=tb.total_flops, chance=chance,
+                                    evaluator=evaluator, base_latency_ms=base_ms)
                 base_count = bar.n if bar is not None else 0
                 pr = _run_point(i, len(todo), p, rec, hspace, cfg, ctx, pdir, wd, bar, debug)
                 if bar is not None:
@@ -729,7 +751,8 @@ def run_from_args(args) -> int:
               "score", "NNI experiment"):
         t.add_column(c)
     for r in res.rows():
-        t.add_row(r["point"], "ok" if r["status"] == "ok" else "discarded (chance)", str(r["trials"]), r["head"],
+        status = {"ok": "ok", "chance": "discarded (chance)", "too_costly": "discarded (too costly)"}[r["status"]]
+        t.add_row(r["point"], status, str(r["trials"]), r["head"],
                   _fmt(r["agreement"]), _fmt(r["chance"]), _fmt(r["flops"], "{:,.0f}"), _fmt(r["latency_ms"]),
                   _fmt(r["score"]), str(r["experiment"] or "-"))
     con.print(t)

@@ -72,6 +72,7 @@ __all__ = [
     "estimate",
     "estimate_batch",
     "estimate_plan",
+    "estimate_plan_rates",
     "enumerate_space",
     "pareto_front",
     "solve_p_lat",
@@ -1410,12 +1411,31 @@ def estimate_plan(profile: Profile, topology: Topology, *, criterion: str, thres
     destination; those left after partition ``k`` send ``O_{P_k}`` to ``A_{k+1}``.
     With one exit per partition at ``P_k`` this equals :func:`estimate`.
     """
+    Configuration(criterion, threshold, tuple(int(p) for p in partitions),
+                  tuple(topology.tier_index(a) for a in placement)).check(profile, topology)
+    P, A, X, owner = _plan_exits(profile, topology, partitions, exits, placement)
+    N = profile.n_blocks
+    alpha = profile.exit_rates[criterion][profile.threshold_index(criterion, threshold)]
+    e = []
+    for m_, x in enumerate(X):
+        lo = X[m_ - 1] if m_ > 0 else 0
+        hi = x if m_ < len(X) - 1 else N
+        e.append(sum(alpha[lo:hi]))
+    return _plan_figures(profile, topology, P, A, X, owner, e, None, criterion, float(threshold))
+
+
+def _plan_exits(profile: Profile, topology: Topology, partitions: Sequence[int], exits: Sequence[Sequence[int]],
+                placement: Sequence[int | str]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Validated ``(P, A, X, owner)``: partition ends, tiers (1-based), exit blocks in order, owning partition."""
     P = [int(p) for p in partitions]
     A = [topology.tier_index(a) for a in placement]
     if len(exits) != len(P):
         raise AutoExitError(f"exits must list the exits of each of the {len(P)} partitions, got {len(exits)}")
     N = profile.n_blocks
-    Configuration(criterion, threshold, tuple(P), tuple(A)).check(profile, topology)
+    if not P or any(x < 1 or x > N for x in P) or any(b <= a for a, b in zip(P, P[1:])):
+        raise AutoExitError(f"partitioning {P} must be strictly increasing block indices in 1..{N}")
+    if len(A) != len(P) or len(set(A)) != len(A):
+        raise AutoExitError(f"placement {list(placement)} must give one distinct tier per partition ({len(P)})")
     X: list[int] = []
     owner: list[int] = []
     for k, xs in enumerate(exits):
@@ -1428,19 +1448,47 @@ def estimate_plan(profile: Profile, topology: Topology, *, criterion: str, thres
         owner += [k] * len(xs)
     if not X or X[-1] != P[-1] or owner[-1] != len(P) - 1:
         raise AutoExitError(f"the last partition must end with an exit at block {P[-1]}; add it to its exits")
-    alpha = profile.exit_rates[criterion][profile.threshold_index(criterion, threshold)]
-    e = []
-    for m_, x in enumerate(X):
-        lo = X[m_ - 1] if m_ > 0 else 0
-        hi = x if m_ < len(X) - 1 else N
-        e.append(sum(alpha[lo:hi]))
+    return P, A, X, owner
+
+
+def estimate_plan_rates(profile: Profile, topology: Topology, *, partitions: Sequence[int],
+                        exits: Sequence[Sequence[int]], placement: Sequence[int | str],
+                        exit_rates: Sequence[float], exit_accuracy: Sequence[float] | None = None) -> PlanEstimate:
+    """:func:`estimate_plan` with the exit rates given instead of derived from ``alpha``.
+
+    ``exit_rates``: the fraction of all samples leaving at each exit (block order, summing to 1), e.g.
+    simulated on recorded predictions by an outer-search trial, or measured on the real partitioned
+    model. ``exit_accuracy``: accuracy of the samples leaving at each exit (default: each head's
+    accuracy over all samples, ``profile.head_accuracy``). Latency, cost and offload rate follow
+    the same formulas as :func:`estimate_plan`.
+    """
+    P, A, X, owner = _plan_exits(profile, topology, partitions, exits, placement)
+    e = [_num(r, f"exit_rates[{i}]", lo=0.0, hi=1.0 + 1e-9) for i, r in enumerate(exit_rates)]
+    if len(e) != len(X):
+        raise AutoExitError(f"exit_rates has {len(e)} entries but the plan has {len(X)} exits; give one per exit")
+    if abs(sum(e) - 1.0) > 1e-6:
+        raise AutoExitError(f"exit_rates sum to {sum(e):.6g}, not 1; every sample leaves at exactly one exit")
+    acc = None
+    if exit_accuracy is not None:
+        acc = [_num(a, f"exit_accuracy[{i}]", lo=0.0, hi=1.0) for i, a in enumerate(exit_accuracy)]
+        if len(acc) != len(X):
+            raise AutoExitError(f"exit_accuracy has {len(acc)} entries but the plan has {len(X)} exits")
+    return _plan_figures(profile, topology, P, A, X, owner, e, acc, "given", float("nan"))
+
+
+def _plan_figures(profile: Profile, topology: Topology, P: list[int], A: list[int], X: list[int], owner: list[int],
+                  e: list[float], exit_acc: list[float] | None, criterion: str, threshold: float) -> PlanEstimate:
+    """Accuracy, latency and cost of a validated plan whose exit ``X[m]`` takes the fraction ``e[m]``."""
     blocks, heads = topology.block_costs(profile)
     hop_pl, hop_inv = topology.hop_matrices()
     D, src = topology.destination - 1, topology.source - 1
     prop = hop_pl[src, A[0] - 1]
     trans = profile.input_bits * hop_inv[src, A[0] - 1]
     comp = cost = 0.0
-    acc = sum(profile.head_accuracy[x - 1] * e[m_] for m_, x in enumerate(X))
+    if exit_acc is None:
+        acc = sum(profile.head_accuracy[x - 1] * e[m_] for m_, x in enumerate(X))
+    else:
+        acc = sum(a * r for a, r in zip(exit_acc, e))
     exited = 0.0  # fraction exited so far
     offload = 0.0
     for k in range(len(P)):

@@ -20,34 +20,59 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .artifact import Artifact, load
-from .calibrate import (
-    ExitPredictions,
-    assign_thresholds,
-    calibrate_temperatures,
-    exit_score,
-    fit_temperature,
-    split_budget,
-)
-from .cost import compare_latency, count_flops, count_params, measure_latency
-from .data import (
-    InferenceData,
-    Recording,
-    as_inference_data,
-    load_digits,
-    load_idx,
-    load_image_folder,
-    load_tensors,
-    record,
-    split_indices,
-)
-from .distill import TrainConfig, TrainedHead, train_head, train_heads
-from .errors import ArtifactError, AutoExitError, DataError, TraceError
-from .heads import HeadSpec, build_head, default_head_spec, register_conv_kind
-from .model import MultiExitModel, to_torchscript
-from .pipeline import EnableConfig, EnableResult, enable, predictions_for
-from .points import ExitPoint, TracedBackbone, find_exit_points, trace_backbone
-from .subset import best_subset, evaluate_subset, k_score, oracle_flops, simulate_exits
+# Imported on first use (PEP 562), so that torch-free modules such as autoexit.perfmodel and the
+# evaluator's protocol can be imported without pulling in torch.
+_EXPORTS = {
+    "Artifact": "artifact",
+    "load": "artifact",
+    "ExitPredictions": "calibrate",
+    "assign_thresholds": "calibrate",
+    "calibrate_temperatures": "calibrate",
+    "exit_score": "calibrate",
+    "fit_temperature": "calibrate",
+    "split_budget": "calibrate",
+    "compare_latency": "cost",
+    "count_flops": "cost",
+    "count_params": "cost",
+    "measure_latency": "cost",
+    "InferenceData": "data",
+    "Recording": "data",
+    "as_inference_data": "data",
+    "load_digits": "data",
+    "load_idx": "data",
+    "load_image_folder": "data",
+    "load_tensors": "data",
+    "record": "data",
+    "split_indices": "data",
+    "TrainConfig": "distill",
+    "TrainedHead": "distill",
+    "train_head": "distill",
+    "train_heads": "distill",
+    "ArtifactError": "errors",
+    "AutoExitError": "errors",
+    "DataError": "errors",
+    "TraceError": "errors",
+    "HeadSpec": "heads",
+    "build_head": "heads",
+    "default_head_spec": "heads",
+    "register_conv_kind": "heads",
+    "MultiExitModel": "model",
+    "to_torchscript": "model",
+    "EnableConfig": "pipeline",
+    "EnableResult": "pipeline",
+    "enable": "pipeline",
+    "predictions_for": "pipeline",
+    "ExitPoint": "points",
+    "TracedBackbone": "points",
+    "find_exit_points": "points",
+    "trace_backbone": "points",
+    "best_subset": "subset",
+    "evaluate_subset": "subset",
+    "k_score": "subset",
+    "oracle_flops": "subset",
+    "simulate_exits": "subset",
+}
+
 
 __all__ = [
     "__version__",
@@ -100,3 +125,18 @@ __all__ = [
     "train_head",
     "train_heads",
 ]
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'autoexit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

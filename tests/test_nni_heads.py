@@ -200,3 +200,21 @@ heads: {{search: true, space: ci, strategy: random, max_trials: 4, engine: seque
     saved = json.loads((tmp_path / "run" / "nni-heads" / "search.json").read_text())
     assert saved["config"]["max_trials"] == 2 and saved["config"]["strategy"] == "tpe"
     assert len(saved["points"]["block4"]["trials"]) == 2
+
+
+def test_latency_from_the_evaluator_is_reported_and_can_be_the_cost(prepared, tmp_path):
+    """With an evaluator (here the local one) every trial reports the head's measured latency; cost: latency
+    scores by latency / the measured latency of the backbone after the point."""
+    res = N.search_heads(prepared=prepared, space="ci", strategy="random", max_trials=2, engine="sequential",
+                         points=("block3",), train={"epochs": 4, "patience": 0}, trial_samples=500,
+                         cost="latency", evaluator={"local": True}, max_cost_fraction=None, cost_weight=0.1,
+                         retrain=False, workdir=tmp_path,
+                         progress=False)
+    pr = res.points["block3"]
+    ctx = json.loads((pr.dir / "context.json").read_text())
+    assert ctx["base_latency_ms"] > 0
+    for r in pr.trials:
+        m = r["metrics"]
+        assert m["latency_ms"] > 0 and m["flops"] > 0
+        assert m["cost_fraction"] == pytest.approx(m["latency_ms"] / ctx["base_latency_ms"])
+    assert res.rows()[0]["latency_ms"] is not None

@@ -589,6 +589,13 @@ def search_heads(backbone=None, data=None, space: str | Path | Mapping | HeadSpa
     if space_obj is not None:
         overrides["space"] = None
     cfg = _as_config(config, overrides)
+    nulls = sorted(k for k, v in settings.items() if v is None)  # an explicit None (e.g. max_cost_fraction=None)
+    if nulls:
+        valid = {f.name for f in fields(HeadSearchConfig)}
+        if set(nulls) - valid:
+            raise AutoExitError(f"unknown heads setting(s) {', '.join(sorted(set(nulls) - valid))}; "
+                                f"valid: {', '.join(sorted(valid))}")
+        cfg = replace(cfg, **dict.fromkeys(nulls))
     hspace = load_head_space(space_obj if space_obj is not None else cfg.space)
     if enable is None:
         enable_cfg = EnableConfig()

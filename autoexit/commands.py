@@ -6,6 +6,19 @@ import argparse
 from pathlib import Path
 
 
+def _policy_flags(p) -> None:
+    from .policies import DEFAULT_POLICY, POLICIES, RISKS
+
+    p.add_argument("--policy", choices=list(POLICIES), default=DEFAULT_POLICY,
+                   help=f"exit policy (default {DEFAULT_POLICY}; paper003 = T/2^n thresholds without a guarantee; "
+                   "see docs/policies.md)")
+    p.add_argument("--delta", type=float, default=0.1,
+                   help="the budget holds on new data with probability >= 1 - delta (default 0.1)")
+    p.add_argument("--risk", choices=list(RISKS), default="disagreement",
+                   help="what the guarantee bounds: disagreement with the backbone (label-free, default), "
+                   "harm or drop (need labels)")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "quickstart",
@@ -20,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--head-epochs", type=int, default=30, help="exit-head training epochs")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _policy_flags(p)
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser(
@@ -48,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true")
+    _policy_flags(p)
     p.set_defaults(func=_enable)
 
     p = sub.add_parser("inspect", help="validate an emitted artifact and print its summary")
@@ -87,7 +102,8 @@ def _quickstart(args: argparse.Namespace) -> int:
     train_classifier(model, x, y, epochs=args.epochs, seed=args.seed, augment_shift=1, progress=progress)
     data = load_digits("inference", seed=args.seed, shifts=True)
     cfg = EnableConfig(tolerance=args.tolerance, seed=args.seed, cache_dir=str(out / "cache"),
-                       train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed))
+                       train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed),
+                       policy=args.policy, delta=args.delta, risk=args.risk)
     result = enable(model, data, config=cfg, progress=progress)
     artifact = result.emit(out / "artifact", overwrite=True, latency=not args.no_latency)
     print_summary(result, "autoexit quickstart: DigitsCNN on scikit-learn digits", artifact)
@@ -113,6 +129,9 @@ def _enable(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         scheme=args.scheme,
         granularity=gran,
+        policy=args.policy,
+        delta=args.delta,
+        risk=args.risk,
         points=tuple(p.strip() for p in args.points.split(",")) if args.points else None,
         cache_dir=args.cache_dir,
         train=TrainConfig(epochs=args.epochs),

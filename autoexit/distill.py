@@ -25,7 +25,8 @@ from .errors import AutoExitError, DataError
 from .heads import HeadSpec, build_head, default_head_spec
 from .points import ExitPoint
 
-__all__ = ["TrainConfig", "TrainedHead", "train_head", "train_heads", "kd_loss", "agreement"]
+__all__ = ["TrainConfig", "TrainedHead", "train_head", "train_heads", "kd_loss", "agreement",
+           "train_cascade_heads", "build_cascade_head"]
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,14 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> flo
 
 
 @torch.no_grad()
-def _predict(head: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+def _predict(head: nn.Module, x: torch.Tensor, batch: int = 1024,
+             prev: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     head.eval()
-    return torch.cat([head(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else x.new_zeros(0)
+    if not len(x):
+        return x.new_zeros(0)
+    if prev is None:
+        return torch.cat([head(x[i : i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([head(x[i : i + batch], [p[i : i + batch] for p in prev]) for i in range(0, len(x), batch)])
 
 
 def train_head(
@@ -117,10 +123,14 @@ def train_head(
     y_train: torch.Tensor | None = None,
     desc: str = "head",
     progress: bool = False,
+    prev_train: Sequence[torch.Tensor] | None = None,
+    prev_val: Sequence[torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Train ``head`` to match teacher logits ``t_train`` from activations ``x_train``.
 
     Returns the head with the weights of its best val-KL epoch, and the per-epoch history.
+    With ``prev_train`` / ``prev_val`` (earlier exits' logits), the head is called as
+    ``head(x, prev)`` (a cascade head).
     """
     if len(x_train) == 0:
         raise DataError(f"{desc}: no training samples")
@@ -152,7 +162,7 @@ def train_head(
                 idx = perm[i : i + config.batch_size]
                 if len(idx) < 2 and len(perm) > 1:
                     continue  # a batch of one breaks batch norm
-                out = head(x_train[idx])
+                out = head(x_train[idx]) if prev_train is None else head(x_train[idx], [p[idx] for p in prev_train])
                 loss = kd_loss(out, t_train[idx], config.kd_temperature)
                 if config.supervised and y_train is not None:
                     loss = (1 - config.ce_weight) * loss + config.ce_weight * F.cross_entropy(out, y_train[idx])
@@ -163,7 +173,7 @@ def train_head(
                 total += loss.item() * len(idx)
             rec = {"epoch": epoch + 1, "train_loss": total / len(perm)}
             if x_val is not None and t_val is not None and len(x_val):
-                pv = _predict(head, x_val)
+                pv = _predict(head, x_val, prev=prev_val)
                 kl = float(kd_loss(pv, t_val, 1.0))
                 rec.update(val_kl=kl, val_agreement=agreement(pv, t_val))
                 if kl < best_kl - 1e-6:
@@ -243,6 +253,100 @@ def train_heads(
     return out
 
 
-def predict_head(head: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Logits of ``head`` on activations ``x`` (eval mode, no grad)."""
-    return _predict(head, x, batch)
+def predict_head(head: nn.Module, x: torch.Tensor, batch: int = 1024,
+                 prev: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits of ``head`` on activations ``x`` (eval mode, no grad); ``prev``: earlier exits' scaled
+    logits for a cascade head."""
+    return _predict(head, x, batch, prev)
+
+
+class _MixOnly(nn.Module):
+    """Training stand-in for a cascade head with a frozen body: ``x`` is the body's logits."""
+
+    def __init__(self, cascade_head: nn.Module):
+        super().__init__()
+        self.inner = cascade_head
+
+    def forward(self, x: torch.Tensor, prev: list[torch.Tensor]) -> torch.Tensor:
+        k = self.inner.num_prev
+        if k == 0:
+            return x
+        feats = [torch.log_softmax(p, dim=1) for p in prev[len(prev) - k :]]
+        return x + self.inner.mix(torch.cat(feats, dim=1))
+
+
+def build_cascade_head(spec: HeadSpec, in_shape, num_classes: int, num_prev: int) -> nn.Module:
+    """An untrained cascade head (body from ``spec``) reading ``num_prev`` earlier exits."""
+    from .policies.heads import CascadeHead
+
+    return CascadeHead(build_head(spec, in_shape, num_classes), num_classes, num_prev)
+
+
+def train_cascade_heads(
+    recording: Recording,
+    base_heads: Mapping[str, TrainedHead],
+    chain: Sequence[str],
+    config: TrainConfig = TrainConfig(),
+    num_prev: int = 1,
+    finetune: bool = False,
+    progress: bool = False,
+) -> dict[str, TrainedHead]:
+    """Heads for the exits of ``chain`` (in backbone order) that also read the previous ``num_prev``
+    exits' temperature-scaled logits, trained in order, label-free (KL to the backbone).
+
+    Each starts from the trained head in ``base_heads`` (its body); ``finetune=False`` trains only the
+    mixing layer on the frozen body's logits (fast), ``True`` trains the whole head. The earlier
+    exits' logits are scaled by temperatures fitted on val exactly as
+    ``autoexit.calibrate.calibrate_temperatures`` does, so the emitted model sees what training saw.
+    """
+    from .calibrate import fit_temperature
+    from .policies.heads import CascadeHead
+
+    if num_prev < 0:
+        raise AutoExitError(f"num_prev must be >= 0, got {num_prev}")
+    names = list(chain)
+    order = [p.name for p in recording.points]
+    if any(n not in base_heads for n in names) or names != sorted(names, key=order.index):
+        raise AutoExitError("the cascade chain must list trained exits in backbone order; "
+                            f"got {names}, trained: {list(base_heads)}")
+    t_train, t_val = recording.logits("train"), recording.logits("val")
+    y_train = recording.labels("train") if config.supervised else None
+    prev_train: list[torch.Tensor] = []
+    prev_val: list[torch.Tensor] = []
+    out: dict[str, TrainedHead] = {}
+    for j, name in enumerate(names):
+        base = base_heads[name]
+        k = min(j, num_prev)
+        head = CascadeHead(copy.deepcopy(base.module), recording.num_classes, k)
+        x_train, x_val = recording.activations(name, "train"), recording.activations(name, "val")
+        p_tr, p_va = prev_train[len(prev_train) - k :] if k else [], prev_val[len(prev_val) - k :] if k else []
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed)
+        if k and not finetune:
+            for prm in head.body.parameters():
+                prm.requires_grad_(False)
+            b_train, b_val = _predict(head.body, x_train), _predict(head.body, x_val)
+            _, hist = train_head(_MixOnly(head), b_train, t_train, b_val, t_val, config, y_train,
+                                 desc=f"{name} (cascade)", progress=progress, prev_train=p_tr, prev_val=p_va)
+            for prm in head.body.parameters():
+                prm.requires_grad_(True)
+        elif k:
+            head, hist = train_head(head, x_train, t_train, x_val, t_val, config, y_train,
+                                    desc=f"{name} (cascade)", progress=progress, prev_train=p_tr, prev_val=p_va)
+        else:
+            hist = list(base.history)
+        head.eval()
+        seconds = time.perf_counter() - t0
+        lt, lv = _predict(head, x_train, prev=p_tr), _predict(head, x_val, prev=p_va)
+        temp = fit_temperature(lv, t_val.argmax(1))
+        prev_train.append(lt.float() / torch.tensor(temp, dtype=torch.float32))
+        prev_val.append(lv.float() / torch.tensor(temp, dtype=torch.float32))
+        out[name] = TrainedHead(
+            point=base.point, spec=base.spec, module=head,
+            flops=base.flops + 2 * k * recording.num_classes * recording.num_classes,
+            params=count_params(head), param_bytes=param_bytes(head),
+            val_agreement=agreement(lv, t_val), val_kl=float(kd_loss(lv, t_val)),
+            epochs=len(hist), seconds=seconds, history=hist,
+        )
+        del x_train, x_val
+    return out

@@ -8,6 +8,14 @@ logits, and only the rest go on through the backbone. The output keeps the
 input order: ``(logits [N, C], exit_index [N])``, where ``exit_index`` is the
 0-based exit that answered and ``num_exits`` means the backbone's own output.
 
+Each segment's exit decision is an *exit rule* (``autoexit.policies.rules``):
+a module ``rule(z, prev, h) -> score`` that sees the head's scaled logits
+``z``, the scaled logits of the earlier exits for the same samples (``prev``,
+oldest first, the last ``keep_prev`` of them) and the activation ``h``; a
+sample exits when ``score >= threshold``. The default rule is the confidence
+``exit_score(z, signal)``. A segment's head may also read the earlier exits'
+logits (a cascade head, ``cascade=True``: ``head(h, prev)``).
+
 With every threshold at +inf no sample exits and the output is bit-identical
 to the backbone's. ``forward_all`` returns every head's output for
 evaluation. The model is scriptable with TorchScript (``to_torchscript``).
@@ -16,19 +24,20 @@ evaluation. The model is scriptable with TorchScript (``to_torchscript``).
 
 import warnings
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, List
 
 import torch
 from torch import nn
 
-from .calibrate import SIGNALS, exit_score
+from .calibrate import SIGNALS
 from .errors import AutoExitError
+from .policies.rules import ConfidenceRule
 
-__all__ = ["ExitSegment", "MultiExitModel", "to_torchscript"]
+__all__ = ["ExitSegment", "CascadeExitSegment", "MultiExitModel", "to_torchscript"]
 
 
 class ExitSegment(nn.Module):
-    """One backbone stage, then (unless it is the last segment) one exit head."""
+    """One backbone stage, then (unless it is the last segment) one exit head and its exit rule."""
 
     has_head: Final[bool]
     exit_id: Final[int]
@@ -40,17 +49,30 @@ class ExitSegment(nn.Module):
         temperature: float = 1.0,
         threshold: float = float("inf"),
         exit_id: int = -1,
+        rule: nn.Module | None = None,
     ):
         super().__init__()
         self.stage = stage
         self.has_head = head is not None
         self.head = head if head is not None else nn.Identity()
+        self.rule = rule if rule is not None else ConfidenceRule(0)
         self.exit_id = exit_id
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
 
+    def logits(self, h: torch.Tensor, prev: List[torch.Tensor]) -> torch.Tensor:
+        """The head's temperature-scaled logits."""
+        return self.head(h) / self.temperature
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - segments are driven by the model
         return self.stage(x)
+
+
+class CascadeExitSegment(ExitSegment):
+    """A segment whose head also reads the earlier exits' scaled logits: ``head(h, prev)``."""
+
+    def logits(self, h: torch.Tensor, prev: List[torch.Tensor]) -> torch.Tensor:
+        return self.head(h, prev) / self.temperature
 
 
 class MultiExitModel(nn.Module):
@@ -63,6 +85,7 @@ class MultiExitModel(nn.Module):
     num_exits: Final[int]
     num_classes: Final[int]
     signal: Final[int]
+    keep_prev: Final[int]
     exit_names: list[str]
 
     def __init__(
@@ -74,6 +97,8 @@ class MultiExitModel(nn.Module):
         exit_names: Sequence[str] | None = None,
         num_classes: int = 0,
         signal: str = "max_softmax",
+        rules: Sequence[nn.Module] | None = None,
+        cascade: bool | Sequence[bool] = False,
     ):
         super().__init__()
         if len(stages) != len(heads) + 1:
@@ -87,7 +112,14 @@ class MultiExitModel(nn.Module):
             raise AutoExitError(f"temperatures must be > 0, got {temperatures}")
         if signal not in SIGNALS:
             raise AutoExitError(f"unknown exit signal {signal!r}; use one of: {', '.join(SIGNALS)}")
-        segs = [ExitSegment(stages[i], heads[i], temperatures[i], thresholds[i], i) for i in range(k)]
+        rules = list(rules) if rules is not None else [ConfidenceRule(SIGNALS[signal]) for _ in range(k)]
+        if len(rules) != k or not all(isinstance(r, nn.Module) for r in rules):
+            raise AutoExitError(f"give one exit rule (an nn.Module: rule(z, prev, h) -> score) per exit ({k})")
+        cascade = [bool(c) for c in cascade] if isinstance(cascade, (list, tuple)) else [bool(cascade)] * k
+        if len(cascade) != k:
+            raise AutoExitError(f"cascade must be one flag or one flag per exit ({k})")
+        seg_cls = [CascadeExitSegment if c else ExitSegment for c in cascade]
+        segs = [seg_cls[i](stages[i], heads[i], temperatures[i], thresholds[i], i, rules[i]) for i in range(k)]
         segs.append(ExitSegment(stages[-1], None, 1.0, float("inf"), k))
         self.segments = nn.ModuleList(segs)
         self.num_exits = k
@@ -95,6 +127,9 @@ class MultiExitModel(nn.Module):
         self.signal = SIGNALS[signal]
         self.signal_name = signal
         self.exit_names = list(exit_names) if exit_names is not None else [f"exit{i}" for i in range(k)]
+        need = [int(getattr(r, "history", 0)) for r in rules]
+        need += [int(getattr(h, "num_prev", 0)) for h, c in zip(heads, cascade) if c]
+        self.keep_prev = max(need, default=0)
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +137,18 @@ class MultiExitModel(nn.Module):
         out = torch.zeros(n, self.num_classes, dtype=torch.float32, device=x.device)
         exit_index = torch.full([n], self.num_exits, dtype=torch.long, device=x.device)
         remaining = torch.arange(n, device=x.device)
+        prev: List[torch.Tensor] = []
         h = x
         for seg in self.segments:
             if remaining.shape[0] > 0:
                 h = seg.stage(h)
                 if seg.has_head:
-                    z = seg.head(h) / seg.temperature
-                    take = exit_score(z, self.signal) >= seg.threshold
+                    z = seg.logits(h, prev)
+                    take = seg.rule(z, prev, h) >= seg.threshold
+                    if self.keep_prev > 0:
+                        prev.append(z)
+                        if len(prev) > self.keep_prev:
+                            prev = prev[len(prev) - self.keep_prev :]
                     if bool(take.any()):
                         sel = remaining[take]
                         out[sel] = z[take].to(torch.float32)
@@ -116,21 +156,39 @@ class MultiExitModel(nn.Module):
                         keep = ~take
                         h = h[keep]
                         remaining = remaining[keep]
+                        prev = [p[keep] for p in prev]
         if remaining.shape[0] > 0:
             out[remaining] = h.to(torch.float32)
         return out, exit_index
 
     @torch.jit.export
-    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every exit head's scaled logits and then the backbone's, for the whole batch (no exits taken)."""
-        outs: list[torch.Tensor] = []
+        outs: List[torch.Tensor] = []
         h = x
         for seg in self.segments:
             h = seg.stage(h)
             if seg.has_head:
-                outs.append(seg.head(h) / seg.temperature)
+                outs.append(seg.logits(h, outs))
         outs.append(h)
         return outs
+
+    @torch.jit.export
+    def exit_scores(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Every exit rule's score for the whole batch (no exits taken), for checking decisions."""
+        scores: List[torch.Tensor] = []
+        prev: List[torch.Tensor] = []
+        h = x
+        for seg in self.segments:
+            h = seg.stage(h)
+            if seg.has_head:
+                z = seg.logits(h, prev)
+                scores.append(seg.rule(z, prev, h))
+                if self.keep_prev > 0:
+                    prev.append(z)
+                    if len(prev) > self.keep_prev:
+                        prev = prev[len(prev) - self.keep_prev :]
+        return scores
 
     @torch.jit.export
     def thresholds(self) -> list[float]:
@@ -155,6 +213,9 @@ class MultiExitModel(nn.Module):
 
     def heads(self) -> list[nn.Module]:
         return [seg.head for seg in list(self.segments)[: self.num_exits]]
+
+    def rules(self) -> list[nn.Module]:
+        return [seg.rule for seg in list(self.segments)[: self.num_exits]]
 
 
 def to_torchscript(model: MultiExitModel, example: torch.Tensor) -> torch.jit.ScriptModule:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ from .errors import AutoExitError
 from .heads import HeadSpec
 from .model import MultiExitModel, to_torchscript
 from .points import ExitPoint, TracedBackbone
+from .policies import (
+    DEFAULT_POLICY,
+    POLICIES,
+    RISKS,
+    ExitCosts,
+    ExitTable,
+    FittedPolicy,
+    PolicyContext,
+    make_policy,
+)
+from .policies.cascade import stats_from_activations
 from .subset import SubsetResult, best_subset, oracle_flops, simulate_exits
 
 __all__ = ["EnableConfig", "EnableResult", "enable", "predictions_for"]
@@ -44,6 +56,17 @@ class EnableConfig:
     granularity / min_remaining / points / leaf_modules: exit-point discovery (see
     autoexit.points); head: one HeadSpec for every point (default: a spec per point);
     head_specs: per-point specs; train: head training; seed: split and training seed.
+
+    policy: exit policy by registry name (see autoexit.policies: ``gate``, ``patience``,
+    ``max_softmax``, ``margin``, ``entropy`` with a guaranteed budget; ``paper003`` = T/2^n +
+    ``signal`` + K(S), no guarantee); delta: the guarantee holds with probability >= 1 - delta;
+    risk: what the guarantee bounds (``disagreement`` with the backbone, label-free; ``harm`` or
+    ``drop`` need labels on the val split); fit_split: the split policies fit gates, exit sets and
+    threshold families on (never val, the calibration split the guarantee rests on);
+    policy_options: keyword options of the policy (e.g. ``{"hidden": 16, "history": 2}`` for gate);
+    cascade_heads: when > 0, after the policy picks its exits, their heads are retrained in order so
+    that each also reads the previous ``cascade_heads`` exits' logits, and the policy is refitted on
+    that chain.
     """
 
     tolerance: float = 1.0
@@ -63,9 +86,31 @@ class EnableConfig:
     exhaustive_limit: int = 16
     store_inputs: bool = True
     max_exits: int | None = None
+    policy: str = DEFAULT_POLICY
+    delta: float = 0.1
+    risk: str = "disagreement"
+    fit_split: str = "train"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    cascade_heads: int = 0
 
     def __post_init__(self):
         check_tolerance(self.tolerance)
+        if self.policy not in POLICIES:
+            raise AutoExitError(f"unknown exit policy {self.policy!r}; use one of: {', '.join(POLICIES)}")
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise AutoExitError(f"delta must be in (0, 1): the allowed probability that the budget breaks "
+                                f"(e.g. 0.1), got {self.delta!r}")
+        if self.risk not in RISKS:
+            raise AutoExitError(f"unknown risk {self.risk!r}; use one of: {', '.join(RISKS)}")
+        if self.fit_split not in ("train", "test"):
+            raise AutoExitError(f"fit_split must be 'train' (or 'test' for experiments), got {self.fit_split!r}; "
+                                "val is the calibration split the guarantee rests on")
+        if not isinstance(self.cascade_heads, int) or self.cascade_heads < 0:
+            raise AutoExitError(f"cascade_heads must be an integer >= 0 (earlier exits each head reads), "
+                                f"got {self.cascade_heads!r}")
+        if not isinstance(self.policy_options, Mapping):
+            raise AutoExitError(f"policy_options must be a mapping of option names to values, got "
+                                f"{type(self.policy_options).__name__}")
         if not isinstance(self.scheme, str):  # per-exit weights (as the outer search picks them)
             w = tuple(float(x) for x in self.scheme)
             if not w or any(not x >= 0 for x in w) or sum(w) <= 0:
@@ -103,14 +148,49 @@ class EnableConfig:
         out = asdict(self)
         out["head"] = self.head.to_dict() if self.head else None
         out["head_specs"] = {k: v.to_dict() for k, v in self.head_specs.items()}
+        out["policy_options"] = dict(self.policy_options)
         return out
+
+
+def _is_cascade(module: nn.Module) -> bool:
+    from .policies.heads import CascadeHead
+
+    return isinstance(module, CascadeHead)
 
 
 def predictions_for(recording: Recording, heads: Mapping[str, TrainedHead], split: str) -> ExitPredictions:
     """Every head's logits on a split of the recording (no backbone pass)."""
     names = [p.name for p in recording.points if p.name in heads]
+    if any(_is_cascade(heads[n].module) for n in names):
+        return _cascade_predictions(recording, heads, names, split)
     logits = torch.stack([predict_head(heads[n].module, recording.activations(n, split)) for n in names])
     return ExitPredictions(names, logits, recording.logits(split), recording.labels(split))
+
+
+def _cascade_predictions(rec: Recording, heads: Mapping[str, TrainedHead], names: list[str],
+                         split: str) -> ExitPredictions:
+    """Logits of a chain of cascade heads: each reads the earlier heads' logits scaled by the temperatures
+    ``calibrate_temperatures`` fits on val (computed here the same way, in order)."""
+    from .calibrate import fit_temperature
+
+    target = rec.logits("val").argmax(1)
+    prev_val: list[torch.Tensor] = []
+    prev_split: list[torch.Tensor] = []
+    out = []
+    for n in names:
+        m = heads[n].module
+        k = int(getattr(m, "num_prev", 0)) if _is_cascade(m) else 0
+        lv = predict_head(m, rec.activations(n, "val"), prev=prev_val[len(prev_val) - k :] if _is_cascade(m) else None)
+        t = torch.tensor(fit_temperature(lv, target), dtype=torch.float32)
+        prev_val.append(lv.float() / t)
+        if split == "val":
+            ls = lv
+        else:
+            ls = predict_head(m, rec.activations(n, split),
+                              prev=prev_split[len(prev_split) - k :] if _is_cascade(m) else None)
+            prev_split.append(ls.float() / t)
+        out.append(ls)
+    return ExitPredictions(names, torch.stack(out), rec.logits(split), rec.labels(split))
 
 
 @dataclass
@@ -213,9 +293,7 @@ class EnableResult:
             "candidate_points": [p.to_dict() for p in self.points],
             "exits": exits,
             "dropped_points": [p.name for p in self.points if p.name not in kept],
-            "policy": {"tolerance_percent": self.config.tolerance, "scheme": self.config.scheme,
-                       "basis": self.config.basis, "signal": self.config.signal,
-                       "rule": "exit i answers when exit_score(head_i(x) / temperature_i) >= threshold_i"},
+            "policy": self._policy_manifest(),
             "expected": {
                 "val": _headline(self.metrics["val"]),
                 "test": _headline(self.metrics["test"]),
@@ -225,13 +303,35 @@ class EnableResult:
                         "forward_all": "list of every head's scaled logits, then the backbone's"},
         }
 
+    def _policy_manifest(self) -> dict:
+        pol = self.extra.get("policy") or {}
+        out = {"tolerance_percent": self.config.tolerance, "scheme": self.config.scheme,
+               "basis": self.config.basis, "signal": self.config.signal,
+               "name": pol.get("policy", self.config.policy), "delta": self.config.delta,
+               "risk": pol.get("risk", self.config.risk)}
+        if pol.get("rules") and any(r != "ConfidenceRule" for r in pol["rules"]):
+            out["rule"] = ("exit i answers when rule_i(head_i(x) / temperature_i, earlier exits' scaled logits, "
+                           "activation) >= threshold_i; rules are TorchScript modules inside model.pt")
+            out["rules"] = pol["rules"]
+        else:
+            out["rule"] = "exit i answers when exit_score(head_i(x) / temperature_i) >= threshold_i"
+        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length"):
+            if key in pol:
+                out[key] = pol[key]
+        return out
+
     def summary_rows(self) -> list[tuple[str, str]]:
         m = self.metrics["test"]
+        pol = self.extra.get("policy") or {}
         rows = [
             ("exit points (candidates)", ", ".join(p.name for p in self.points)),
             ("kept exits", ", ".join(self.kept) or "none (no exit pays off)"),
-            ("test samples", str(m["n"])),
+            ("exit policy", f"{pol.get('policy', self.config.policy)} (risk: {pol.get('risk', self.config.risk)}, "
+                            f"delta {self.config.delta})"),
         ]
+        if pol.get("statement"):
+            rows.append(("guarantee", pol["statement"]))
+        rows.append(("test samples", str(m["n"])))
         if m.get("backbone_accuracy") is not None:
             rows += [
                 ("backbone accuracy", f"{100 * m['backbone_accuracy']:.2f} %"),
@@ -266,8 +366,13 @@ def _headline(m: dict) -> dict:
 
 
 def split_metrics(preds: ExitPredictions, subset: SubsetResult, temperatures: Mapping[str, float],
-                  heads: Mapping[str, TrainedHead], base_flops: float, signal: str) -> dict:
-    """Accuracy, agreement, exit rates and expected FLOPs of the kept exits on one split."""
+                  heads: Mapping[str, TrainedHead], base_flops: float, signal: str,
+                  scores: np.ndarray | None = None) -> dict:
+    """Accuracy, agreement, exit rates and expected FLOPs of the kept exits on one split.
+
+    ``scores`` ([kept exits, n]): the exit policy's scores (default: ``signal`` confidence of the
+    temperature-scaled logits).
+    """
     names = subset.names
     sub = preds.subset(names) if names else None
     n = preds.n
@@ -275,7 +380,8 @@ def split_metrics(preds: ExitPredictions, subset: SubsetResult, temperatures: Ma
     c1 = np.array([heads[x].flops for x in names], dtype=float)
     before = np.array([heads[x].point.flops_before for x in names], dtype=float)
     if sub is not None:
-        scores = sub.scores([temperatures[x] for x in names], signal).numpy()
+        if scores is None:
+            scores = sub.scores([temperatures[x] for x in names], signal).numpy()
         out = simulate_exits(scores, sub.pred().numpy(), bpred, subset.thresholds.thresholds, c1, before, base_flops)
     else:
         out = simulate_exits(np.zeros((0, n)), np.zeros((0, n), dtype=int), bpred, [], c1, before, base_flops)
@@ -353,21 +459,40 @@ def assemble(
     heads: dict[str, TrainedHead],
     subset: SubsetResult | None = None,
     timings: dict | None = None,
+    *,
+    predictions: Mapping[str, ExitPredictions] | None = None,
+    stats: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> EnableResult:
-    """Calibrate, choose the subset (unless given), build the model and measure it on val and test."""
+    """Calibrate, choose the exits and thresholds with ``config.policy`` (unless ``subset`` is given: then
+    its thresholds and the ``signal`` confidence are used as they are), build the model, measure it on val
+    and test.
+
+    ``predictions`` (split -> ExitPredictions) and ``stats`` (split -> per-exit activation statistics)
+    may be passed to skip reading the recorded activations again.
+    """
     t0 = time.perf_counter()
-    val = predictions_for(rec, heads, "val")
-    test = predictions_for(rec, heads, "test")
+    preds = dict(predictions or {})
+    val = preds.get("val") or predictions_for(rec, heads, "val")
+    test = preds.get("test") or predictions_for(rec, heads, "test")
     temps = dict(zip(val.names, calibrate_temperatures(val).tolist()))
     base = float(tb.total_flops)
-    if subset is None:
-        scores = val.scores([temps[n] for n in val.names], config.signal).numpy()
+    fitted: FittedPolicy | None = None
+    scores: dict[str, np.ndarray | None] = {"val": None, "test": None}
+    cascade = any(_is_cascade(h.module) for h in heads.values())
+    if subset is None and config.policy != "paper003":
+        preds.update(val=val, test=test)
+        fitted, tables = fit_policy(config, rec, heads, temps, base, preds, stats, fixed_chain=cascade)
+        subset = _subset_from_policy(fitted, tables["val"], heads, base)
+        scores = {"val": fitted.scores(tables["val"]), "test": fitted.scores(tables["test"])}
+    elif subset is None:
+        scores_val = val.scores([temps[n] for n in val.names], config.signal).numpy()
         c1 = np.array([heads[n].flops for n in val.names], dtype=float)
         c2 = np.array([heads[n].point.flops_after for n in val.names], dtype=float)
-        subset = best_subset(scores, val.agree().numpy(), c1, c2, config.tolerance, config.scheme, config.basis,
-                             val.names, base, config.exhaustive_limit, size=None)
+        subset = best_subset(scores_val, val.agree().numpy(), c1, c2, config.tolerance, config.scheme,
+                             config.basis, val.names, base, config.exhaustive_limit,
+                             size=len(val.names) if cascade else None)  # a cascade keeps its chain
         if config.max_exits is not None and len(subset.names) > config.max_exits:
-            subset = best_subset(scores, val.agree().numpy(), c1, c2, config.tolerance, config.scheme,
+            subset = best_subset(scores_val, val.agree().numpy(), c1, c2, config.tolerance, config.scheme,
                                  config.basis, val.names, base, config.exhaustive_limit, size=config.max_exits)
     kept_points = [heads[n].point for n in subset.names]
     stages = tb.split([p.node for p in kept_points])
@@ -379,14 +504,91 @@ def assemble(
         subset.names,
         tb.num_classes,
         config.signal,
+        rules=fitted.rules if fitted is not None else None,
+        cascade=[_is_cascade(heads[n].module) for n in subset.names],
     ).eval()
     metrics = {
-        "val": split_metrics(val, subset, temps, heads, base, config.signal),
-        "test": split_metrics(test, subset, temps, heads, base, config.signal),
+        "val": split_metrics(val, subset, temps, heads, base, config.signal, scores=scores["val"]),
+        "test": split_metrics(test, subset, temps, heads, base, config.signal, scores=scores["test"]),
     }
     timings = dict(timings or {})
     timings["calibrate_and_select_s"] = time.perf_counter() - t0
-    return EnableResult(config, tb, points, rec, heads, temps, val, test, subset, model, metrics, timings)
+    result = EnableResult(config, tb, points, rec, heads, temps, val, test, subset, model, metrics, timings)
+    if fitted is not None:
+        result.extra["policy"] = fitted.to_dict()
+        result.extra.setdefault("report_sections", []).append(("Exit policy and guarantee", _policy_html(fitted)))
+    else:
+        result.extra["policy"] = {"policy": "paper003" if config.policy == "paper003" else "given subset",
+                                  "risk": "disagreement", "statement": "no guarantee: thresholds estimated on the "
+                                  f"{val.n} val samples by the T/2^n rule; the budget may be exceeded on new data"}
+    return result
+
+
+def split_stats(rec: Recording, names: Sequence[str], split: str) -> list[torch.Tensor]:
+    """Per exit point, the [n, 2] activation mean / std of a split (what gate rules read)."""
+    return [stats_from_activations(rec.activations(n, split)) for n in names]
+
+
+def _needs_stats(config: EnableConfig) -> bool:
+    return config.policy == "gate" and bool(dict(config.policy_options).get("act_stats", True))
+
+
+def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, TrainedHead], temperatures: Mapping[str, float],
+               base_flops: float, predictions: Mapping[str, ExitPredictions] | None = None,
+               stats: Mapping[str, Sequence[torch.Tensor]] | None = None, fixed_chain: bool = False
+               ) -> tuple[FittedPolicy, dict[str, ExitTable]]:
+    """Fit ``config.policy`` on the ``fit_split`` (exit set, gates, threshold family) and certify it on val.
+
+    Returns the fitted policy and the ExitTables of train/val/test it used.
+    """
+    preds = dict(predictions or {})
+    names = [p.name for p in rec.points if p.name in heads]
+    stats = dict(stats or {})
+    tables: dict[str, ExitTable] = {}
+    for split in dict.fromkeys([config.fit_split, "val", "test"]):
+        p = preds.get(split) or predictions_for(rec, heads, split)
+        if list(p.names) != names:
+            p = p.subset(names)
+        st = stats.get(split)
+        if st is None and _needs_stats(config):
+            st = split_stats(rec, names, split)
+        tables[split] = ExitTable.from_predictions(p, [temperatures[n] for n in names], st)
+    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names], base_flops)
+    ctx = PolicyContext(tables[config.fit_split], tables["val"], costs, config.tolerance, config.delta,
+                        config.risk, config.max_exits, config.seed, config.scheme
+                        if isinstance(config.scheme, str) else "halving", config.basis, config.signal,
+                        config.exhaustive_limit, fixed_chain=fixed_chain)
+    return make_policy(config.policy, **dict(config.policy_options)).fit(ctx), tables
+
+
+def _subset_from_policy(fitted: FittedPolicy, val: ExitTable, heads: Mapping[str, TrainedHead],
+                        base: float) -> SubsetResult:
+    """A SubsetResult (what the rest of autoexit reads) describing the fitted policy on val."""
+    from .calibrate import ThresholdResult
+
+    k, n = len(fitted.chain), val.n
+    pos = fitted.exit_positions(val) if k else np.full(n, 0)
+    pred = val.pred(fitted.chain)
+    bpred = val.bpred
+    reached = np.array([int((pos >= j).sum()) for j in range(k)], dtype=int)
+    hits = np.array([int((pos == j).sum()) for j in range(k)], dtype=int)
+    wrong = np.array([int(((pos == j) & (pred[j] != bpred)).sum()) for j in range(k)], dtype=int)
+    thr = ThresholdResult(list(fitted.names), np.asarray(fitted.thresholds, dtype=float), wrong / max(n, 1),
+                          reached, hits, wrong, n, "total")
+    cost = np.r_[[heads[x].point.flops_before for x in fitted.names], base]
+    spent = np.cumsum([heads[x].flops for x in fitted.names]) if k else np.zeros(0)
+    cost = cost + np.r_[spent, spent[-1] if k else 0.0]
+    saved = float((base - cost[pos]).sum()) if k else 0.0
+    return SubsetResult(list(fitted.names), list(fitted.chain), thr, saved, n, base)
+
+
+def _policy_html(fitted: FittedPolicy) -> str:
+    import html
+
+    d = fitted.to_dict()
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in d.items() if k not in ("thresholds",))
+    return f"<p>{html.escape(fitted.statement())}</p><table>{rows}</table>"
 
 
 def enable(
@@ -418,6 +620,15 @@ def enable(
     t0 = time.perf_counter()
     heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress)
     timings["train_heads_s"] = time.perf_counter() - t0
-    return assemble(config, tb, points, rec, heads, timings=timings)
+    result = assemble(config, tb, points, rec, heads, timings=timings)
+    if config.cascade_heads and result.kept:
+        from .distill import train_cascade_heads
+
+        t0 = time.perf_counter()
+        chained = train_cascade_heads(rec, heads, result.kept, config.train, num_prev=config.cascade_heads,
+                                      progress=progress)
+        timings["train_cascade_heads_s"] = time.perf_counter() - t0
+        result = assemble(config, tb, points, rec, chained, timings=timings)
+    return result
 
 

@@ -1,0 +1,392 @@
+"""Exit policies: which exits to keep, what score decides an exit, and thresholds with a guaranteed budget.
+
+A policy is chosen by name (``EnableConfig.policy``, ``--policy``) from a
+registry; new ones register with ``@register_policy("name")``.
+
+=============  ============================================================  ==========
+name           exit score                                                    guarantee
+=============  ============================================================  ==========
+``gate``       learned gate per exit (own logits, 2 previous exits' logits,  yes
+               activation mean/std), trained label-free on fit data
+``patience``   previous exits predicting the same class, then max softmax    yes
+``max_softmax`` / ``margin`` / ``entropy``  temperature-scaled confidence    yes
+``paper003``   max softmax, thresholds by T/2^n on val, subset by K(S)       no
+=============  ============================================================  ==========
+
+Every guaranteed policy runs the same three steps (``RiskControlledPolicy``):
+
+1. on *fit* data (the train split by default; never the calibration data):
+   choose the exit set by expected FLOPs at the risk calibration can certify
+   (:func:`~autoexit.policies.cascade.select_chain`), train the rules that need
+   training (gates) and build the ordered family of threshold vectors
+   (:func:`~autoexit.policies.cascade.greedy_path`);
+2. on *calibration* data (the val split): Learn-then-Test with fixed-sequence
+   testing along the family (:func:`~autoexit.policies.cascade.certify`);
+3. the result: with probability >= 1 - delta over the calibration draw, the
+   risk of the deployed cascade on new data from the same distribution is
+   <= the tolerance. ``risk="disagreement"`` (label-free, default) bounds the
+   accuracy drop from above; ``risk="harm"`` / ``risk="drop"`` need labels on
+   the calibration data and bound / control the accuracy drop itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..calibrate import SIGNALS, check_tolerance
+from ..errors import AutoExitError
+from .cascade import (
+    RISK_TEXT,
+    RISKS,
+    ExitCosts,
+    ExitTable,
+    certify,
+    chain_costs,
+    chain_scores,
+    greedy_path,
+    loss_matrix,
+    select_chain,
+    simulate,
+    target_risk,
+)
+from .gate import GateConfig, train_gate
+from .risk import RiskControlResult, fixed_sequence
+from .rules import ConfidenceRule, ExitRule, GateRule, PatienceRule
+
+__all__ = [
+    "POLICIES",
+    "DEFAULT_POLICY",
+    "register_policy",
+    "make_policy",
+    "PolicyContext",
+    "FittedPolicy",
+    "ExitPolicy",
+    "RiskControlledPolicy",
+    "ConfidencePolicy",
+    "PatiencePolicy",
+    "GatePolicy",
+    "Paper003Policy",
+    "ExitTable",
+    "ExitCosts",
+    "GateConfig",
+    "RiskControlResult",
+    "ExitRule",
+    "ConfidenceRule",
+    "PatienceRule",
+    "GateRule",
+    "fixed_sequence",
+    "evaluate_thresholds",
+    "RISKS",
+]
+
+POLICIES: dict[str, Callable[..., ExitPolicy]] = {}
+DEFAULT_POLICY = "max_softmax"
+
+
+def register_policy(name: str):
+    """Register a policy factory ``cls(**options) -> ExitPolicy`` under ``name``."""
+
+    def deco(factory):
+        POLICIES[name] = factory
+        return factory
+
+    return deco
+
+
+def make_policy(name: str, **options) -> ExitPolicy:
+    if name not in POLICIES:
+        raise AutoExitError(f"unknown exit policy {name!r}; use one of: {', '.join(POLICIES)}")
+    try:
+        return POLICIES[name](**options)
+    except TypeError as exc:
+        raise AutoExitError(f"bad options for policy {name!r}: {exc}") from None
+
+
+@dataclass
+class PolicyContext:
+    """What a policy sees. ``fit``: data for choosing exits, training gates and building the family;
+    ``cal``: calibration data (the guarantee rests on it; nothing else may have used it)."""
+
+    fit: ExitTable
+    cal: ExitTable
+    costs: ExitCosts
+    tolerance: float  # percent
+    delta: float = 0.1
+    risk: str = "disagreement"
+    max_exits: int | None = None
+    seed: int = 0
+    # paper-003 baseline settings
+    scheme: str = "halving"
+    basis: str = "total"
+    signal: str = "max_softmax"
+    exhaustive_limit: int = 16
+    fixed_chain: bool = False  # keep every exit (cascade heads are trained along their chain)
+
+    def __post_init__(self):
+        check_tolerance(self.tolerance)
+        if not 0 < self.delta < 1:
+            raise AutoExitError(f"delta must be in (0, 1) (probability the budget may break), got {self.delta}")
+        if self.risk not in RISKS:
+            raise AutoExitError(f"unknown risk {self.risk!r}; use one of: {', '.join(RISKS)}")
+        if self.fit.names != self.cal.names:
+            raise AutoExitError("fit and calibration tables must list the same exits in the same order")
+
+    @property
+    def alpha(self) -> float:
+        return self.tolerance / 100.0
+
+
+@dataclass
+class FittedPolicy:
+    """A fitted policy: kept exits (chain of candidate indices), one rule and threshold per kept exit."""
+
+    policy: str
+    names: list[str]
+    chain: list[int]
+    rules: list[nn.Module]
+    thresholds: np.ndarray
+    risk: str
+    guarantee: RiskControlResult | None = None
+    info: dict = field(default_factory=dict)
+    family: np.ndarray | None = None  # [M, k] the ordered threshold family the guarantee was tested along
+    delta: float = 0.1
+    alpha: float | None = None
+
+    def recertify(self, cal: ExitTable, alpha: float | None = None, delta: float | None = None,
+                  seed: int = 0) -> FittedPolicy:
+        """Run the calibration step again on other calibration data (same exits, rules and family)."""
+        if self.family is None:
+            raise AutoExitError(f"policy {self.policy!r} has no threshold family to recalibrate")
+        a = self.alpha if alpha is None else alpha
+        d = self.delta if delta is None else delta
+        res, _ = certify(self.scores(cal), loss_matrix(cal, self.chain, self.risk), self.family, a, d,
+                         self.risk, seed)
+        return FittedPolicy(self.policy, self.names, self.chain, self.rules, self.family[max(res.index, 0)],
+                            self.risk, res, {**self.info, "cal_n": cal.n}, self.family, d, a)
+
+    def scores(self, table: ExitTable) -> np.ndarray:
+        """[kept exits, n] scores of every sample of ``table`` (as the scripted model computes them)."""
+        return chain_scores(self.rules, self.chain, table)
+
+    def exit_positions(self, table: ExitTable) -> np.ndarray:
+        """Exit of every sample (position in the kept chain; ``len(chain)`` = the backbone)."""
+        return simulate(self.scores(table), self.thresholds)
+
+    def evaluate(self, table: ExitTable, costs: ExitCosts, scores: np.ndarray | None = None) -> dict:
+        """What the deployed cascade does on ``table``: FLOPs saving, disagreement, accuracy drop (if labels)."""
+        return evaluate_thresholds(self.chain, self.scores(table) if scores is None else scores, self.thresholds,
+                                   table, costs)
+
+    def statement(self) -> str:
+        if self.guarantee is None:
+            return (f"no guarantee: thresholds estimated on the calibration split ({self.policy}); the budget "
+                    "may be exceeded on new data")
+        g = self.guarantee
+        if not g.certified:
+            return (f"nothing could be certified at {100 * g.alpha:.3g} % with {g.n} calibration samples "
+                    f"(delta {g.delta}): no early exit is taken; give more data or a larger tolerance")
+        return g.statement(RISK_TEXT[self.risk])
+
+    def to_dict(self) -> dict:
+        d = {"policy": self.policy, "names": self.names, "thresholds": [float(t) for t in self.thresholds],
+             "risk": self.risk, "statement": self.statement(),
+             "rules": [type(r).__name__ for r in self.rules], **{k: v for k, v in self.info.items()}}
+        if self.guarantee is not None:
+            d["guarantee"] = self.guarantee.to_dict()
+        return d
+
+
+def evaluate_thresholds(chain: Sequence[int], scores: np.ndarray, thresholds: np.ndarray, table: ExitTable,
+                        costs: ExitCosts) -> dict:
+    """FLOPs saving, disagreement with the backbone, accuracy drop (when labelled) and exit rates."""
+    k, n = len(chain), table.n
+    pos = simulate(scores, thresholds) if k else np.zeros(n, dtype=np.int64)
+    pred = np.vstack([table.pred(chain), table.bpred[None, :]])[pos, np.arange(n)]
+    flops = chain_costs(costs, chain)[pos]
+    out = {"n": n, "saving": float(1 - flops.mean() / costs.base), "flops": float(flops.mean()),
+           "disagreement": float((pred != table.bpred).mean()),
+           "exit_rates": np.bincount(pos, minlength=k + 1).astype(float) / max(n, 1)}
+    if table.labels is not None:
+        y = table.labels.numpy()
+        out["drop"] = float((table.bpred == y).mean() - (pred == y).mean())
+    return out
+
+
+class ExitPolicy:
+    """Base class: ``fit(context) -> FittedPolicy``."""
+
+    name = "policy"
+    guaranteed = True
+
+    def fit(self, ctx: PolicyContext) -> FittedPolicy:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class RiskControlledPolicy(ExitPolicy):
+    """Exit set + ordered family on fit data, Learn-then-Test on calibration data (see the package doc).
+
+    Subclasses provide ``rules_for(chain, fit, final) -> list of rules`` (``final=False``: cheap rules
+    used while comparing exit sets).
+    """
+
+    search_chunk_divisor = 100  # coarse family while comparing exit sets: n_fit / 100 samples per step
+    path_chunk_divisor = 400
+
+    def rules_for(self, chain: Sequence[int], fit: ExitTable, final: bool) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def fit_losses(self, ctx: PolicyContext, chain: Sequence[int]) -> np.ndarray:
+        risk = ctx.risk if (ctx.risk == "disagreement" or ctx.fit.labels is not None) else "disagreement"
+        return loss_matrix(ctx.fit, chain, risk)
+
+    def fit(self, ctx: PolicyContext) -> FittedPolicy:
+        if ctx.risk != "disagreement" and ctx.cal.labels is None:
+            raise AutoExitError(f"risk {ctx.risk!r} needs labels on the calibration split; give labelled data "
+                                "or use risk='disagreement' (label-free)")
+        alpha, n_fit = ctx.alpha, ctx.fit.n
+        r_star = target_risk(alpha, ctx.cal.n, ctx.delta, ctx.risk)
+        max_risk = max(4 * alpha, alpha + 0.02)
+
+        solo: dict[int, np.ndarray] = {}  # scores of rules that read no earlier exit depend on the exit only
+
+        def scores_of(chain: list[int]) -> np.ndarray:
+            rules = self.rules_for(chain, ctx.fit, final=False)
+            if any(int(getattr(r, "history", 0)) for r in rules):
+                return chain_scores(rules, chain, ctx.fit)
+            for r, e in zip(rules, chain):
+                if e not in solo:
+                    solo[e] = chain_scores([r], [e], ctx.fit)[0]
+            return np.stack([solo[e] for e in chain])
+
+        def evaluate(chain: list[int]) -> float:
+            if not chain:
+                return ctx.costs.base
+            s = scores_of(chain)
+            path = greedy_path(s, self.fit_losses(ctx, chain), chain_costs(ctx.costs, chain),
+                               chunk=max(1, n_fit // self.search_chunk_divisor), max_risk=2 * r_star + 1e-9)
+            return path.flops_at(r_star)
+
+        cand = list(range(len(ctx.fit.names)))
+        if ctx.fixed_chain:
+            chain, trace = cand, []
+            fit_flops = evaluate(chain)
+        else:
+            chain, fit_flops, trace = select_chain(cand, evaluate, ctx.max_exits)
+        rules = self.rules_for(chain, ctx.fit, final=True)
+        s_fit = chain_scores(rules, chain, ctx.fit)
+        path = greedy_path(s_fit, self.fit_losses(ctx, chain), chain_costs(ctx.costs, chain),
+                           chunk=max(1, n_fit // self.path_chunk_divisor), max_risk=max_risk)
+        s_cal = chain_scores(rules, chain, ctx.cal)
+        res, _ = certify(s_cal, loss_matrix(ctx.cal, chain, ctx.risk), path.thresholds, alpha, ctx.delta,
+                         ctx.risk, ctx.seed)
+        thr = path.thresholds[max(res.index, 0)]
+        info = {"fit_n": n_fit, "cal_n": ctx.cal.n, "target_fit_risk": r_star, "path_length": len(path.fit_risk),
+                "fit_flops_at_target": fit_flops, "subsets_scored": len(trace), "delta": ctx.delta,
+                "tolerance_percent": ctx.tolerance}
+        return FittedPolicy(self.name, [ctx.fit.names[i] for i in chain], chain, rules, thr, ctx.risk, res, info,
+                            path.thresholds, ctx.delta, alpha)
+
+
+@register_policy("max_softmax")
+class ConfidencePolicy(RiskControlledPolicy):
+    """Temperature-scaled confidence (``signal``: max_softmax, margin or entropy) with a guaranteed budget."""
+
+    def __init__(self, signal: str = "max_softmax"):
+        if signal not in SIGNALS:
+            raise AutoExitError(f"unknown exit signal {signal!r}; use one of: {', '.join(SIGNALS)}")
+        self.signal = signal
+        self.name = signal
+
+    def rules_for(self, chain, fit, final):
+        return [ConfidenceRule(SIGNALS[self.signal]) for _ in chain]
+
+
+register_policy("margin")(lambda **kw: ConfidencePolicy("margin", **kw))
+register_policy("entropy")(lambda **kw: ConfidencePolicy("entropy", **kw))
+
+
+@register_policy("patience")
+class PatiencePolicy(RiskControlledPolicy):
+    """Agreement of consecutive exits (``history`` previous ones), confidence as tie-break."""
+
+    name = "patience"
+
+    def __init__(self, history: int = 2, signal: str = "max_softmax"):
+        if signal not in SIGNALS:
+            raise AutoExitError(f"unknown exit signal {signal!r}; use one of: {', '.join(SIGNALS)}")
+        if history < 1:
+            raise AutoExitError(f"patience history must be >= 1, got {history}")
+        self.history, self.signal = int(history), signal
+
+    def rules_for(self, chain, fit, final):
+        return [PatienceRule(self.history, SIGNALS[self.signal]) for _ in chain]
+
+
+@register_policy("gate")
+class GatePolicy(RiskControlledPolicy):
+    """Learned label-free exit gates (:class:`~autoexit.policies.rules.GateRule`).
+
+    While exit sets are compared, each candidate exit has a gate that reads only its own head
+    (trained once); the kept chain then gets gates that also read the previous ``history`` exits.
+    """
+
+    name = "gate"
+
+    def __init__(self, hidden: int = 16, history: int = 2, onehot: bool = True, act_stats: bool = True,
+                 steps: int = 100, lr: float = 1.0, weight_decay: float = 1e-2, seed: int = 0):
+        self.config = GateConfig(hidden, history, onehot, act_stats, steps, lr, weight_decay, seed)
+        self._solo: dict[int, GateRule] = {}
+
+    def _train(self, fit: ExitTable, e: int, prev: list[int], history: int) -> GateRule:
+        cfg = GateConfig(**{**self.config.to_dict(), "history": history})
+        stats = fit.stats[e] if fit.stats is not None else None
+        if cfg.act_stats and stats is None:
+            cfg = GateConfig(**{**cfg.to_dict(), "act_stats": False})
+        return train_gate(fit.z[e], [fit.z[i] for i in prev], stats, fit.backbone_logits, cfg)
+
+    def rules_for(self, chain, fit, final):
+        if not final:
+            out = []
+            for e in chain:
+                if e not in self._solo:
+                    self._solo[e] = self._train(fit, e, [], 0)
+                out.append(self._solo[e])
+            return out
+        h = self.config.history
+        return [self._train(fit, e, list(chain[max(0, j - h) : j]), h) for j, e in enumerate(chain)]
+
+    def fit(self, ctx: PolicyContext) -> FittedPolicy:
+        self._solo = {}
+        return super().fit(ctx)
+
+
+@register_policy("paper003")
+class Paper003Policy(ExitPolicy):
+    """The paper-003 baseline: max-softmax (or ``signal``), T/2^n thresholds on the calibration split,
+    exit subset by K(S). No statistical guarantee."""
+
+    name = "paper003"
+    guaranteed = False
+
+    def fit(self, ctx: PolicyContext) -> FittedPolicy:
+        from ..subset import best_subset
+
+        cal = ctx.cal
+        sid = SIGNALS[ctx.signal]
+        scores = np.stack([ConfidenceRule(sid)(z, [], torch.zeros(1)).double().numpy() for z in cal.z])
+        agree = cal.pred(list(range(len(cal.names)))) == cal.bpred[None, :]
+        c2 = ctx.costs.base - ctx.costs.before
+        sub = best_subset(scores, agree, ctx.costs.c1, c2, ctx.tolerance, ctx.scheme, ctx.basis, cal.names,
+                          ctx.costs.base, ctx.exhaustive_limit)
+        if ctx.max_exits is not None and len(sub.names) > ctx.max_exits:
+            sub = best_subset(scores, agree, ctx.costs.c1, c2, ctx.tolerance, ctx.scheme, ctx.basis, cal.names,
+                              ctx.costs.base, ctx.exhaustive_limit, size=ctx.max_exits)
+        rules = [ConfidenceRule(sid) for _ in sub.indices]
+        return FittedPolicy(self.name, list(sub.names), list(sub.indices), rules,
+                            np.asarray(sub.thresholds.thresholds, dtype=float), "disagreement", None,
+                            {"cal_n": cal.n, "k_score": sub.k, "scheme": ctx.scheme, "signal": ctx.signal})

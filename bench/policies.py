@@ -1,0 +1,379 @@
+"""Exit policies on the CIFAR-10 fixture (issue 8): FLOPs saving, real accuracy drop, share of the
+oracle and budget violations over random re-splits, for every policy against the paper-003 baseline.
+
+Setup: akamaster ResNet-20 / ResNet-56 on the CIFAR-10 JPEG test set (10,000 images), exits after
+every residual block (``EnableConfig(granularity=2)``), default heads (separable conv > BN > ReLU >
+GAP > FC128 > FC, KL-distilled, label-free), split 50/20/30 (train / val / test, seed 0).
+
+- ``paper003``: T/2^n thresholds + max softmax + K(S) subset, chosen on val (no guarantee).
+- ``max_softmax`` / ``margin`` / ``entropy`` / ``patience`` / ``gate``: exit set, gates and the
+  threshold family fitted on train; Learn-then-Test on val (delta = 0.1); label-free risk
+  (disagreement with the backbone, an upper bound of the drop).
+- ``max_softmax+drop`` / ``gate+drop``: the same policies with the labelled risk (the accuracy drop
+  itself, Waudby-Smith--Ramdas p-values): needs labels on the calibration split.
+- ``gate+cascade``: gate policy, then the kept heads retrained to read the previous exit's logits.
+
+Violations: val and test (5,000 samples) are pooled and re-split at random into 2,000 calibration
+and 3,000 test samples ``--resplits`` times (default 100); every guaranteed policy keeps its exits,
+rules and family (fitted on train) and is recalibrated on each calibration draw; paper003 is re-run
+on each draw. A violation is a test accuracy drop above the tolerance.
+
+Latency (last, noisy: the machine is shared): batch-1 and batch-32 CPU time per sample of the
+TorchScript early-exit model vs the backbone, ``autoexit.cost.compare_latency``.
+
+Run: ``python bench/policies.py`` (``--depths 20``, ``--resplits 50``, ``--no-latency``).
+Results: ``bench/results/policies.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    cifar10_data,
+    cifar_resnet,
+    print_table,
+    require_fixtures,
+    write_results,
+)
+
+TOLERANCES = (0.5, 1.0, 2.0)
+VARIANTS = [  # (label, policy, risk, options)
+    ("paper003", "paper003", "disagreement", {}),
+    ("max_softmax", "max_softmax", "disagreement", {}),
+    ("margin", "margin", "disagreement", {}),
+    ("entropy", "entropy", "disagreement", {}),
+    ("patience", "patience", "disagreement", {}),
+    ("gate", "gate", "disagreement", {}),
+    ("max_softmax+drop", "max_softmax", "drop", {}),
+    ("gate+drop", "gate", "drop", {}),
+]
+
+
+def _cache_root() -> Path:
+    from autoexit.data import default_cache_dir
+
+    return default_cache_dir() / "bench-heads"
+
+
+def cached_heads(rec, specs: dict, train_cfg, cascade: bool = False, progress: bool = False) -> dict:
+    """Trained heads for ``rec``, cached as state_dicts keyed by recording path + specs + training config."""
+    from autoexit.distill import TrainedHead, train_heads
+    from autoexit.heads import build_head, default_head_spec
+
+    names = [p.name for p in rec.points]
+    spec_of = {n: specs.get(n) or default_head_spec(rec.point(n).shape, rec.num_classes) for n in names}
+    key_src = json.dumps({"rec": str(rec.path), "specs": {n: s.to_dict() for n, s in spec_of.items()},
+                          "train": asdict(train_cfg), "cascade": cascade}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    path = _cache_root() / f"{key}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        out = {}
+        for n in names:
+            meta = blob["meta"][n]
+            p = rec.point(n)
+            if cascade:
+                from autoexit.distill import build_cascade_head
+
+                mod = build_cascade_head(spec_of[n], p.shape, rec.num_classes, meta["num_prev"])
+            else:
+                mod = build_head(spec_of[n], p.shape, rec.num_classes)
+            mod.load_state_dict(blob["state"][n])
+            mod.eval()
+            out[n] = TrainedHead(point=p, spec=spec_of[n], module=mod, **{k: v for k, v in meta.items()
+                                                                           if k != "num_prev"})
+        return out
+    t0 = time.perf_counter()
+    if cascade:
+        from autoexit.distill import train_cascade_heads
+
+        heads = train_cascade_heads(rec, spec_of, train_cfg, progress=progress)
+    else:
+        heads = train_heads(rec, spec_of, train_cfg, progress=progress)
+    print(f"trained {len(heads)} heads in {time.perf_counter() - t0:.0f} s", flush=True)
+    meta = {}
+    for n, h in heads.items():
+        meta[n] = {"flops": h.flops, "params": h.params, "param_bytes": h.param_bytes,
+                   "val_agreement": h.val_agreement, "val_kl": h.val_kl, "epochs": h.epochs,
+                   "seconds": h.seconds, "history": h.history}
+        if cascade:
+            meta[n]["num_prev"] = int(getattr(h.module, "num_prev", 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key_src, "meta": meta, "state": {n: h.module.state_dict() for n, h in heads.items()}}, tmp)
+    tmp.replace(path)
+    return heads
+
+
+def plain_heads(rec, progress: bool = False) -> dict:
+    """Default heads (paper-003 design, default TrainConfig) for every point of ``rec``, cached per head.
+
+    Uses the search package's per-head cache (shared with the other benchmarks) when it is there.
+    """
+    from autoexit.data import default_cache_dir
+    from autoexit.distill import TrainConfig
+
+    try:
+        from autoexit.search.pipeline import train_heads_cached
+    except ImportError:  # pragma: no cover - the search package is optional here
+        return cached_heads(rec, {}, TrainConfig(), progress=progress)
+    return train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=progress)
+
+
+def setup(depth: int, progress: bool = False):
+    """Backbone, exit points after every residual block, recording and trained heads (all cached)."""
+    from autoexit.pipeline import EnableConfig, prepare
+
+    cfg = EnableConfig(granularity=2)
+    tb, points, rec = prepare(cifar_resnet(depth).eval(), cifar10_data(), cfg, progress=progress)
+    heads = plain_heads(rec, progress=progress)
+    return cfg, tb, points, rec, heads
+
+
+
+
+def _heads_digest(heads: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(heads):
+        for k, v in heads[name].module.state_dict().items():
+            h.update(name.encode() + k.encode() + v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def split_data(rec, heads: dict) -> dict:
+    """Per split: ExitPredictions and per-exit activation statistics (cached on disk)."""
+    from autoexit.calibrate import ExitPredictions
+    from autoexit.pipeline import predictions_for, split_stats
+
+    key = hashlib.sha256(f"{rec.path}|{_heads_digest(heads)}|v1".encode()).hexdigest()[:20]
+    path = _cache_root().parent / "bench-tables" / f"{key}.pt"
+    names = [p.name for p in rec.points if p.name in heads]
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        blob = {}
+        for split in ("train", "val", "test"):
+            p = predictions_for(rec, heads, split)
+            blob[split] = {"logits": p.logits, "stats": torch.stack(split_stats(rec, names, split))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(blob, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    out = {}
+    for split, d in blob.items():
+        preds = ExitPredictions(names, d["logits"], rec.logits(split), rec.labels(split))
+        out[split] = (preds, list(d["stats"]))
+    return out
+
+
+def _pool(a, b):
+    from autoexit.policies import ExitTable
+
+    return ExitTable(a.names, [torch.cat([x, y]) for x, y in zip(a.z, b.z)],
+                     torch.cat([a.backbone_logits, b.backbone_logits]),
+                     torch.cat([a.labels, b.labels]) if a.labels is not None else None,
+                     [torch.cat([x, y]) for x, y in zip(a.stats, b.stats)] if a.stats is not None else None)
+
+
+def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
+    from autoexit.calibrate import calibrate_temperatures
+    from autoexit.distill import train_cascade_heads
+    from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
+    from autoexit.subset import oracle_flops
+
+    t_setup = time.perf_counter()
+    cfg, tb, points, rec, heads = setup(depth)
+    data = split_data(rec, heads)
+    names = [p.name for p in rec.points if p.name in heads]
+    val = data["val"][0]
+    temps = calibrate_temperatures(val)
+    tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
+    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
+                      float(tb.total_flops))
+    log(f"resnet{depth}: {len(names)} candidate exits, setup {time.perf_counter() - t_setup:.0f} s")
+    train_agree = (data["train"][0].agree().float().mean(1)).tolist()
+    val_agree = (val.agree().float().mean(1)).tolist()
+    test = tables["test"]
+    oracle = {}
+    for s in ("val", "test"):
+        ag = data[s][0].agree().numpy()
+        oracle[s] = float(1 - oracle_flops(ag, costs.c1, costs.before, costs.base).mean() / costs.base)
+    y_test = test.labels.numpy()
+    backbone_acc = float((test.bpred == y_test).mean())
+
+    pool = _pool(tables["val"], tables["test"])
+    n_val = tables["val"].n
+    rng = np.random.default_rng(12345)
+    splits = [rng.permutation(pool.n) for _ in range(resplits)]
+
+    rows, fitted_all = [], {}
+    for tol in TOLERANCES:
+        for label, policy, risk, opts in VARIANTS:
+            t0 = time.perf_counter()
+            ctx = PolicyContext(tables["train"], tables["val"], costs, tol, 0.1, risk)
+            fp = make_policy(policy, **opts).fit(ctx)
+            fit_s = time.perf_counter() - t0
+            m = fp.evaluate(test, costs)
+            fitted_all[(tol, label)] = fp
+            # re-splits
+            s_pool = fp.scores(pool) if fp.chain else np.zeros((0, pool.n))
+            viol_drop = viol_dis = 0
+            savings, drops = [], []
+            for perm in splits:
+                cal_idx, test_idx = perm[:n_val], perm[n_val:]
+                cal_t, test_t = pool.subset_rows(cal_idx), pool.subset_rows(test_idx)
+                if policy == "paper003":
+                    pctx = PolicyContext(cal_t, cal_t, costs, tol, 0.1, "disagreement")
+                    fr = make_policy("paper003").fit(pctx)
+                    mr = fr.evaluate(test_t, costs)
+                else:
+                    fr = fp.recertify(cal_t)
+                    mr = fr.evaluate(test_t, costs, scores=s_pool[:, test_idx])
+                savings.append(mr["saving"])
+                drops.append(mr["drop"])
+                viol_drop += mr["drop"] > tol / 100
+                viol_dis += mr["disagreement"] > tol / 100
+            g = fp.guarantee
+            row = {
+                "model": f"resnet{depth}", "T %": tol, "policy": label, "exits": len(fp.chain),
+                "saving %": 100 * m["saving"], "drop %": 100 * m["drop"], "disagree %": 100 * m["disagreement"],
+                "oracle share": m["saving"] / oracle["test"] if oracle["test"] else None,
+                "viol(drop)": viol_drop / max(resplits, 1), "viol(disagree)": viol_dis / max(resplits, 1),
+                "resplit saving %": 100 * float(np.mean(savings)) if savings else None,
+                "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None,
+                "guaranteed": g is not None and g.certified,
+                "earlyon": None,
+                "fit s": fit_s,
+            }
+            rows.append(row)
+            log(f"  T={tol} {label:12s} exits={len(fp.chain):2d} saving={100 * m['saving']:5.1f}% "
+                f"drop={100 * m['drop']:5.2f}% dis={100 * m['disagreement']:5.2f}% "
+                f"viol={viol_drop}/{resplits} ({fit_s:.0f} s)")
+
+    cascade_rows = []
+    if cascade:
+        for tol in TOLERANCES:
+            base_fp = fitted_all[(tol, "gate")]
+            chain_names = base_fp.names
+            if not chain_names:
+                continue
+            chained = train_cascade_heads(rec, heads, chain_names, cfg.train, num_prev=1)
+            from autoexit.pipeline import predictions_for
+
+            ctab = {}
+            for s in ("train", "val", "test"):
+                p = predictions_for(rec, chained, s)
+                st = [data[s][1][names.index(n)] for n in chain_names]
+                ctab[s] = ExitTable.from_predictions(p, calibrate_temperatures(predictions_for(rec, chained, "val")),
+                                                     st)
+            ccosts = ExitCosts([chained[n].flops for n in chain_names],
+                               [chained[n].point.flops_before for n in chain_names], costs.base)
+            ctx = PolicyContext(ctab["train"], ctab["val"], ccosts, tol, 0.1, "disagreement", fixed_chain=True)
+            fp = make_policy("gate").fit(ctx)
+            m = fp.evaluate(ctab["test"], ccosts)
+            cpool = _pool(ctab["val"], ctab["test"])
+            s_pool = fp.scores(cpool)
+            viol = 0
+            for perm in splits:
+                fr = fp.recertify(cpool.subset_rows(perm[:n_val]))
+                mr = fr.evaluate(cpool.subset_rows(perm[n_val:]), ccosts, scores=s_pool[:, perm[n_val:]])
+                viol += mr["drop"] > tol / 100
+            same_chain = base_fp.evaluate(test, costs)
+            cascade_rows.append({"model": f"resnet{depth}", "T %": tol, "policy": "gate+cascade",
+                                 "exits": len(fp.chain), "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
+                                 "disagree %": 100 * m["disagreement"],
+                                 "oracle share": m["saving"] / oracle["test"],
+                                 "viol(drop)": viol / max(resplits, 1),
+                                 "gate saving % (same chain, plain heads)": 100 * same_chain["saving"]})
+            log(f"  T={tol} gate+cascade saving={100 * m['saving']:5.1f}% drop={100 * m['drop']:5.2f}% "
+                f"viol={viol}/{resplits}")
+
+    return {
+        "depth": depth, "candidates": names, "n": {s: tables[s].n for s in tables},
+        "oracle_saving": oracle, "backbone_test_accuracy": backbone_acc,
+        "agreement": {"train": train_agree, "val": val_agree},
+        "rows": rows, "cascade_rows": cascade_rows, "latency": None,
+        "kept": {f"{t}/{lbl}": fp.names for (t, lbl), fp in fitted_all.items()},
+        "guarantees": {f"{t}/{lbl}": fp.statement() for (t, lbl), fp in fitted_all.items()},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    ap.add_argument("--resplits", type=int, default=100)
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--no-cascade", action="store_true")
+    ap.add_argument("--out", default="policies")
+    ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
+    args = ap.parse_args(argv)
+    require_fixtures()
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    from bench.common import RESULTS
+
+    prior = RESULTS / f"{args.out}.json"
+    kept = []
+    if prior.exists() and args.merge:  # results of other depths from an earlier run
+        kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
+    results = []
+    for d in args.depths:
+        results.append(run_depth(d, args.resplits, not args.no_cascade, log))
+        write_results(args.out, {"args": vars(args), "results": kept + results, "partial": True,
+                                 "seconds": time.perf_counter() - t0})
+    if not args.no_latency:  # latency last: the machine is shared and timings are noisy
+        for r in results:
+            r["latency"] = run_depth_latency(r["depth"], log)
+    results = kept + results
+    cols = ["model", "T %", "policy", "exits", "saving %", "drop %", "disagree %", "oracle share", "viol(drop)",
+            "viol(disagree)", "resplit saving %", "guaranteed", "earlyon"]
+    for r in results:
+        print_table(r["rows"] + r["cascade_rows"], title=f"resnet{r['depth']}: oracle saving (test) "
+                    f"{100 * r['oracle_saving']['test']:.1f} %, backbone accuracy {100 * r['backbone_test_accuracy']:.2f} %",
+                    columns=cols)
+        if r.get("latency"):
+            for label, lat in r["latency"].items():
+                print(f"resnet{r['depth']} {label}: CPU latency ratio vs backbone {lat['ratio']}, "
+                      f"per-sample ms {lat['per_sample_ms']}")
+    write_results(args.out, {"args": vars(args), "results": results, "seconds": time.perf_counter() - t0})
+    return 0
+
+
+def run_depth_latency(depth: int, log) -> dict:
+    from autoexit.pipeline import EnableConfig, assemble
+
+    cfg, tb, points, rec, heads = setup(depth)
+    data = split_data(rec, heads)
+    preds = {s: data[s][0] for s in data}
+    stats = {s: data[s][1] for s in data}
+    out = {}
+    from autoexit.policies import DEFAULT_POLICY
+
+    for policy in dict.fromkeys((DEFAULT_POLICY, "gate", "paper003")):
+        ecfg = EnableConfig(granularity=2, tolerance=1.0, policy=policy)
+        res = assemble(ecfg, tb, points, rec, heads, predictions=preds, stats=stats)
+        res.measure_latency(batch_sizes=(1, 32), rounds=7)
+        out[policy] = {"kept": res.kept, "test_saving": res.metrics["test"]["saving"],
+                       "test_drop": res.metrics["test"]["accuracy_drop"], **res.latency}
+        log(f"resnet{depth} latency {policy}: ratio {res.latency['ratio']} "
+            f"(saving {100 * res.metrics['test']['saving']:.1f} %)")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -146,7 +146,7 @@ class OuterSpace:
     schemes: tuple[str, ...] = SCHEMES
     weights: tuple[float, float] = (0.05, 1.0)
     selection: tuple[str, ...] = SELECTIONS
-    exits: tuple[int, int] = (1, 8)
+    exits: tuple[int, int] = (1, 12)
     signals: tuple[str, ...] = tuple(SIGNALS)
     partition: Mapping | None = None
     name: str = "outer"

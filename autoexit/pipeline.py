@@ -299,6 +299,7 @@ class EnableResult:
                 "test": _headline(self.metrics["test"]),
             },
             "latency": self.latency,
+            "device_latency": self.extra.get("device_latency"),
             "outputs": {"forward": "(logits [N, C], exit_index [N]); exit_index == num_exits means the backbone",
                         "forward_all": "list of every head's scaled logits, then the backbone's"},
         }

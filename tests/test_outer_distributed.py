@@ -129,7 +129,9 @@ def _kill_and_resume(tmp_path, recorded_file, url):
             continue
         mine = [t for t in trials if t.user_attrs.get("worker") == a.pid]
         if sum(t.state == S.COMPLETE for t in mine) >= 2:
-            running = [t for t in mine if t.state == S.RUNNING]
+            # a running trial that has sampled its parameters: the worker marks the trial before sampling, so a
+            # trial seen RUNNING may still have none, and its retry would then sample afresh
+            running = [t for t in mine if t.state == S.RUNNING and t.params]
             if running:
                 os.kill(a.pid, signal.SIGKILL)
                 killed_trial = running[0].number

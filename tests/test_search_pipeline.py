@@ -144,3 +144,18 @@ def test_ci_preset_runs_end_to_end_from_the_cli(tmp_path, capsys):
     assert art.manifest["exits"] and (tmp_path / "run" / "optuna.db").is_file()
     assert len(optuna.load_study(study_name="digits-ci", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
                .trials) == d["outer"]["n_trials"]
+
+
+def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
+    """cost: latency profiles segments on the evaluator (local here), and the emitted configuration is then timed
+    end to end on it: the manifest holds prediction and measurement, and the real model's exits are the
+    simulated ones."""
+    cfg = _tiny(tmp_path, cost="latency", n_trials=6)
+    cfg["evaluator"] = {"local": True}
+    run = P.run_search(cfg, progress=False)
+    dl = autoexit.load(run.artifact).manifest["device_latency"]
+    assert dl["device"] and dl["samples"] > 0 and dl["measured_ms"] > 0 and dl["backbone_ms"] > 0
+    assert dl["predicted_ms"] > 0 and dl["relative_error"] == pytest.approx(
+        (dl["predicted_ms"] - dl["measured_ms"]) / dl["measured_ms"])
+    assert len(dl["exit_counts"]) == len(run.outer.chosen.kept) + 1
+    assert dl["exit_counts"] == dl["predicted_exit_counts"] and sum(dl["exit_counts"]) == dl["samples"]

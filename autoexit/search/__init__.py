@@ -37,6 +37,7 @@ _LAZY = {
     "evaluate_plan": "outer",
     "plan_from_params": "outer",
     "latency_costs": "outer",
+    "verify_end_to_end": "outer",
     # the whole run (autoexit.search.pipeline)
     "run_search": "pipeline",
     "run_outer": "pipeline",

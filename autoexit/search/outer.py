@@ -82,6 +82,7 @@ __all__ = [
     "pareto_mask",
     "load_space",
     "latency_costs",
+    "verify_end_to_end",
     "SEARCH_SPACES_DIR",
 ]
 
@@ -661,6 +662,51 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     info = ev.info()
     src = getattr(info, "name", None) or getattr(ev, "device_key", "device")
     return ExitCosts.from_segment_profile({k: v / batch_size for k, v in prof.items()}, names, source=str(src))
+
+
+def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, samples: int = 256,
+                      settings=None) -> dict:
+    """Time the chosen configuration end to end on the evaluator and set it beside the prediction.
+
+    ``result``: the applied plan (:meth:`OuterResult.apply`); ``recorded``: its recorded
+    predictions with the latency costs the search used. The TorchScript multi-exit model is
+    timed at batch 1 over the first ``samples`` test inputs (real early exits, so the exit
+    mix is the deployed one); the prediction is the segment profile x the exits those same
+    inputs take in the recorded predictions. The backbone is timed on the same device. The
+    record goes to ``result.extra["device_latency"]`` (the manifest's ``device_latency``).
+    """
+    from ..evaluator import LocalEvaluator
+    from ..model import to_torchscript
+
+    if recorded.latency is None or recorded.test is None:
+        raise AutoExitError("verifying the configuration end to end needs latency costs and a test split "
+                            "(build them with latency_costs(...) and Recorded.with_latency)")
+    if "outer_plan" not in result.extra:
+        raise AutoExitError("verify_end_to_end needs the result of OuterResult.apply(...) (it names the plan)")
+    ev = evaluator if evaluator is not None else LocalEvaluator()
+    plan = ExitPlan.from_dict(result.extra["outer_plan"])
+    x = result.recording.inputs("test")[: int(samples)]
+    n = int(len(x))
+    if n < 1:
+        raise AutoExitError("no test inputs to time the configuration on (the recording kept no inputs)")
+    idx = [recorded.names.index(k) for k in plan.kept]
+    sp, lat = recorded.test, recorded.latency
+    sim = simulate_exits(sp.scores[plan.signal][idx][:, :n], sp.pred[idx][:, :n], sp.backbone_pred[:n],
+                         np.asarray(plan.thresholds, dtype=np.float64), lat.c1[idx], lat.before[idx], lat.base)
+    scripted = to_torchscript(result.model, result.backbone.example_input)
+    m = ev.measure_end_to_end(scripted, x, batch_sizes=(1,), settings=settings).at(1)
+    bb = ev.measure(result.backbone.model.eval(), x[:1], batch_sizes=(1,), settings=settings).at(1)
+    counts = [0] * (len(idx) + 1)
+    for k, v in (m.exit_counts or {}).items():
+        counts[int(k)] = int(v)
+    predicted = float(sim.flops.mean())
+    out = {"device": str(ev.device_key), "batch_size": 1, "samples": n, "predicted_ms": predicted,
+           "measured_ms": float(m.median_ms), "relative_error": (predicted - float(m.median_ms)) / float(m.median_ms),
+           "backbone_ms": float(bb.median_ms), "ratio_to_backbone": float(m.median_ms) / float(bb.median_ms),
+           "exit_counts": counts, "predicted_exit_counts": np.bincount(sim.exit_index, minlength=len(idx) + 1).tolist(),
+           "profile_source": lat.source}
+    result.extra["device_latency"] = out
+    return out
 
 
 # --------------------------------------------------------------------------- a configuration and its numbers

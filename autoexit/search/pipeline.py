@@ -315,7 +315,15 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
     import torch
 
     from ..pipeline import assemble, prepare
-    from .outer import Recorded, fixed_rule, latency_costs, load_space, optimize, subset_result
+    from .outer import (
+        Recorded,
+        fixed_rule,
+        latency_costs,
+        load_space,
+        optimize,
+        subset_result,
+        verify_end_to_end,
+    )
 
     cfg = load_experiment(config)
     run_dir = Path(cfg.run_dir)
@@ -344,10 +352,12 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
     baseline = assemble(base_cfg, tb, points, rec, heads, subset=subset_result(recorded, fixed, enable_cfg.basis),
                         timings=dict(timings))
     recorded.source = baseline
+    evaluator = None
     if settings.cost == "latency":
         from ..evaluator import evaluator_from_config
 
-        recorded = recorded.with_latency(latency_costs(baseline, evaluator_from_config(cfg.evaluator)))
+        evaluator = evaluator_from_config(cfg.evaluator)
+        recorded = recorded.with_latency(latency_costs(baseline, evaluator))
     rpath = recorded.save(run_dir / "recorded.npz")
     t0 = time.perf_counter()
     res = optimize(recorded, storage=storage or cfg.outer.get("storage"), study_name=study_name or
@@ -360,6 +370,8 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
         t0 = time.perf_counter()
         result = res.apply(baseline)
         result.extra["search"]["experiment"] = {"name": cfg.name, "source": cfg.source, "timings": timings}
+        if evaluator is not None:  # the chosen configuration timed end to end where its costs were profiled
+            verify_end_to_end(result, recorded, evaluator)
         e = cfg.emit
         artifact = result.emit(run_dir / str(e.get("out", "artifact")), overwrite=True,
                                latency=bool(e.get("latency", False)), onnx=bool(e.get("onnx", False)))

@@ -1,0 +1,177 @@
+"""Per-segment latency prediction vs end-to-end measurement (issue 5's benchmark).
+
+The outer search never times a configuration: it predicts a configuration's latency
+from a **segment profile** (each backbone stage and each exit head timed once by the
+device evaluator) and the configuration's **exit rates** (``autoexit.search.outer``:
+``latency_costs`` + ``evaluate_plan``). This script checks that prediction against the
+real thing on the fixtures:
+
+1. ResNet-20 / ResNet-56 (``../shared/fixtures``), exits after every residual block,
+   default heads trained label-free (cached, shared with ``bench/cifar10_resnet.py``);
+2. the segment profile at batch 1 on the evaluator (``LocalEvaluator``: this CPU;
+   ``--url``/``--token-file`` for a Raspberry Pi or Jetson running ``autoexit evaluator serve``);
+3. ``--configs`` (default 24) outer-search configurations drawn at random from the outer
+   space (``search_spaces/outer.yaml``: tolerance, split scheme, K(S) ranking or flags, k,
+   signal) through ``plan_from_params``, exactly as search trials derive them;
+4. for each: the predicted per-sample latency on ``--samples`` test images (segment
+   profile x that configuration's exits on those images) and the measured one: the
+   configuration's TorchScript multi-exit model timed end to end on the same images at
+   batch 1 (``measure_end_to_end``: real early exits).
+
+Reported: predicted vs measured ms/sample per configuration, the relative error, the share
+within +-10 % (nn-Meter's anchor: 99 % on a Cortex-A76), and the measurement noise
+(coefficient of variation of the repeated end-to-end runs, and of the segment timings).
+
+Usage: ``python bench/evaluator_predict.py [--depths 20 56] [--configs 24] [--samples 300]``.
+Results: ``bench/results/evaluator_predict.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cifar10_data, cifar_resnet, print_table, require_fixtures, write_results  # noqa: E402
+
+SETTINGS = {"warmup": 2, "repeat": 7, "min_repeat_ms": 20.0, "threads": 2}
+
+
+def _draw_params(rng: np.random.Generator, space, names: list[str]) -> dict:
+    """One parameter set from the outer space, as a random-sampler trial would draw it."""
+    lo, hi = space.tolerance
+    p: dict = {"tolerance": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+               "scheme": str(rng.choice([s for s in space.schemes if s != "weights"])),
+               "selection": str(rng.choice(space.selection)),
+               "signal": str(rng.choice(space.signals))}
+    if p["selection"] == "ranking":
+        p["k"] = int(rng.integers(1, min(space.exits[1], len(names)) + 1))
+    else:
+        for n in names:
+            p[f"include:{n}"] = bool(rng.random() < 0.35)
+    return p
+
+
+def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dict:
+    import torch
+
+    from autoexit.data import default_cache_dir
+    from autoexit.distill import TrainConfig
+    from autoexit.evaluator import MeasureSettings
+    from autoexit.model import to_torchscript
+    from autoexit.pipeline import EnableConfig, assemble, prepare
+    from autoexit.search.outer import (
+        OuterSettings,
+        Recorded,
+        latency_costs,
+        load_space,
+        plan_from_params,
+        subset_result,
+    )
+    from autoexit.search.pipeline import train_heads_cached
+    from autoexit.subset import simulate_exits
+
+    torch.set_num_threads(SETTINGS["threads"])
+    settings = MeasureSettings(**SETTINGS)
+    model = cifar_resnet(depth).eval()
+    tb, points, rec = prepare(model, cifar10_data(), EnableConfig(granularity=2), progress=True)
+    heads = train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=True)
+    base = assemble(EnableConfig(granularity=2, policy="paper003"), tb, points, rec, heads)
+    t0 = time.perf_counter()
+    lat = latency_costs(base, evaluator, batch_size=1, settings=settings)
+    profile_s = time.perf_counter() - t0
+    recorded = Recorded.from_result(base).with_latency(lat)
+    names = recorded.names
+    space = load_space("outer")
+    rng = np.random.default_rng(seed)
+    x = rec.inputs("test")[:n_samples]
+    test = recorded.test
+    rows, seen = [], set()
+    tries = 0
+    while len(rows) < n_configs and tries < 20 * n_configs:
+        tries += 1
+        params = _draw_params(rng, space, names)
+        plan = plan_from_params(recorded, params, OuterSettings(), space)
+        key = (plan.kept, plan.signal, tuple(round(t, 9) for t in plan.thresholds))
+        if key in seen:
+            continue
+        seen.add(key)
+        idx = [names.index(n) for n in plan.kept]
+        sim = simulate_exits(test.scores[plan.signal][idx][:, :n_samples], test.pred[idx][:, :n_samples],
+                             test.backbone_pred[:n_samples], np.asarray(plan.thresholds), lat.c1[idx],
+                             lat.before[idx], lat.base)
+        predicted = float(sim.flops.mean())
+        cfg = EnableConfig(granularity=2, policy="paper003", signal=plan.signal, tolerance=plan.tolerance)
+        res = assemble(cfg, tb, points, rec, heads, subset=subset_result(recorded, plan))
+        scripted = to_torchscript(res.model, tb.example_input)
+        m = evaluator.measure_end_to_end(scripted, x, batch_sizes=(1,), settings=settings).at(1)
+        counts = np.zeros(len(idx) + 1)
+        for k, v in (m.exit_counts or {}).items():
+            counts[int(k)] = v
+        sim_counts = np.bincount(sim.exit_index, minlength=len(idx) + 1)
+        measured = float(m.median_ms)
+        rows.append({
+            "model": f"resnet{depth}", "config": plan.describe()[:70], "exits": len(idx),
+            "early exit %": 100.0 * float(counts[:-1].sum() / max(counts.sum(), 1)),
+            "predicted ms": predicted, "measured ms": measured,
+            "error %": 100.0 * (predicted - measured) / measured,
+            "cv %": 100.0 * float(m.std_ms / m.mean_ms) if m.mean_ms else None,
+            "exit counts match": bool(np.array_equal(sim_counts, counts)),
+        })
+        print(f"  [{len(rows)}/{n_configs}] {rows[-1]['config']}: predicted {predicted:.3f} ms, "
+              f"measured {measured:.3f} ms ({rows[-1]['error %']:+.1f} %)", flush=True)
+    err = np.array([abs(r["error %"]) for r in rows])
+    return {
+        "rows": rows,
+        "summary": {"model": f"resnet{depth}", "configs": len(rows), "samples": int(len(x)),
+                    "within 10 %": float((err <= 10).mean()) if len(err) else None,
+                    "within 5 %": float((err <= 5).mean()) if len(err) else None,
+                    "median |error| %": float(np.median(err)) if len(err) else None,
+                    "max |error| %": float(err.max()) if len(err) else None,
+                    "exit counts as simulated": f"{sum(r['exit counts match'] for r in rows)}/{len(rows)}",
+                    "mean signed error %": float(np.mean([r["error %"] for r in rows])) if rows else None,
+                    "median e2e cv %": float(np.median([r["cv %"] for r in rows if r["cv %"] is not None]))
+                    if rows else None,
+                    "backbone ms (profile)": float(lat.base), "profile s": profile_s,
+                    "device": str(evaluator.device_key)},
+        "profile_ms": {"c1": lat.c1.tolist(), "before": lat.before.tolist(), "base": lat.base, "names": names},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    ap.add_argument("--configs", type=int, default=24)
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", help="a device running `autoexit evaluator serve` (default: this CPU)")
+    ap.add_argument("--token-file")
+    args = ap.parse_args(argv)
+    require_fixtures()
+    from autoexit.evaluator import LocalEvaluator, RemoteEvaluator
+
+    ev = RemoteEvaluator(args.url, token_file=args.token_file) if args.url else LocalEvaluator()
+    out = {"rows": [], "summary": [], "details": {}}
+    load_before = os.getloadavg()
+    for depth in args.depths:
+        r = run(depth, args.configs, args.samples, ev, args.seed)
+        out["rows"] += r["rows"]
+        out["summary"].append(r["summary"])
+        out["details"][f"resnet{depth}"] = {"profile_ms": r["profile_ms"]}
+    print_table(out["rows"], "predicted (segment profile x exit rates) vs measured end to end, batch 1",
+                ["model", "config", "exits", "early exit %", "predicted ms", "measured ms", "error %", "cv %"])
+    print_table(out["summary"], "summary")
+    write_results("evaluator_predict", {"command": "python bench/evaluator_predict.py " + " ".join(argv or sys.argv[1:]),
+                                        "settings": SETTINGS, "loadavg_before": load_before,
+                                        "loadavg_after": os.getloadavg(), **out})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1718,22 +1718,29 @@ class PartitionedObjective:
         return vals[0] if len(vals) == 1 else vals
 
 
-def optimize_partitioned(recorded, partition, *, space=None, settings=None, **kw):
+def optimize_partitioned(recorded, partition=None, *, space=None, settings=None, **kw):
     """``autoexit.search.outer.optimize`` over partitioned configurations (see :class:`PartitionedObjective`).
 
     ``recorded``: a ``Recorded`` or an ``EnableResult``; ``partition``: a
-    :class:`PartitionSpace` or its mapping (``topology``, ``profile``, ...);
-    ``space``/``settings``/``kw``: as for ``optimize`` (its space without a
-    partition block). The pick is made on the partitioned latency; the chosen
+    :class:`PartitionSpace` or its mapping (``topology``, ``profile``, ...), by default
+    the space's ``partition`` block; ``space``/``settings``/``kw``: as for ``optimize``. The pick is made on the partitioned latency; the chosen
     trial's ``user_attrs["partition"]`` holds its split points and placement, and
     :func:`plan_from_search` turns the result into a :class:`PartitionPlan` to
     emit with :func:`emit_partitioned`.
     """
-    from .search.outer import Recorded, optimize
+    from dataclasses import replace as dc_replace
+
+    from .search.outer import Recorded, load_space, optimize
 
     if not isinstance(recorded, Recorded):
         recorded = Recorded.from_result(recorded)
-    obj = PartitionedObjective(recorded, partition, space, settings)
+    space = load_space(space)
+    if partition is None:
+        partition = space.partition
+    if not partition:
+        raise AutoExitError("no partition settings: pass partition={topology: ..., profile: ...} or a space whose "
+                            "'partition' block names them")
+    obj = PartitionedObjective(recorded, partition, dc_replace(space, partition=None), settings)
     return optimize(obj.recorded, space=obj.space, settings=obj.settings, objective=obj, **kw)
 
 

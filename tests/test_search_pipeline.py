@@ -159,3 +159,27 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
         (dl["predicted_ms"] - dl["measured_ms"]) / dl["measured_ms"])
     assert len(dl["exit_counts"]) == len(run.outer.chosen.kept) + 1
     assert dl["exit_counts"] == dl["predicted_exit_counts"] and sum(dl["exit_counts"]) == dl["samples"]
+
+
+def test_partition_block_searches_split_points_and_emits_a_partitioned_artifact(tmp_path):
+    """A space with a partition block: `autoexit search --config` samples split points and placement in the same
+    study, emits the chosen plan as partitions/k.pt, and a worker on recorded.npz continues the study."""
+    from autoexit.partition import load_partitioned
+
+    cfg = _tiny(tmp_path, space="outer_partition_ci", n_trials=10, pick={"rule": "min_cost", "max_drop": 10.0})
+    run = P.run_search(cfg, progress=False)
+    trials = run.outer.study.trials
+    assert len(trials) == 10 and all("partition" in t.user_attrs for t in trials)
+    assert run.outer.settings.cost == "latency"
+    chosen = run.outer.chosen_trial.user_attrs["partition"]
+    _, part = load_partitioned(run.artifact)  # checksums verified
+    assert [p["tier"] for p in part["partitions"]] == chosen["placement"]
+    assert sorted(p.name for p in (run.artifact / "partitions").iterdir()) == [
+        f"{k}.pt" for k in range(len(chosen["partitions"]))]
+    assert (tmp_path / "run" / "profile.json").is_file()
+    more = P.run_outer(run.recorded_path, config=cfg, n_trials=13, progress=False)
+    assert len(more.study.trials) == 13 and all("partition" in t.user_attrs for t in more.study.trials)
+    with pytest.raises(AutoExitError, match="partition block"):
+        from autoexit.search.outer import optimize
+
+        optimize(run.outer.recorded, space="outer_partition_ci", n_trials=1, progress=False)

@@ -138,8 +138,10 @@ class OuterSpace:
     ``weights`` scheme; selection: ``ranking`` (K(S) best subset of size k) and/or
     ``flags`` (an include flag per candidate exit); exits: range of k (clipped to the
     number of candidates); signals: exit scores to try (keys of
-    ``autoexit.calibrate.SIGNALS``); partition: reserved for partitioned models
-    (split points, exits per part, placement; see docs/optuna.md) - must be empty.
+    ``autoexit.calibrate.SIGNALS``); partition: for partitioned models, the
+    :class:`autoexit.partition.PartitionSpace` settings (topology, max_partitions,
+    exits_per_part, placement, destination, profile); searched by
+    ``autoexit.partition.optimize_partitioned`` and ``autoexit search --config``.
     """
 
     tolerance: tuple[float, float] = (0.05, 8.0)
@@ -163,12 +165,9 @@ class OuterSpace:
         _choices(self.schemes, SCHEMES, "split schemes")
         _choices(self.selection, SELECTIONS, "exit selection")
         _choices(self.signals, tuple(SIGNALS), "signals")
-        if self.partition:
-            raise AutoExitError(
-                "the outer space's 'partition' block (split points, exits per part, placement) is not wired into "
-                "the Optuna search yet; remove it (see docs/optuna.md, 'Partitioned models') or use "
-                "`autoexit partition` for the performance-model search"
-            )
+        if self.partition is not None and not isinstance(self.partition, Mapping):
+            raise AutoExitError("the outer space's 'partition' block must be a mapping (topology, max_partitions, "
+                                "exits_per_part, placement, destination, profile) or null")
 
     @classmethod
     def from_dict(cls, d: Mapping | None, name: str = "outer") -> OuterSpace:
@@ -214,7 +213,7 @@ class OuterSpace:
                              "weights": {"low": self.weights[0], "high": self.weights[1]}},
             "exits": {"selection": list(self.selection), "k": {"low": self.exits[0], "high": self.exits[1]}},
             "signal": list(self.signals),
-            "partition": None,
+            "partition": dict(self.partition) if self.partition else None,
         }
 
 
@@ -1350,6 +1349,10 @@ def optimize(
     if settings is None or isinstance(settings, Mapping):
         settings = OuterSettings.from_dict(settings)
     obj = Objective(recorded, space, settings)
+    if obj.space.partition and objective is None:
+        raise AutoExitError("this outer space has a partition block: search it with "
+                            "autoexit.partition.optimize_partitioned(...) or `autoexit search --config`, which also "
+                            "sample split points and placement")
     t_start = time.perf_counter()
     created = study is None
     old_verbosity = optuna.logging.get_verbosity()

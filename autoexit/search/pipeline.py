@@ -359,10 +359,17 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
         evaluator = evaluator_from_config(cfg.evaluator)
         recorded = recorded.with_latency(latency_costs(baseline, evaluator))
     rpath = recorded.save(run_dir / "recorded.npz")
+    part = _partition_settings(space, baseline, run_dir, evaluator, progress)
     t0 = time.perf_counter()
-    res = optimize(recorded, storage=storage or cfg.outer.get("storage"), study_name=study_name or
-                   cfg.outer.get("study_name") or cfg.name, max_trials=n_trials or settings.n_trials, space=space,
-                   settings=settings, run_dir=run_dir, progress=progress)
+    common = dict(storage=storage or cfg.outer.get("storage"), study_name=study_name or cfg.outer.get("study_name")
+                  or cfg.name, max_trials=n_trials or settings.n_trials, space=space, settings=settings,
+                  run_dir=run_dir, progress=progress)
+    if part is None:
+        res = optimize(recorded, **common)
+    else:  # split points, exits per part and placement are searched too; the cost is the partitioned latency
+        from ..partition import optimize_partitioned
+
+        res = optimize_partitioned(recorded, part, **common)
     timings["outer_s"] = time.perf_counter() - t0
     _write_json(run_dir / "search.json", res.to_dict())
     result = artifact = None
@@ -370,13 +377,35 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
         t0 = time.perf_counter()
         result = res.apply(baseline)
         result.extra["search"]["experiment"] = {"name": cfg.name, "source": cfg.source, "timings": timings}
-        if evaluator is not None:  # the chosen configuration timed end to end where its costs were profiled
-            verify_end_to_end(result, recorded, evaluator)
         e = cfg.emit
-        artifact = result.emit(run_dir / str(e.get("out", "artifact")), overwrite=True,
-                               latency=bool(e.get("latency", False)), onnx=bool(e.get("onnx", False)))
+        out = run_dir / str(e.get("out", "artifact"))
+        if part is not None:
+            from ..partition import emit_partitioned, plan_from_search
+
+            artifact = emit_partitioned(result, plan_from_search(res, part), out, profile=part["profile"],
+                                        overwrite=True, measure=bool(e.get("latency", False)), progress=progress)
+        else:
+            if evaluator is not None:  # the chosen configuration timed end to end where its costs were profiled
+                verify_end_to_end(result, recorded, evaluator)
+            artifact = result.emit(out, overwrite=True, latency=bool(e.get("latency", False)),
+                                   onnx=bool(e.get("onnx", False)))
         timings["emit_s"] = time.perf_counter() - t0
     return SearchRun(cfg, baseline, res, result, artifact, rpath, timings)
+
+
+def _partition_settings(space, baseline, run_dir: Path, evaluator, progress: bool) -> dict | None:
+    """The space's partition block with its profile (measured on ``evaluator`` and saved in the run directory
+    as ``profile.json`` for distributed workers, unless the block names one), or None when not partitioned."""
+    if not space.partition:
+        return None
+    from ..partition import profile_result
+
+    part = dict(space.partition)
+    if part.get("profile") is None:
+        prof = profile_result(baseline, evaluator=evaluator, progress=progress)
+        prof.to_json(run_dir / "profile.json")
+        part["profile"] = prof
+    return part
 
 
 def _paper003(enable_cfg):
@@ -406,9 +435,21 @@ def run_outer(recorded, *, config: str | Path | Mapping | ExperimentConfig | Non
     space = load_space(cfg.outer.get("space") if cfg else None)
     rd = Path(run_dir or (cfg.run_dir if cfg else "runs/outer"))
     name = study_name or (cfg.outer.get("study_name") if cfg else None) or (cfg.name if cfg else "autoexit-outer")
-    return optimize(recorded, storage=storage or (cfg.outer.get("storage") if cfg else None), study_name=name,
-                    max_trials=n_trials or settings.n_trials, space=space, settings=settings, run_dir=rd,
-                    progress=progress)
+    common = dict(storage=storage or (cfg.outer.get("storage") if cfg else None), study_name=name,
+                  max_trials=n_trials or settings.n_trials, space=space, settings=settings, run_dir=rd,
+                  progress=progress)
+    if not space.partition:
+        return optimize(recorded, **common)
+    from ..partition import optimize_partitioned
+
+    part = dict(space.partition)
+    if part.get("profile") is None:  # the profile the first `autoexit search --config` run saved
+        if not (rd / "profile.json").is_file():
+            raise AutoExitError(f"a partitioned search needs the backbone's profile: name it in the space's partition "
+                                f"block (profile: path.json) or put the profile.json of `autoexit search --config` "
+                                f"into {rd}")
+        part["profile"] = str(rd / "profile.json")
+    return optimize_partitioned(recorded, part, **common)
 
 
 def _write_json(path: Path, payload: dict) -> None:

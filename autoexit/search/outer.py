@@ -638,12 +638,20 @@ def _info(backbone, recording) -> dict:
             "data_identity": recording.data_identity, "recording": Path(recording.path).name, "n": recording.n}
 
 
-def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None) -> ExitCosts:
+def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None,
+                  calibrate: bool = True, samples: int = 64) -> ExitCosts:
     """Per-exit latency costs measured by a device evaluator (``autoexit.evaluator``; local CPU by default).
 
     The backbone is cut at every candidate point; each stage and head is timed
     once (the evaluator caches results), giving a segment profile that a trial
     combines with its exit rates - no timing per trial.
+
+    ``calibrate``: the segments alone miss what the deployed model adds around them
+    (the call itself, the exit decisions, gathering the answers). Two end-to-end
+    timings on ``samples`` real inputs measure it: the multi-exit model with no exit
+    (the fixed overhead beyond the stages) and with every candidate exit at +inf
+    (the cost of each exit decision beyond its head). The fixed overhead is added to
+    every path, the decision cost to every head; ``source`` says what was added.
     """
     from ..evaluator import LocalEvaluator, segment_profile
 
@@ -659,8 +667,36 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=settings)
     prof = segment_profile(res, batch_size)
     info = ev.info()
-    src = getattr(info, "name", None) or getattr(ev, "device_key", "device")
-    return ExitCosts.from_segment_profile({k: v / batch_size for k, v in prof.items()}, names, source=str(src))
+    src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
+    costs = ExitCosts.from_segment_profile({k: v / batch_size for k, v in prof.items()}, names, source=src)
+    if not calibrate or not names:
+        return costs
+    from ..model import MultiExitModel, to_torchscript
+
+    try:
+        x = result.recording.inputs("val")[: max(int(samples), batch_size)]
+    except AutoExitError:
+        return costs  # the recording kept no inputs: the segment profile alone
+    n = len(x) - len(x) % batch_size
+    if n < batch_size:
+        return costs
+    x = x[:n]
+    nc = int(result.backbone.num_classes)
+    none = MultiExitModel(result.backbone.split([]), [], num_classes=nc)
+    every = MultiExitModel(stages, [result.heads[k].module for k in names],
+                           [float(result.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
+
+    def per_sample(model) -> float:
+        scripted = to_torchscript(model.eval(), result.backbone.example_input)
+        return float(ev.measure_end_to_end(scripted, x, batch_sizes=(batch_size,), settings=settings)
+                     .at(batch_size).median_ms) / batch_size
+
+    t_none, t_every = per_sample(none), per_sample(every)
+    fixed = max(0.0, t_none - costs.base)
+    decision = max(0.0, (t_every - t_none - float(costs.c1.sum())) / len(names))
+    return ExitCosts("ms", costs.c1 + decision, costs.before + fixed, costs.base + fixed,
+                     f"{src}; segment profile + end-to-end overhead: {fixed:.3f} ms per call, {decision:.3f} ms "
+                     "per exit decision")
 
 
 def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, samples: int = 256,

@@ -93,6 +93,7 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
     raw = latency_costs(base, evaluator, batch_size=1, settings=settings, calibrate=False)
     lat = latency_costs(base, evaluator, batch_size=1, settings=settings)  # + the end-to-end overhead calibration
     profile_s = time.perf_counter() - t0
+    print(f"profile: {lat.source}; base {lat.base:.3f} ms (segments only {raw.base:.3f} ms)", flush=True)
     recorded = Recorded.from_result(base).with_latency(lat)
     names = recorded.names
     space = load_space("outer")

@@ -151,7 +151,7 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
     end to end on it: the manifest holds prediction and measurement, and the real model's exits are the
     simulated ones."""
     cfg = _tiny(tmp_path, cost="latency", n_trials=6)
-    cfg["evaluator"] = {"local": True}
+    cfg["evaluator"] = {"local": True, "settings": {"warmup": 1, "repeat": 3, "min_repeat_ms": 5}}
     run = P.run_search(cfg, progress=False)
     dl = autoexit.load(run.artifact).manifest["device_latency"]
     assert dl["device"] and dl["samples"] > 0 and dl["measured_ms"] > 0 and dl["backbone_ms"] > 0

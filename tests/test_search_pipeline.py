@@ -82,7 +82,7 @@ def test_recorded_workers_need_no_model(first_run, tmp_path):
 
 
 def test_experiment_files_validate():
-    for name in ("digits_ci", "quickstart_search", "digits_nni", "ci_heads", "cifar10_resnet20"):
+    for name in ("digits_ci", "quickstart_search", "digits_nni", "ci_heads", "cifar10_resnet20", "digits_partitioned_ci"):
         cfg = P.load_experiment(f"experiments/{name}.yaml")
         assert cfg.name and cfg.outer_settings().n_trials >= 1
     with pytest.raises(AutoExitError, match="backbone.zoo"):

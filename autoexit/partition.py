@@ -67,6 +67,7 @@ from torch import nn
 from . import perfmodel as pm
 from .calibrate import exit_score
 from .errors import AutoExitError
+from .search.outer import PARTITION_KEYS
 
 __all__ = [
     "FORWARD",
@@ -1508,7 +1509,7 @@ class PartitionSpace:
     exits_per_part: int = 3
     placement: str = "any"
 
-    KEYS = ("topology", "profile", "destination", "max_partitions", "exits_per_part", "placement")
+    KEYS = PARTITION_KEYS
 
     def __post_init__(self):
         s = object.__setattr__

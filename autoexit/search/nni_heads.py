@@ -450,14 +450,11 @@ def _run_point(i: int, n: int, p, rec, space: HeadSpace, cfg: HeadSearchConfig, 
         raise AutoExitError(f"every NNI trial of exit point {p.name} crashed before training a head"
                             + (f" ({tail})" if tail else "")
                             + f"; trial logs: {exp_dir / 'environments' / 'local-env' / 'trials'}")
-    best = None
-    for sample in top:  # NNI's ranking (by the reported score)
-        spec_json = space.spec(sample, p.shape).to_json()
-        best = next((r for r in ok_records if r["spec_json"] == spec_json and not r.get("duplicate_of")), None)
-        if best is not None:
-            break
-    if best is None and ok_records:
-        best = max((r for r in ok_records if not r.get("duplicate_of")), key=lambda r: r["metrics"]["score"])
+    # the best score in our own trial records wins; NNI's export_top_models order (not always by score with
+    # concurrent trials) only breaks ties
+    rank = {space.spec(sample, p.shape).to_json(): i for i, sample in reversed(list(enumerate(top)))}
+    unique = [r for r in ok_records if not r.get("duplicate_of")]
+    best = max(unique, key=lambda r: (r["metrics"]["score"], -rank.get(r["spec_json"], len(top)))) if unique else None
     rest = {"experiment_dir": str(exp_dir), "engine": cfg.engine, "port": port, "trials": nni_trials,
             "top": top, "rest_polls": watcher.polls, "rest_max_trials_listed_while_running": watcher.max_listed,
             "rest_statuses": watcher.statuses}

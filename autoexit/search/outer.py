@@ -87,6 +87,8 @@ __all__ = [
 ]
 
 SCHEMES = ("halving", "equal", "weights")
+# the settings of a space's partition block (autoexit.partition.PartitionSpace takes these)
+PARTITION_KEYS = ("topology", "profile", "destination", "max_partitions", "exits_per_part", "placement")
 SELECTIONS = ("ranking", "flags")
 SEARCH_SPACES_DIR = Path(os.environ.get("AUTOEXIT_SEARCH_SPACES", Path(__file__).resolve().parents[2] / "search_spaces"))
 
@@ -165,9 +167,17 @@ class OuterSpace:
         _choices(self.schemes, SCHEMES, "split schemes")
         _choices(self.selection, SELECTIONS, "exit selection")
         _choices(self.signals, tuple(SIGNALS), "signals")
-        if self.partition is not None and not isinstance(self.partition, Mapping):
-            raise AutoExitError("the outer space's 'partition' block must be a mapping (topology, max_partitions, "
-                                "exits_per_part, placement, destination, profile) or null")
+        if self.partition is not None:
+            if not isinstance(self.partition, Mapping):
+                raise AutoExitError("the outer space's 'partition' block must be a mapping (topology, max_partitions, "
+                                    "exits_per_part, placement, destination, profile) or null")
+            unknown = sorted(set(self.partition) - set(PARTITION_KEYS))
+            if unknown:
+                raise AutoExitError(f"unknown partition setting(s) {', '.join(map(str, unknown))} in the outer space; "
+                                    f"valid: {', '.join(PARTITION_KEYS)}")
+            if self.partition and "topology" not in self.partition:
+                raise AutoExitError("the outer space's partition block needs 'topology' (a topology YAML path, e.g. "
+                                    "experiments/topologies/iiot.yaml)")
 
     @classmethod
     def from_dict(cls, d: Mapping | None, name: str = "outer") -> OuterSpace:

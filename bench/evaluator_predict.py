@@ -78,10 +78,10 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
         latency_costs,
         load_space,
         plan_from_params,
+        plan_outcome,
         subset_result,
     )
     from autoexit.search.pipeline import train_heads_cached
-    from autoexit.subset import simulate_exits
 
     torch.set_num_threads(SETTINGS["threads"])
     settings = MeasureSettings(**SETTINGS)
@@ -99,7 +99,6 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
     space = load_space("outer")
     rng = np.random.default_rng(seed)
     x = rec.inputs("test")[:n_samples]
-    test = recorded.test
     rows, seen = [], set()
     tries = 0
     while len(rows) < n_configs and tries < 20 * n_configs:
@@ -111,13 +110,9 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
             continue
         seen.add(key)
         idx = [names.index(n) for n in plan.kept]
-        sim = simulate_exits(test.scores[plan.signal][idx][:, :n_samples], test.pred[idx][:, :n_samples],
-                             test.backbone_pred[:n_samples], np.asarray(plan.thresholds), lat.c1[idx],
-                             lat.before[idx], lat.base)
+        sim = plan_outcome(recorded, plan, lat, n_samples)
         predicted = float(sim.flops.mean())
-        predicted_raw = float(simulate_exits(test.scores[plan.signal][idx][:, :n_samples], test.pred[idx][:, :n_samples],
-                                             test.backbone_pred[:n_samples], np.asarray(plan.thresholds), raw.c1[idx],
-                                             raw.before[idx], raw.base).flops.mean())
+        predicted_raw = float(plan_outcome(recorded, plan, raw, n_samples).flops.mean())
         cfg = EnableConfig(granularity=2, policy="paper003", signal=plan.signal, tolerance=plan.tolerance)
         res = assemble(cfg, tb, points, rec, heads, subset=subset_result(recorded, plan))
         scripted = to_torchscript(res.model, tb.example_input)

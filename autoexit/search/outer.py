@@ -83,6 +83,7 @@ __all__ = [
     "load_space",
     "latency_costs",
     "verify_end_to_end",
+    "plan_outcome",
     "SEARCH_SPACES_DIR",
 ]
 
@@ -709,6 +710,16 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
                      "per exit decision")
 
 
+def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | None = None, split: str = "test"):
+    """Which exit each of the first ``n`` samples of ``split`` takes under ``plan``, and its cost in ``costs``
+    (:func:`autoexit.subset.simulate_exits` on the recorded predictions)."""
+    sp = recorded.test if split == "test" else recorded.val
+    idx = [recorded.names.index(k) for k in plan.kept]
+    cut = slice(None, n)
+    return simulate_exits(sp.scores[plan.signal][idx][:, cut], sp.pred[idx][:, cut], sp.backbone_pred[cut],
+                          np.asarray(plan.thresholds, dtype=np.float64), costs.c1[idx], costs.before[idx], costs.base)
+
+
 def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, samples: int = 256,
                       settings=None) -> dict:
     """Time the chosen configuration end to end on the evaluator and set it beside the prediction.
@@ -734,21 +745,19 @@ def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, 
     n = int(len(x))
     if n < 1:
         raise AutoExitError("no test inputs to time the configuration on (the recording kept no inputs)")
-    idx = [recorded.names.index(k) for k in plan.kept]
-    sp, lat = recorded.test, recorded.latency
-    sim = simulate_exits(sp.scores[plan.signal][idx][:, :n], sp.pred[idx][:, :n], sp.backbone_pred[:n],
-                         np.asarray(plan.thresholds, dtype=np.float64), lat.c1[idx], lat.before[idx], lat.base)
+    lat, k = recorded.latency, len(plan.kept)
+    sim = plan_outcome(recorded, plan, lat, n)
     scripted = to_torchscript(result.model, result.backbone.example_input)
     m = ev.measure_end_to_end(scripted, x, batch_sizes=(1,), settings=settings).at(1)
     bb = ev.measure(result.backbone.model.eval(), x[:1], batch_sizes=(1,), settings=settings).at(1)
-    counts = [0] * (len(idx) + 1)
-    for k, v in (m.exit_counts or {}).items():
-        counts[int(k)] = int(v)
+    counts = [0] * (k + 1)
+    for e, v in (m.exit_counts or {}).items():
+        counts[int(e)] = int(v)
     predicted = float(sim.flops.mean())
     out = {"device": str(ev.device_key), "batch_size": 1, "samples": n, "predicted_ms": predicted,
            "measured_ms": float(m.median_ms), "relative_error": (predicted - float(m.median_ms)) / float(m.median_ms),
            "backbone_ms": float(bb.median_ms), "ratio_to_backbone": float(m.median_ms) / float(bb.median_ms),
-           "exit_counts": counts, "predicted_exit_counts": np.bincount(sim.exit_index, minlength=len(idx) + 1).tolist(),
+           "exit_counts": counts, "predicted_exit_counts": np.bincount(sim.exit_index, minlength=k + 1).tolist(),
            "profile_source": lat.source}
     result.extra["device_latency"] = out
     return out

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 optuna = pytest.importorskip("optuna", reason="the outer search needs the 'search' extra (optuna)")
@@ -159,6 +160,48 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
         (dl["predicted_ms"] - dl["measured_ms"]) / dl["measured_ms"])
     assert len(dl["exit_counts"]) == len(run.outer.chosen.kept) + 1
     assert dl["exit_counts"] == dl["predicted_exit_counts"] and sum(dl["exit_counts"]) == dl["samples"]
+
+
+def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_anchors(digits_result):
+    """latency_costs(calibrate=True): every segment loses the measured per-call cost, then the no-exit and the
+    every-exit model (timed end to end; re-timing them hits the evaluator's cache) fix the per-model-call and
+    per-decision costs, so the calibrated profile predicts exactly those two anchors."""
+    from autoexit.evaluator import LocalEvaluator, MeasureSettings
+    from autoexit.model import MultiExitModel, to_torchscript
+    from autoexit.search.outer import latency_costs
+
+    res, ev = digits_result, LocalEvaluator()
+    s = MeasureSettings(warmup=1, repeat=3, min_repeat_ms=5)
+    raw = latency_costs(res, ev, settings=s, calibrate=False)
+    cal = latency_costs(res, ev, settings=s, samples=24)
+    c = cal.calibration
+    assert raw.calibration is None and c["samples"] == 24 and c["call_ms"] > 0
+    assert "per segment call" in cal.source
+    # the formula, from the raw profile (its segments are the same cached timings)
+    stages = np.diff(np.concatenate([[0.0], raw.before, [raw.base]]))
+    adj = np.maximum(stages - c["call_ms"], 0.0)
+    heads = np.maximum(raw.c1 - c["call_ms"], 0.0)
+    assert c["fixed_ms"] == pytest.approx(c["no_exit_ms"] - adj.sum())
+    assert cal.before == pytest.approx(np.maximum(np.cumsum(adj)[:-1] + c["fixed_ms"], 0.0))
+    assert cal.c1 == pytest.approx(np.maximum(heads + c["decision_ms"], 0.0))
+    # the anchors are real end-to-end timings of those two models on the val inputs
+    names = list(res.val.names)
+    stages_m = res.backbone.split([res.heads[n].point.node for n in names])
+    x, nc = res.recording.inputs("val")[:24], int(res.backbone.num_classes)
+    none = MultiExitModel(res.backbone.split([]), [], num_classes=nc)
+    every = MultiExitModel(stages_m, [res.heads[k].module for k in names],
+                           [float(res.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
+
+    def timed(m):
+        r = ev.measure_end_to_end(to_torchscript(m.eval(), res.backbone.example_input), x, batch_sizes=(1,),
+                                  settings=s)
+        assert r.cached
+        return r.at(1).median_ms
+
+    assert timed(none) == pytest.approx(c["no_exit_ms"]) and cal.base == pytest.approx(c["no_exit_ms"])
+    assert timed(every) == pytest.approx(c["every_exit_ms"])
+    if (heads + c["decision_ms"] >= 0).all():
+        assert cal.base + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
 
 
 def test_partition_block_searches_split_points_and_emits_a_partitioned_artifact(tmp_path):

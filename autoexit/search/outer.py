@@ -404,7 +404,8 @@ class ExitCosts:
     """Per-exit costs of one unit (``flops`` or ``ms``), per sample.
 
     ``c1[i]``: exit head i; ``before[i]``: the backbone up to point i; ``base``: the
-    whole backbone. C2 of K(S) is ``base - before``.
+    whole backbone. C2 of K(S) is ``base - before``. ``calibration``: how measured
+    latency costs were corrected (:func:`latency_costs`), or ``None``.
     """
 
     unit: str
@@ -412,6 +413,7 @@ class ExitCosts:
     before: np.ndarray
     base: float
     source: str = ""
+    calibration: Mapping[str, float] | None = None
 
     def __post_init__(self):
         c1 = np.asarray(self.c1, dtype=np.float64)
@@ -448,12 +450,16 @@ class ExitCosts:
         return cls("ms", c1, before, float(stages.sum()), source)
 
     def to_dict(self) -> dict:
-        return {"unit": self.unit, "c1": self.c1.tolist(), "before": self.before.tolist(), "base": self.base,
-                "source": self.source}
+        d = {"unit": self.unit, "c1": self.c1.tolist(), "before": self.before.tolist(), "base": self.base,
+             "source": self.source}
+        if self.calibration is not None:
+            d["calibration"] = dict(self.calibration)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ExitCosts:
-        return cls(d["unit"], np.asarray(d["c1"]), np.asarray(d["before"]), float(d["base"]), d.get("source", ""))
+        return cls(d["unit"], np.asarray(d["c1"]), np.asarray(d["before"]), float(d["base"]), d.get("source", ""),
+                   d.get("calibration"))
 
 
 @dataclass
@@ -657,12 +663,17 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     once (the evaluator caches results), giving a segment profile that a trial
     combines with its exit rates - no timing per trial.
 
-    ``calibrate``: the segments alone miss what the deployed model adds around them
-    (the call itself, the exit decisions, gathering the answers). Two end-to-end
-    timings on ``samples`` real inputs measure it: the multi-exit model with no exit
-    (the fixed overhead beyond the stages) and with every candidate exit at +inf
-    (the cost of each exit decision beyond its head). The fixed overhead is added to
-    every path, the decision cost to every head; ``source`` says what was added.
+    ``calibrate``: a segment timed on its own is not what it costs inside the deployed
+    model. Each timing includes one model call (the runtime's dispatch: tens of
+    microseconds, a large share of a small stage) that inside the model is paid once,
+    and the model adds what the segments lack (the exit decisions, gathering the
+    answers). So: an empty segment (the identity) on the same evaluator measures the
+    per-call cost, which is taken off every stage and head; then two end-to-end
+    timings on ``samples`` real inputs fit the rest: the multi-exit model with no exit
+    (the fixed cost of one call beyond its stages) and with every candidate exit at
+    +inf (the cost of each exit decision beyond its head). Both may come out negative
+    (the fused model can be cheaper than its parts); only the resulting per-path costs
+    are kept non-negative. ``source`` says what was taken off and added.
     """
     from ..evaluator import LocalEvaluator, segment_profile
 
@@ -675,13 +686,17 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     for i, p in enumerate(points):
         segments[f"stage{i + 1}"] = (stages[i + 1], tuple(p.shape))
         segments[f"head:{p.name}"] = (result.heads[p.name].module, tuple(p.shape))
+    if calibrate and names:
+        segments["call"] = (_passthrough(), tuple(example.shape[1:]))
     res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=settings)
-    prof = segment_profile(res, batch_size)
+    prof = {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
     info = ev.info()
     src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
-    costs = ExitCosts.from_segment_profile({k: v / batch_size for k, v in prof.items()}, names, source=src)
+    call = prof.pop("call", 0.0)
+    costs = ExitCosts.from_segment_profile(prof, names, source=src)
     if not calibrate or not names:
         return costs
+    costs = ExitCosts.from_segment_profile({k: max(v - call, 0.0) for k, v in prof.items()}, names, source=src)
     from ..model import MultiExitModel, to_torchscript
 
     try:
@@ -703,11 +718,26 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
                      .at(batch_size).median_ms) / batch_size
 
     t_none, t_every = per_sample(none), per_sample(every)
-    fixed = max(0.0, t_none - costs.base)
-    decision = max(0.0, (t_every - t_none - float(costs.c1.sum())) / len(names))
-    return ExitCosts("ms", costs.c1 + decision, costs.before + fixed, costs.base + fixed,
-                     f"{src}; segment profile + end-to-end overhead: {fixed:.3f} ms per call, {decision:.3f} ms "
-                     "per exit decision")
+    fixed = t_none - costs.base
+    decision = (t_every - t_none - float(costs.c1.sum())) / len(names)
+    cal = {"call_ms": call, "fixed_ms": fixed, "decision_ms": decision, "no_exit_ms": t_none,
+           "every_exit_ms": t_every, "samples": int(n)}
+    return ExitCosts("ms", np.maximum(costs.c1 + decision, 0.0), np.maximum(costs.before + fixed, 0.0),
+                     max(t_none, 1e-9),
+                     f"{src}; segment profile - {call:.3f} ms per segment call + end-to-end calibration: "
+                     f"{fixed:+.3f} ms per model call, {decision:+.3f} ms per exit decision", cal)
+
+
+
+def _passthrough():
+    """The empty segment: its timing is the evaluator's cost of one model call (torch imported lazily)."""
+    import torch
+
+    class Passthrough(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 0  # one real op: a traced identity returns its input and may be elided
+
+    return Passthrough()
 
 
 def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | None = None, split: str = "test"):

@@ -11,9 +11,13 @@ Workloads (each: one backbone, its inference data split 50/20/30 train/val/test 
 Methods, all in one process on the same recording and split:
 
 - ``autoexit[<policy>]``: default heads trained label-free (KL to the backbone), the exit policy by
-  name: the repository's default (``EnableConfig().policy``) and ``paper003`` (T/2^n + K(S)); when
-  ``EnableConfig`` has no policy field (before issue 8), the core pipeline's fixed rule (``core``).
-  Rerun with ``--policies NAME ...`` to refresh only the autoexit rows with another policy.
+  name: the repository's default (``EnableConfig().policy``: guaranteed budget on the disagreement
+  with the backbone, label-free), ``paper003`` (T/2^n + K(S), no guarantee) and the default with
+  ``risk=drop`` (``NAME:RISK``: the guarantee bounds the labelled accuracy drop, like for like with
+  the label-supervised methods). When ``EnableConfig`` has no policy field (before issue 8), the
+  core pipeline's fixed rule (``core``). ``--policies NAME[:RISK] ...`` picks others.
+- ``autoexit heads + sdn rule``: SDN's rule (one shared confidence threshold chosen on val for the
+  labelled drop, no guarantee) on autoexit's heads: tells the heads' share of a gap from the rule's.
 - ``earlyon`` (PyPI, MIT, ``bench/earlyon_runner.py``): its own heads, label-supervised with the backbone
   frozen, its own calibration at the budget (``earlyon+T``: with its per-head temperature scaling fitted
   on val); tested through its batch-1 router, and through its batched routing at batch 32.
@@ -115,13 +119,31 @@ def autoexit_policies(requested: list[str] | None) -> list[str]:
         return ["core"]
     if requested:
         return list(dict.fromkeys(requested))
-    return list(dict.fromkeys([EnableConfig().policy, "paper003"]))
+    default = EnableConfig().policy
+    return list(dict.fromkeys([default, "paper003", f"{default}:drop"]))
+
+
+def _policy_risk(policy: str) -> tuple[str, str | None]:
+    """``name`` or ``name:risk`` (e.g. ``max_softmax:drop``: the guarantee bounds the labelled accuracy drop)."""
+    name, _, risk = policy.partition(":")
+    return name, (risk or None)
+
+
+def _policy_label(policy: str) -> tuple[str, str]:
+    """(method label, whether labels are used)."""
+    name, risk = _policy_risk(policy)
+    if risk is None or risk == "disagreement":
+        return f"autoexit[{name}]", "no"
+    return f"autoexit[{name}, risk={risk}]", "yes"
 
 
 def _enable_config(tol: float, policy: str):
     from autoexit.pipeline import EnableConfig
 
-    return EnableConfig(tolerance=tol, granularity=2, **({} if policy == "core" else {"policy": policy}))
+    if policy == "core":
+        return EnableConfig(tolerance=tol, granularity=2)
+    name, risk = _policy_risk(policy)
+    return EnableConfig(tolerance=tol, granularity=2, policy=name, **({"risk": risk} if risk else {}))
 
 
 def _shares(names, rates, min_share: float = 0.005) -> str:
@@ -176,7 +198,7 @@ def run_workload(name: str, args) -> dict | None:
 
     # ---- autoexit
     for policy in autoexit_policies(args.policies):
-        label = f"autoexit[{policy}]"
+        label, uses_labels = _policy_label(policy)
         for tol in args.tolerances:
             t0 = time.perf_counter()
             try:
@@ -188,7 +210,7 @@ def run_workload(name: str, args) -> dict | None:
                 continue
             m = dict(res.metrics["test"])
             m["exit_names"] = [*res.kept, "backbone"]
-            rows.append(_row(name, label, "no", tol, m, len(res.kept), len(points)))
+            rows.append(_row(name, label, uses_labels, tol, m, len(res.kept), len(points)))
             details["methods"][f"{label}@{tol}"] = {
                 "kept": res.kept, "thresholds": [float(x) for x in res.subset.thresholds.thresholds],
                 "test": {k: v for k, v in m.items() if k not in ("exit_index", "per_exit")},
@@ -214,6 +236,12 @@ def run_workload(name: str, args) -> dict | None:
                 details["methods"][f"{b}@{tol}"] = r.to_dict()
                 deploy[tol][b] = r.model
             details.setdefault("baselines", {})[b] = BASELINES[b].description
+        if "sdn" in args.baselines:  # which matters, the heads or the rule? SDN's rule on autoexit's heads
+            for tol in args.tolerances:
+                r = fit_baseline("sdn", tb, rec, heads, tol, risk="drop")
+                rows.append(_row(name, "autoexit heads + sdn rule", "yes", tol, r.metrics["test"], len(r.kept),
+                                 len(r.points)))
+                details["methods"][f"autoexit heads + sdn rule@{tol}"] = r.to_dict()
 
     # ---- earlyon
     eo = None

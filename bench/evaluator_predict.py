@@ -137,7 +137,7 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
         measured = float(m.median_ms)
         # the no-exit model again, now (a new seed: not the cached profile-time result)
         ref = evaluator.measure_end_to_end(ref_model, ref_x, batch_sizes=(1,),
-                                           settings=replace(settings, seed=len(rows) + 1)).at(1).median_ms
+                                           settings=replace(settings, seed=1000 + len(rows))).at(1).median_ms
         drift = float(ref) / ref0
         rows.append({
             "model": f"resnet{depth}", "config": plan.describe()[:70], "exits": len(idx),

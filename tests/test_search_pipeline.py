@@ -166,6 +166,8 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     """latency_costs(calibrate=True): every segment loses the measured per-call cost, then the no-exit and the
     every-exit model (timed end to end; re-timing them hits the evaluator's cache) fix the per-model-call and
     per-decision costs, so the calibrated profile predicts exactly those two anchors."""
+    from dataclasses import replace
+
     from autoexit.evaluator import LocalEvaluator, MeasureSettings
     from autoexit.model import MultiExitModel, to_torchscript
     from autoexit.search.outer import latency_costs
@@ -192,14 +194,20 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     every = MultiExitModel(stages_m, [res.heads[k].module for k in names],
                            [float(res.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
 
-    def timed(m):
-        r = ev.measure_end_to_end(to_torchscript(m.eval(), res.backbone.example_input), x, batch_sizes=(1,),
-                                  settings=s)
-        assert r.cached
-        return r.at(1).median_ms
+    def timed(m):  # the median over the rounds (measurement seeds 0, 1, 2), each a cache hit now
+        out = []
+        for seed in range(3):
+            r = ev.measure_end_to_end(to_torchscript(m.eval(), res.backbone.example_input), x, batch_sizes=(1,),
+                                      settings=replace(s, seed=seed))
+            assert r.cached
+            out.append(r.at(1).median_ms)
+        return float(np.median(out))
 
+    assert len(c["no_exit_rounds_ms"]) == len(c["every_exit_rounds_ms"]) == 3
     assert timed(none) == pytest.approx(c["no_exit_ms"]) and cal.base == pytest.approx(c["no_exit_ms"])
     assert timed(every) == pytest.approx(c["every_exit_ms"])
+    with pytest.raises(AutoExitError, match="rounds must be an integer"):
+        latency_costs(res, ev, settings=s, rounds=0)
     if (heads + c["decision_ms"] >= 0).all():
         assert cal.base + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
 

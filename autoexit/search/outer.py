@@ -656,7 +656,7 @@ def _info(backbone, recording) -> dict:
 
 
 def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None,
-                  calibrate: bool = True, samples: int = 64) -> ExitCosts:
+                  calibrate: bool = True, samples: int = 64, rounds: int = 3) -> ExitCosts:
     """Per-exit latency costs measured by a device evaluator (``autoexit.evaluator``; local CPU by default).
 
     The backbone is cut at every candidate point; each stage and head is timed
@@ -674,7 +674,13 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     +inf (the cost of each exit decision beyond its head). Both may come out negative
     (the fused model can be cheaper than its parts); only the resulting per-path costs
     are kept non-negative. ``source`` says what was taken off and added.
+
+    ``rounds``: each anchor is timed this many times, alternating (a new measurement seed
+    each round, so no cached result is reused), and the median is used: one anchor timed
+    during a slow spell of the device would otherwise shift every prediction.
     """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
     from ..evaluator import LocalEvaluator, segment_profile
 
     ev = evaluator if evaluator is not None else LocalEvaluator()
@@ -712,16 +718,23 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     every = MultiExitModel(stages, [result.heads[k].module for k in names],
                            [float(result.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
 
-    def per_sample(model) -> float:
-        scripted = to_torchscript(model.eval(), result.backbone.example_input)
-        return float(ev.measure_end_to_end(scripted, x, batch_sizes=(batch_size,), settings=settings)
-                     .at(batch_size).median_ms) / batch_size
+    from ..evaluator import MeasureSettings
 
-    t_none, t_every = per_sample(none), per_sample(every)
+    s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
+    scripted = {k: to_torchscript(m.eval(), result.backbone.example_input) for k, m in (("none", none),
+                                                                                       ("every", every))}
+    timed: dict[str, list[float]] = {"none": [], "every": []}
+    for r in range(rounds):
+        sr = s0 if r == 0 else replace(s0, seed=(s0.seed + r) % 2**32)
+        for k in ("none", "every"):
+            timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,), settings=sr)
+                                  .at(batch_size).median_ms) / batch_size)
+    t_none, t_every = float(np.median(timed["none"])), float(np.median(timed["every"]))
     fixed = t_none - costs.base
     decision = (t_every - t_none - float(costs.c1.sum())) / len(names)
     cal = {"call_ms": call, "fixed_ms": fixed, "decision_ms": decision, "no_exit_ms": t_none,
-           "every_exit_ms": t_every, "samples": int(n)}
+           "every_exit_ms": t_every, "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
+           "samples": int(n)}
     return ExitCosts("ms", np.maximum(costs.c1 + decision, 0.0), np.maximum(costs.before + fixed, 0.0),
                      max(t_none, 1e-9),
                      f"{src}; segment profile - {call:.3f} ms per segment call + end-to-end calibration: "

@@ -166,6 +166,15 @@ def findings(profile, topo_path, max_partitions: int | None) -> dict:
     return out
 
 
+def scaled_profile(profile, scale: float):
+    """``profile`` with every block and head time multiplied by ``scale`` (e.g. 0.1: this CPU -> a GPU-class
+    reference device, which the topologies' computation ratios are relative to)."""
+    from dataclasses import replace
+
+    return replace(profile, block_time_s=tuple(float(t) * scale for t in profile.block_time_s),
+                   head_time_s=tuple(float(t) * scale for t in profile.head_time_s))
+
+
 def paper_cases(profile, max_partitions) -> dict:
     """The paper's own questions, scaled to this backbone: case I (P_lat 3 points below the best, mobile),
     II (P_acc 300 ms, mobile), III (P_acc 80 ms, IIoT), IV (P_lat at 80 % of the best accuracy, IIoT, two
@@ -254,7 +263,7 @@ def real_run(comp, profile, n_samples: int, shaping: float, out_dir: Path) -> di
             "wall_s_including_process_start": total}
 
 
-def run(depths, count: int, run_samples: int, shaping: float) -> dict:
+def run(depths, count: int, run_samples: int, shaping: float, reference_scale: float = 0.1) -> dict:
     import torch
 
     from autoexit.data import default_cache_dir
@@ -284,6 +293,11 @@ def run(depths, count: int, run_samples: int, shaping: float) -> dict:
                                "output_kbit": [b / 1000 for b in prof.output_bits],
                                "head_accuracy": list(prof.head_accuracy), "device": prof.meta.get("device")}}
         d["findings"] = {t: findings(prof, p, maxp) for t, p in TOPOLOGIES.items()}
+        # the topologies' ratios are relative to the paper's reference GPU; this CPU is ~10x slower per block,
+        # so compute weighs ~10x more against the links than in the paper: the findings again at GPU scale
+        ref = scaled_profile(prof, reference_scale)
+        d["reference_scale"] = reference_scale
+        d["findings_reference_scaled"] = {t: findings(ref, p, maxp) for t, p in TOPOLOGIES.items()}
         d["paper_cases"] = paper_cases(prof, maxp)
         d["speed"] = speed(prof, maxp)
         print(f"{name}: validation on {count} random partitionings...", flush=True)
@@ -306,26 +320,33 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=12, help="random partitionings for the validation")
     ap.add_argument("--run-samples", type=int, default=100, help="test samples through the 3 processes (0: skip)")
     ap.add_argument("--shaping", type=float, default=1.0, help="link shaping of the real run (1 = real time)")
+    ap.add_argument("--reference-scale", type=float, default=0.1,
+                    help="compute-time factor from this machine to the topologies' reference device for the "
+                         "second findings pass (paper 004 profiles on an RTX 3080; default 0.1)")
     args = ap.parse_args(argv)
     require_fixtures()
-    res = run(args.depths, args.count, args.run_samples, args.shaping)
+    res = run(args.depths, args.count, args.run_samples, args.shaping, args.reference_scale)
     rows, frows, vrows = [], [], []
     for depth in args.depths:
         d = res[f"resnet{depth}"]
-        for t, f in d["findings"].items():
-            def h(key, f=f):
-                x = f[key]
-                return f"{x['holds_at_front_points']}/{x['front_points']} ({x['holds_at']}/{x['grid_points']})"
+        for scale_label, fkey in (("this CPU", "findings"),
+                                  (f"x{args.reference_scale:g}", "findings_reference_scaled")):
+            for t, f in d[fkey].items():
+                def h(key, f=f):
+                    x = f[key]
+                    return f"{x['holds_at_front_points']}/{x['front_points']} ({x['holds_at']}/{x['grid_points']})"
 
-            frows.append({"model": f"resnet{depth}", "topology": t, "configs": f["configurations"],
-                          "trimming optimal (P_lat)": h("trimming"),
-                          ">1 partition beats 1 (P_acc)": h("several_partitions_vs_one"),
-                          "3+ beat <=2 (P_acc)": h("several_partitions_vs_two"),
-                          "non-consecutive optimal (P_acc)": h("non_consecutive"),
-                          "... destination cloud": h("non_consecutive_dest_cloud"),
-                          "destination changes placement": f"{f['destination']['placement_differs_at']}/"
-                                                           f"{f['destination']['grid_points']}",
-                          "... same P": f["destination"]["same_partitioning_differs_at"]})
+                frows.append({"model": f"resnet{depth}", "compute": scale_label, "topology": t,
+                              "configs": f["configurations"],
+                              "trimming optimal (P_lat)": h("trimming"),
+                              ">1 partition beats 1 (P_acc)": h("several_partitions_vs_one"),
+                              "3+ beat <=2 (P_acc)": h("several_partitions_vs_two"),
+                              "non-consecutive optimal (P_acc)": h("non_consecutive"),
+                              "... P_lat": h("non_consecutive_p_lat"),
+                              "... destination cloud": h("non_consecutive_dest_cloud"),
+                              "destination changes placement": f"{f['destination']['placement_differs_at']}/"
+                                                               f"{f['destination']['grid_points']}",
+                              "... same P": f["destination"]["same_partitioning_differs_at"]})
         v = d["validation"]["summary"]
         o = d["validation_test_profile"]
         vrows.append({"model": f"resnet{depth}", "partitionings": v["n_partitionings"],

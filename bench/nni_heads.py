@@ -15,7 +15,10 @@ short training schedule for every head, searched or default alike (``--epochs`` 
 core's 40-epoch heads; the comparison is like for like.
 
 End to end: the core pipeline (``pipeline.assemble``) on the default heads and on the searched
-heads (points where no head beat chance are discarded) at 1 % tolerance, with the default exit
+heads, first as the search trained them, then (unless ``--no-full-schedule``) with both the
+winning architectures and the default ones retrained by the core's own schedule (``TrainConfig()``
+on every train sample, cached under ``~/.cache/autoexit/heads``), which is how an exported winner
+is used (points where no head beat chance are discarded) at 1 % tolerance, with the default exit
 policy (``max_softmax``, guaranteed budget) and with paper 003's rule (``paper003``: T/2^n +
 K(S)); expected FLOPs and accuracy drop on the held-out test split. Paper 003 (appendix D,
 table 10) reports that NAS heads cut the FLOPs of the early-exit model by about 16 % on average
@@ -143,6 +146,29 @@ def run_depth(depth: int, args) -> dict:
                     "searched kept": len(s["kept"]), "searched saving": s["test_saving"],
                     "searched drop pp": s["test_drop_pp"], "FLOPs cut by NAS": cut,
                     "default": d, "searched": s})
+    if args.full_schedule:  # the winners exported into the core pipeline: the core's own training schedule
+        from autoexit.data import default_cache_dir
+        from autoexit.search.pipeline import train_heads_cached
+
+        hc = default_cache_dir() / "heads"
+        t0 = time.perf_counter()
+        full_default = train_heads_cached(rec, {}, TrainConfig(), cache_dir=hc, progress=True)
+        specs = {n: h.spec for n, h in searched_heads.items()}
+        full_searched = train_heads_cached(rec, specs, TrainConfig(), cache_dir=hc, points=list(specs), progress=True)
+        t_full = time.perf_counter() - t0
+        for p in points:
+            row = next(r for r in rows if r["point"] == p.name)
+            row["default agree (full)"] = full_default[p.name].val_agreement
+            row["searched agree (full)"] = full_searched[p.name].val_agreement if p.name in full_searched else None
+        for policy in POLICIES:
+            d = end_to_end(tb, points, rec, full_default, policy, args.tolerance)
+            s = end_to_end(tb, points, rec, full_searched, policy, args.tolerance)
+            cut = 1 - s["test_expected_flops"] / d["test_expected_flops"]
+            e2e.append({"network": f"ResNet-{depth}", "policy": f"{policy} (core schedule)",
+                        "default kept": len(d["kept"]), "default saving": d["test_saving"],
+                        "default drop pp": d["test_drop_pp"], "searched kept": len(s["kept"]),
+                        "searched saving": s["test_saving"], "searched drop pp": s["test_drop_pp"],
+                        "FLOPs cut by NAS": cut, "default": d, "searched": s, "train_s": t_full})
     heads_flops = {"default_total_head_flops": sum(v[0].flops for v in defaults.values()),
                    "searched_total_head_flops": sum(h.flops for h in searched_heads.values())}
     return {"depth": depth, "points": [p.name for p in points], "backbone_flops": tb.total_flops,
@@ -161,6 +187,9 @@ def main() -> None:
     ap.add_argument("--strategy", default="random", choices=["random", "tpe", "evolution"])
     ap.add_argument("--cost-weight", type=float, default=1.0)
     ap.add_argument("--tolerance", type=float, default=1.0)
+    ap.add_argument("--no-full-schedule", dest="full_schedule", action="store_false",
+                    help="skip retraining the winners and the default heads with the core's own schedule "
+                         "(TrainConfig(), every train sample; cached) before the end-to-end comparison")
     args = ap.parse_args()
     require_fixtures()
     import torch

@@ -137,15 +137,19 @@ def run_depth(depth: int, args) -> dict:
     searched_heads = dict(found.heads)
     default_only = {k: v[0] for k, v in defaults.items()}
     e2e = []
-    for policy in POLICIES:
-        d = end_to_end(tb, points, rec, default_only, policy, args.tolerance)
-        s = end_to_end(tb, points, rec, searched_heads, policy, args.tolerance)
-        cut = 1 - s["test_expected_flops"] / d["test_expected_flops"]
-        e2e.append({"network": f"ResNet-{depth}", "policy": policy, "default kept": len(d["kept"]),
-                    "default saving": d["test_saving"], "default drop pp": d["test_drop_pp"],
-                    "searched kept": len(s["kept"]), "searched saving": s["test_saving"],
-                    "searched drop pp": s["test_drop_pp"], "FLOPs cut by NAS": cut,
-                    "default": d, "searched": s})
+
+    def compare(default: dict, searched: dict, suffix: str = "", **extra) -> None:
+        for policy in POLICIES:
+            d = end_to_end(tb, points, rec, default, policy, args.tolerance)
+            s = end_to_end(tb, points, rec, searched, policy, args.tolerance)
+            e2e.append({"network": f"ResNet-{depth}", "policy": policy + suffix, "default kept": len(d["kept"]),
+                        "default saving": d["test_saving"], "default drop pp": d["test_drop_pp"],
+                        "searched kept": len(s["kept"]), "searched saving": s["test_saving"],
+                        "searched drop pp": s["test_drop_pp"],
+                        "FLOPs cut by NAS": 1 - s["test_expected_flops"] / d["test_expected_flops"],
+                        "default": d, "searched": s, **extra})
+
+    compare(default_only, searched_heads)
     if args.full_schedule:  # the winners exported into the core pipeline: the core's own training schedule
         from autoexit.data import default_cache_dir
         from autoexit.search.pipeline import train_heads_cached
@@ -156,19 +160,11 @@ def run_depth(depth: int, args) -> dict:
         specs = {n: h.spec for n, h in searched_heads.items()}
         full_searched = train_heads_cached(rec, specs, TrainConfig(), cache_dir=hc, points=list(specs), progress=True)
         t_full = time.perf_counter() - t0
-        for p in points:
-            row = next(r for r in rows if r["point"] == p.name)
-            row["default agree (full)"] = full_default[p.name].val_agreement
-            row["searched agree (full)"] = full_searched[p.name].val_agreement if p.name in full_searched else None
-        for policy in POLICIES:
-            d = end_to_end(tb, points, rec, full_default, policy, args.tolerance)
-            s = end_to_end(tb, points, rec, full_searched, policy, args.tolerance)
-            cut = 1 - s["test_expected_flops"] / d["test_expected_flops"]
-            e2e.append({"network": f"ResNet-{depth}", "policy": f"{policy} (core schedule)",
-                        "default kept": len(d["kept"]), "default saving": d["test_saving"],
-                        "default drop pp": d["test_drop_pp"], "searched kept": len(s["kept"]),
-                        "searched saving": s["test_saving"], "searched drop pp": s["test_drop_pp"],
-                        "FLOPs cut by NAS": cut, "default": d, "searched": s, "train_s": t_full})
+        for row in rows:
+            row["default agree (full)"] = full_default[row["point"]].val_agreement
+            row["searched agree (full)"] = (full_searched[row["point"]].val_agreement
+                                            if row["point"] in full_searched else None)
+        compare(full_default, full_searched, " (core schedule)", train_s=t_full)
     heads_flops = {"default_total_head_flops": sum(v[0].flops for v in defaults.values()),
                    "searched_total_head_flops": sum(h.flops for h in searched_heads.values())}
     return {"depth": depth, "points": [p.name for p in points], "backbone_flops": tb.total_flops,

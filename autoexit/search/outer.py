@@ -698,10 +698,9 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     prof = {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
     info = ev.info()
     src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
-    call = prof.pop("call", 0.0)
-    costs = ExitCosts.from_segment_profile(prof, names, source=src)
-    if not calibrate or not names:
-        return costs
+    call = prof.pop("call", None)
+    if call is None:  # not calibrating (or no exit to calibrate): the segment profile as measured
+        return ExitCosts.from_segment_profile(prof, names, source=src)
     costs = ExitCosts.from_segment_profile({k: max(v - call, 0.0) for k, v in prof.items()}, names, source=src)
     from ..model import MultiExitModel, to_torchscript
 
@@ -739,7 +738,6 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
                      max(t_none, 1e-9),
                      f"{src}; segment profile - {call:.3f} ms per segment call + end-to-end calibration: "
                      f"{fixed:+.3f} ms per model call, {decision:+.3f} ms per exit decision", cal)
-
 
 
 def _passthrough():

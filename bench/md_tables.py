@@ -4,8 +4,12 @@ Each generated table sits between ``<!-- BEGIN <name> -->`` and ``<!-- END <name
 markers in ``docs/benchmarks.md``; this script replaces only those blocks, so the
 hand-written text (and other benchmarks' sections) stay as they are.
 
+Blocks from ``bench/results/policies.json`` go to ``docs/policies.md`` and those from
+``bench/results/nni_heads.json`` to ``docs/nni.md`` (same marker convention).
+
 Usage: ``python bench/md_tables.py`` (after ``bench/peers.py``, ``bench/generality.py``,
-``bench/cifar10_resnet.py``); ``--print`` writes the blocks to stdout instead.
+``bench/cifar10_resnet.py``, ``bench/policies.py``, ``bench/nni_heads.py``); ``--print`` writes the
+blocks to stdout instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
+POLICIES_DOC = REPO / "docs" / "policies.md"
+NNI_DOC = REPO / "docs" / "nni.md"
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -104,6 +110,93 @@ def core_blocks() -> dict[str, str]:
     return {"core": f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}.\n\n" + table(res["rows"], cols)}
 
 
+def _earlyon_rows(workload: str) -> dict[float, dict]:
+    """earlyon's row per budget from peers.json (its own heads and calibration), for the policies table."""
+    path = RESULTS / "peers.json"
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text()).get("workloads", {}).get(workload, {}).get("rows", [])
+    return {float(r["budget %"]): r for r in rows if r.get("method") == "earlyon"}
+
+
+def policies_blocks() -> dict[str, str]:
+    path = RESULTS / "policies.json"
+    if not path.is_file():
+        return {}
+    res = json.loads(path.read_text())
+    env = res.get("environment", {})
+    out = {}
+    cols = [("T %", "T %", 1), ("policy", "policy", 0), ("exits", "exits", 0), ("saving %", "FLOPs saved %", 1),
+            ("drop %", "test drop pts", 2), ("disagree %", "disagreement %", 2), ("oracle share", "share of oracle", 2),
+            ("resplit saving %", "saved % (re-splits)", 1), ("resplit drop % (p90)", "drop p90 (re-splits)", 2),
+            ("viol(drop)", "violation rate (drop)", 2), ("guaranteed", "certified", 0)]
+    for r in res.get("results", []):
+        depth = r["depth"]
+        rows = [dict(x, guaranteed=("yes" if x.get("guaranteed") else "no") if x["policy"] != "paper003" else "-")
+                for x in r["rows"] + r.get("cascade_rows", [])]
+        rows.sort(key=lambda x: (x["T %"], 0 if x["policy"] != "gate+cascade" else 1))
+        for tol, e in sorted(_earlyon_rows(f"resnet{depth}").items()):
+            rows.append({"T %": tol, "policy": "earlyon (peers.py, labels)", "exits": e.get("exits"),
+                         "saving %": e["saving %"], "drop %": e["drop pts"], "oracle share": e.get("of oracle"),
+                         "guaranteed": "no"})
+        lat = r.get("latency") or {}
+        lat_txt = ""
+        if lat:
+            lat_txt = " CPU latency vs the backbone: " + "; ".join(
+                f"{k}: bs1 {v.get('bs1 ratio', float('nan')):.2f}x, bs32 {v.get('bs32 ratio', float('nan')):.2f}x"
+                for k, v in lat.items() if isinstance(v, dict)) + "."
+        note = (f"ResNet-{depth}: backbone test accuracy {100 * r['backbone_test_accuracy']:.2f} %, "
+                f"{len(r['candidates'])} candidate exits, oracle saving {100 * r['oracle_saving']['test']:.1f} % "
+                f"(test), {res.get('resplits', '?')} re-splits of val + test, delta = 0.1. "
+                f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}"
+                + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
+        out[f"policies-resnet{depth}"] = note + "\n\n" + table(rows, cols)
+    return out
+
+
+def nni_blocks() -> dict[str, str]:
+    path = RESULTS / "nni_heads.json"
+    if not path.is_file():
+        return {}
+    res = json.loads(path.read_text())
+    env = res.get("environment", {})
+    out = {}
+    for r in res.get("results", []):
+        depth = r["depth"]
+        rows = []
+        for x in r["rows"]:
+            rows.append({"point": x["point"],
+                         "default": f"{x['default agree']:.3f}, {x['default FLOPs'] / 1e3:,.0f} k",
+                         "searched head": x["searched head"],
+                         "searched": (f"{x['searched agree']:.3f}, {x['searched FLOPs'] / 1e3:,.0f} k"
+                                      if x.get("searched agree") is not None else "-"),
+                         "trials": x["trials ok/costly/chance"],
+                         "better": ("yes" if x.get("searched score") is not None
+                                    and x["searched score"] > x["default score"] else "no")})
+        t = r.get("timings_s", {})
+        note = (f"ResNet-{depth}: {len(r['points'])} exit points, chance agreement {r['chance']:.3f}; search "
+                f"{t.get('search', 0) / 60:.1f} min, default heads {t.get('default_heads', 0) / 60:.1f} min. "
+                f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}.")
+        out[f"nni-resnet{depth}"] = note + "\n\n" + table(rows, [
+            ("point", "point", 0), ("default", "default head: agreement, FLOPs", 0),
+            ("searched head", "searched head", 0), ("searched", "agreement, FLOPs", 0),
+            ("trials", "trials ok/too costly/chance", 0), ("better", "better score", 0)])
+    e2e = [dict(x, **{"default saving": 100 * x["default saving"], "searched saving": 100 * x["searched saving"],
+                      "FLOPs cut by NAS": 100 * x["FLOPs cut by NAS"]})
+           for r in res.get("results", []) for x in r.get("end_to_end", [])]
+    if e2e:
+        s = res.get("settings", {})
+        out["nni-e2e"] = (f"End to end at {s.get('tolerance', 1.0)} % tolerance (test split); mean cut in expected "
+                          f"FLOPs by the searched heads {100 * res['mean_flops_cut']:.1f} % vs paper 003's "
+                          f"~{100 * res['paper_flops_cut']:.0f} % -> {res['verdict']}. Command: `{res['command']}`."
+                          "\n\n" + table(e2e, [
+                              ("network", "network", 0), ("policy", "policy", 0), ("default kept", "default: exits", 0),
+                              ("default saving", "saved %", 1), ("default drop pp", "drop pts", 2),
+                              ("searched kept", "searched: exits", 0), ("searched saving", "saved %", 1),
+                              ("searched drop pp", "drop pts", 2), ("FLOPs cut by NAS", "FLOPs cut by NAS %", 1)]))
+    return out
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     done = []
     for name, body in blocks.items():
@@ -118,16 +211,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--print", action="store_true", help="print the blocks instead of updating the page")
     args = ap.parse_args(argv)
-    blocks = {**core_blocks(), **peers_blocks(), **generality_blocks()}
+    pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks()},
+             POLICIES_DOC: policies_blocks(), NNI_DOC: nni_blocks()}
     if args.print:
-        for name, body in blocks.items():
-            print(f"<!-- BEGIN {name} -->\n{body}\n<!-- END {name} -->\n")
+        for blocks in pages.values():
+            for name, body in blocks.items():
+                print(f"<!-- BEGIN {name} -->\n{body}\n<!-- END {name} -->\n")
         return 0
-    text, done = replace_blocks(DOC.read_text(), blocks)
-    DOC.write_text(text)
-    missing = sorted(set(blocks) - set(done))
-    print(f"updated {', '.join(done) or 'nothing'} in {DOC.relative_to(REPO)}"
-          + (f"; no markers for {', '.join(missing)}" if missing else ""))
+    for doc, blocks in pages.items():
+        if not blocks:
+            continue
+        text, done = replace_blocks(doc.read_text(), blocks)
+        doc.write_text(text)
+        missing = sorted(set(blocks) - set(done))
+        print(f"updated {', '.join(done) or 'nothing'} in {doc.relative_to(REPO)}"
+              + (f"; no markers for {', '.join(missing)}" if missing else ""))
     return 0
 
 

@@ -364,8 +364,9 @@ def main(argv=None) -> int:
     ap.add_argument("--earlyon-epochs", type=int, default=20, help="earlyon stage-2 epochs (its default: 20)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (training and latency timing)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     path = RESULTS / "peers.json"
     previous = json.loads(path.read_text()).get("workloads", {}) if path.is_file() else {}

@@ -191,3 +191,67 @@ def test_configuration_errors_are_one_line(digits_result):
     with pytest.raises(AutoExitError, match="needs labels"):
         make_policy("max_softmax").fit(PolicyContext(nolab, nolab, costs, 2.0, risk="harm"))
     assert set(POLICIES) >= {"paper003", "max_softmax", "margin", "entropy", "patience", "gate"}
+
+
+def _brute_force_flops(names_all, z_tables, thr_full, costs, table):
+    """Expected FLOPs of the full chain at ``thr_full`` when every head up to the exit is paid, counting
+    only heads that can change a decision (re-executed by hand, independently of finalise)."""
+    from autoexit.policies.cascade import chain_scores
+    from autoexit.policies.rules import ConfidenceRule
+
+    k = len(thr_full)
+    s = chain_scores([ConfidenceRule(0) for _ in range(k)], list(range(k)), table)
+    used = [j for j in range(k) if np.isfinite(thr_full[j])]
+    total = 0.0
+    for i in range(table.n):
+        spent, cost = 0.0, None
+        for j in used:
+            spent += costs.c1[j]
+            if s[j, i] >= thr_full[j]:
+                cost = costs.before[j] + spent
+                break
+        total += costs.base + spent if cost is None else cost
+    return total / table.n
+
+
+def test_finalise_drops_unused_heads_exactly_and_never_costs_more_than_the_backbone():
+    from autoexit.policies import evaluate_thresholds, finalise
+    from autoexit.policies.cascade import certify, chain_scores, loss_matrix
+    from autoexit.policies.rules import ConfidenceRule
+
+    fit, cal = _synthetic_tables(seed=0), _synthetic_tables(seed=1)
+    costs = ExitCosts([1.0, 1.0, 1.0], [10.0, 50.0, 80.0], 100.0)
+    rules = [ConfidenceRule(0) for _ in range(3)]
+    chain = [0, 1, 2]
+    s = chain_scores(rules, chain, cal)
+    # a hand-made family: row 1 uses exit 2 only (exits 0, 1 at +inf), row 2 adds exit 0
+    q = np.quantile(s, 0.5, axis=1)
+    family = np.array([[np.inf, np.inf, np.inf], [np.inf, np.inf, q[2]], [q[0], np.inf, q[2]]])
+    res, exit_of = certify(s, loss_matrix(cal, chain, "disagreement"), family, 0.2, 0.1)
+    assert res.index == 2
+    fp = finalise("max_softmax", ["e0", "e1", "e2"], chain, rules, family, res, exit_of, costs, "disagreement", {})
+    # the never-firing exit 1 is gone; decisions are those of the full chain at the chosen row
+    assert 1 not in fp.chain and fp.info["dropped_exits"][0] == "e1"
+    full = evaluate_thresholds(chain, s, family[fp.guarantee.index], cal, costs)
+    mine = fp.evaluate(cal, costs)
+    assert mine["disagreement"] == pytest.approx(full["disagreement"])
+    # its FLOPs are the brute-force re-execution's, and the chosen row is the cheapest certified one
+    brute = [_brute_force_flops(chain, cal.z, family[r], costs, cal) for r in range(res.index + 1)]
+    assert mine["flops"] == pytest.approx(brute[fp.guarantee.index])
+    assert mine["flops"] == pytest.approx(min(min(brute), costs.base))
+    # heads whose exits cost more than they save: the backbone alone (no head is run)
+    dear = ExitCosts([60.0, 60.0, 60.0], [10.0, 50.0, 80.0], 100.0)
+    fp2 = finalise("max_softmax", ["e0", "e1", "e2"], chain, rules, family, res, exit_of, dear, "disagreement", {})
+    assert fp2.chain == [] and fp2.evaluate(cal, dear)["saving"] == 0.0
+
+
+def test_fitted_policies_never_cost_more_than_the_backbone_and_recertify_from_the_full_chain():
+    fit, cal = _synthetic_tables(seed=0), _synthetic_tables(seed=1)
+    test = _synthetic_tables(seed=2)
+    dear = ExitCosts([30.0, 30.0, 30.0], [10.0, 50.0, 80.0], 100.0)
+    for name in ("max_softmax", "patience"):
+        fp = make_policy(name).fit(PolicyContext(fit, cal, dear, 0.5))
+        assert fp.evaluate(cal, dear)["flops"] <= dear.base + 1e-9, name
+        again = fp.recertify(test)
+        assert again.full[1] == fp.full[1]  # same full chain: recalibration starts before the pruning
+        assert again.evaluate(test, dear)["flops"] <= dear.base + 1e-9, name

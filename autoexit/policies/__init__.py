@@ -22,7 +22,14 @@ Every guaranteed policy runs the same three steps (``RiskControlledPolicy``):
    (:func:`~autoexit.policies.cascade.greedy_path`);
 2. on *calibration* data (the val split): Learn-then-Test with fixed-sequence
    testing along the family (:func:`~autoexit.policies.cascade.certify`);
-3. the result: with probability >= 1 - delta over the calibration draw, the
+3. among the certified configurations, the one that is cheapest on the
+   calibration data is deployed, without the heads it never uses (an exit whose
+   threshold is +inf, or that no sample can reach), and with no exit at all
+   when no certified configuration is cheaper than the backbone
+   (:func:`finalise`). Fixed-sequence testing controls the family-wise error,
+   so every certified configuration (and the backbone, which has zero risk)
+   is valid at once and this choice keeps the guarantee;
+4. the result: with probability >= 1 - delta over the calibration draw, the
    risk of the deployed cascade on new data from the same distribution is
    <= the tolerance. ``risk="disagreement"`` (label-free, default) bounds the
    accuracy drop from above; ``risk="harm"`` / ``risk="drop"`` need labels on
@@ -81,6 +88,7 @@ __all__ = [
     "GateRule",
     "fixed_sequence",
     "evaluate_thresholds",
+    "finalise",
     "RISKS",
 ]
 
@@ -156,6 +164,10 @@ class FittedPolicy:
     family: np.ndarray | None = None  # [M, k] the ordered threshold family the guarantee was tested along
     delta: float = 0.1
     alpha: float | None = None
+    # the chain (names, candidate indices, rules) the family was built for, before finalise() dropped
+    # unused heads, and the costs finalise() compared configurations with
+    full: tuple[list[str], list[int], list[nn.Module]] | None = None
+    costs: ExitCosts | None = None
 
     def recertify(self, cal: ExitTable, alpha: float | None = None, delta: float | None = None,
                   seed: int = 0) -> FittedPolicy:
@@ -164,10 +176,14 @@ class FittedPolicy:
             raise AutoExitError(f"policy {self.policy!r} has no threshold family to recalibrate")
         a = self.alpha if alpha is None else alpha
         d = self.delta if delta is None else delta
-        res, _ = certify(self.scores(cal), loss_matrix(cal, self.chain, self.risk), self.family, a, d,
-                         self.risk, seed)
-        return FittedPolicy(self.policy, self.names, self.chain, self.rules, self.family[max(res.index, 0)],
-                            self.risk, res, {**self.info, "cal_n": cal.n}, self.family, d, a)
+        names, chain, rules = self.full if self.full is not None else (self.names, self.chain, self.rules)
+        res, exit_of = certify(chain_scores(rules, chain, cal), loss_matrix(cal, chain, self.risk), self.family,
+                               a, d, self.risk, seed)
+        info = {**self.info, "cal_n": cal.n}
+        if self.costs is None:
+            return FittedPolicy(self.policy, names, chain, rules, self.family[max(res.index, 0)], self.risk, res,
+                                info, self.family, d, a)
+        return finalise(self.policy, names, chain, rules, self.family, res, exit_of, self.costs, self.risk, info)
 
     def scores(self, table: ExitTable) -> np.ndarray:
         """[kept exits, n] scores of every sample of ``table`` (as the scripted model computes them)."""
@@ -199,6 +215,56 @@ class FittedPolicy:
         if self.guarantee is not None:
             d["guarantee"] = self.guarantee.to_dict()
         return d
+
+
+def _kept_positions(thr: np.ndarray, history: bool) -> list[int]:
+    """Positions of a chain whose heads a threshold vector uses: exits after one that takes every sample
+    (-inf) are never reached; an exit at +inf never fires, and is dropped when no later rule reads its
+    logits (rules without history; with history, only the never-firing exits after the last one that fires)."""
+    k = len(thr)
+    stop = next((j for j in range(k) if thr[j] == -np.inf), k - 1)
+    reach = list(range(min(stop + 1, k)))
+    if not history:
+        return [j for j in reach if np.isfinite(thr[j]) or thr[j] == -np.inf]
+    fires = [j for j in reach if thr[j] != np.inf]
+    return reach[: fires[-1] + 1] if fires else []
+
+
+def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Sequence[nn.Module],
+             family: np.ndarray, res: RiskControlResult, exit_of: np.ndarray, costs: ExitCosts, risk: str,
+             info: dict) -> FittedPolicy:
+    """The deployed policy: the certified family row that is cheapest on the calibration data (its expected
+    FLOPs once unused heads are dropped), or no exit at all when none is cheaper than the backbone.
+
+    ``exit_of`` [M, n]: exit position of every calibration sample under each family row (from
+    :func:`~autoexit.policies.cascade.certify`). Every row up to ``res.index`` is certified at once
+    (fixed-sequence testing controls the family-wise error) and the backbone alone has zero risk, so the
+    choice keeps the guarantee. ``res.index`` becomes the chosen row; the last certified one is kept in
+    ``info["last_certified_row"]``.
+    """
+    chain, names, rules = list(chain), list(names), list(rules)
+    k = len(chain)
+    history = any(int(getattr(r, "history", 0)) for r in rules)
+    rows = range(res.index + 1) if res.index >= 0 else range(1)
+    best = None  # (cal FLOPs, row, kept positions)
+    for r in rows:
+        keep = _kept_positions(family[r], history)
+        where = np.full(k + 1, len(keep), dtype=np.int64)
+        where[keep] = np.arange(len(keep))
+        flops = float(chain_costs(costs, [chain[j] for j in keep])[where[exit_of[r]]].mean()) if k else costs.base
+        if best is None or flops < best[0] - 1e-9 * costs.base:
+            best = (flops, r, keep)
+    flops, row, keep = best
+    if flops >= costs.base:  # nothing certified beats running the backbone alone
+        keep = []
+    chosen = RiskControlResult(row if res.index >= 0 else -1, res.alpha, res.delta, res.n, res.method,
+                               res.pvalues, res.empirical_risk)
+    dropped = [names[j] for j in range(k) if j not in keep]
+    info = {**info, "last_certified_row": res.index, "chosen_row": chosen.index, "dropped_exits": dropped,
+            "cal_flops": min(flops, costs.base)}
+    return FittedPolicy(policy, [names[j] for j in keep], [chain[j] for j in keep], [rules[j] for j in keep],
+                        np.asarray(family[row], dtype=float)[keep], risk, chosen, info, family, res.delta, res.alpha,
+                        (names, chain, rules), costs)
 
 
 def evaluate_thresholds(chain: Sequence[int], scores: np.ndarray, thresholds: np.ndarray, table: ExitTable,
@@ -282,14 +348,13 @@ class RiskControlledPolicy(ExitPolicy):
         path = greedy_path(s_fit, self.fit_losses(ctx, chain), chain_costs(ctx.costs, chain),
                            chunk=max(1, n_fit // self.path_chunk_divisor), max_risk=max_risk)
         s_cal = chain_scores(rules, chain, ctx.cal)
-        res, _ = certify(s_cal, loss_matrix(ctx.cal, chain, ctx.risk), path.thresholds, alpha, ctx.delta,
-                         ctx.risk, ctx.seed)
-        thr = path.thresholds[max(res.index, 0)]
+        res, exit_of = certify(s_cal, loss_matrix(ctx.cal, chain, ctx.risk), path.thresholds, alpha, ctx.delta,
+                               ctx.risk, ctx.seed)
         info = {"fit_n": n_fit, "cal_n": ctx.cal.n, "target_fit_risk": r_star, "path_length": len(path.fit_risk),
                 "fit_flops_at_target": fit_flops, "subsets_scored": len(trace), "delta": ctx.delta,
                 "tolerance_percent": ctx.tolerance}
-        return FittedPolicy(self.name, [ctx.fit.names[i] for i in chain], chain, rules, thr, ctx.risk, res, info,
-                            path.thresholds, ctx.delta, alpha)
+        return finalise(self.name, [ctx.fit.names[i] for i in chain], chain, rules, path.thresholds, res, exit_of,
+                        ctx.costs, ctx.risk, info)
 
 
 @register_policy("max_softmax")

@@ -227,7 +227,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
             m = fp.evaluate(test, costs)
             fitted_all[(tol, label)] = fp
             # re-splits
-            s_pool = fp.scores(pool) if fp.chain else np.zeros((0, pool.n))
+            s_pool = fp.full_scores(pool) if policy != "paper003" else None
             viol_drop = viol_dis = 0
             savings, drops = [], []
             for perm in splits:
@@ -239,7 +239,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
                     mr = fr.evaluate(test_t, costs)
                 else:
                     fr = fp.recertify(cal_t)
-                    mr = fr.evaluate(test_t, costs, scores=s_pool[:, test_idx])
+                    mr = fr.evaluate(test_t, costs, scores=fr.kept_scores(s_pool)[:, test_idx])
                 savings.append(mr["saving"])
                 drops.append(mr["drop"])
                 viol_drop += mr["drop"] > tol / 100
@@ -283,11 +283,12 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
             fp = make_policy("gate").fit(ctx)
             m = fp.evaluate(ctab["test"], ccosts)
             cpool = _pool(ctab["val"], ctab["test"])
-            s_pool = fp.scores(cpool)
+            s_pool = fp.full_scores(cpool)
             viol = 0
             for perm in splits:
                 fr = fp.recertify(cpool.subset_rows(perm[:n_val]))
-                mr = fr.evaluate(cpool.subset_rows(perm[n_val:]), ccosts, scores=s_pool[:, perm[n_val:]])
+                mr = fr.evaluate(cpool.subset_rows(perm[n_val:]), ccosts,
+                                 scores=fr.kept_scores(s_pool)[:, perm[n_val:]])
                 viol += mr["drop"] > tol / 100
             same_chain = base_fp.evaluate(test, costs)
             cascade_rows.append({"model": f"resnet{depth}", "T %": tol, "policy": "gate+cascade",

@@ -219,7 +219,7 @@ def test_finalise_drops_unused_heads_exactly_and_never_costs_more_than_the_backb
     from autoexit.policies.cascade import certify, chain_scores, loss_matrix
     from autoexit.policies.rules import ConfidenceRule
 
-    fit, cal = _synthetic_tables(seed=0), _synthetic_tables(seed=1)
+    cal = _synthetic_tables(seed=1)
     costs = ExitCosts([1.0, 1.0, 1.0], [10.0, 50.0, 80.0], 100.0)
     rules = [ConfidenceRule(0) for _ in range(3)]
     chain = [0, 1, 2]
@@ -255,3 +255,6 @@ def test_fitted_policies_never_cost_more_than_the_backbone_and_recertify_from_th
         again = fp.recertify(test)
         assert again.full[1] == fp.full[1]  # same full chain: recalibration starts before the pruning
         assert again.evaluate(test, dear)["flops"] <= dear.base + 1e-9, name
+        # scores computed once for the full chain give the recertified policy's own decisions
+        via_full = again.evaluate(test, dear, scores=again.kept_scores(fp.full_scores(test)))
+        assert via_full["flops"] == pytest.approx(again.evaluate(test, dear)["flops"]), name

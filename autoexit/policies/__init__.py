@@ -185,6 +185,17 @@ class FittedPolicy:
                                 info, self.family, d, a)
         return finalise(self.policy, names, chain, rules, self.family, res, exit_of, self.costs, self.risk, info)
 
+    def full_scores(self, table: ExitTable) -> np.ndarray:
+        """Scores of the whole chain the threshold family was built for (before unused heads were dropped);
+        compute them once and pass ``kept_scores(full)`` to :meth:`evaluate` of any recertified copy."""
+        names, chain, rules = self.full if self.full is not None else (self.names, self.chain, self.rules)
+        return chain_scores(rules, chain, table) if chain else np.zeros((0, table.n))
+
+    def kept_scores(self, full_scores: np.ndarray) -> np.ndarray:
+        """This policy's rows of :meth:`full_scores` (an exit's score depends only on exits that are kept)."""
+        chain = self.full[1] if self.full is not None else self.chain
+        return full_scores[[chain.index(c) for c in self.chain]]
+
     def scores(self, table: ExitTable) -> np.ndarray:
         """[kept exits, n] scores of every sample of ``table`` (as the scripted model computes them)."""
         return chain_scores(self.rules, self.chain, table)

@@ -142,12 +142,12 @@ def policies_blocks() -> dict[str, str]:
         lat = r.get("latency") or {}
         lat_txt = ""
         if lat:
-            lat_txt = " CPU latency vs the backbone: " + "; ".join(
-                f"{k}: bs1 {v.get('bs1 ratio', float('nan')):.2f}x, bs32 {v.get('bs32 ratio', float('nan')):.2f}x"
-                for k, v in lat.items() if isinstance(v, dict)) + "."
+            lat_txt = " CPU latency per sample vs the backbone at T = 1 % (noisy, shared machine): " + "; ".join(
+                f"{k} ({100 * v['test_saving']:.1f} % FLOPs saved): batch 1 {v['ratio']['1']:.2f}x, "
+                f"batch 32 {v['ratio']['32']:.2f}x" for k, v in lat.items() if isinstance(v, dict) and "ratio" in v) + "."
         note = (f"ResNet-{depth}: backbone test accuracy {100 * r['backbone_test_accuracy']:.2f} %, "
                 f"{len(r['candidates'])} candidate exits, oracle saving {100 * r['oracle_saving']['test']:.1f} % "
-                f"(test), {res.get('resplits', '?')} re-splits of val + test, delta = 0.1. "
+                f"(test), {res.get('args', {}).get('resplits', '?')} re-splits of val + test, delta = 0.1. "
                 f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}"
                 + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
         out[f"policies-resnet{depth}"] = note + "\n\n" + table(rows, cols)
@@ -175,7 +175,10 @@ def nni_blocks() -> dict[str, str]:
                                     and x["searched score"] > x["default score"] else "no")})
         t = r.get("timings_s", {})
         note = (f"ResNet-{depth}: {len(r['points'])} exit points, chance agreement {r['chance']:.3f}; search "
-                f"{t.get('search', 0) / 60:.1f} min, default heads {t.get('default_heads', 0) / 60:.1f} min. "
+                f"{t.get('search_as_run', t.get('search', 0)) / 60:.1f} min, default heads "
+                f"{t.get('default_heads_training', t.get('default_heads', 0)) / 60:.1f} min"
+                + (f", core-schedule retraining {t['core_schedule_training'] / 60:.1f} min"
+                   if t.get("core_schedule_training") else "") + ". "
                 f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}.")
         out[f"nni-resnet{depth}"] = note + "\n\n" + table(rows, [
             ("point", "point", 0), ("default", "default head: agreement, FLOPs", 0),

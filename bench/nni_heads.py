@@ -153,6 +153,7 @@ def run_depth(depth: int, args) -> dict:
                         "default": d, "searched": s, **extra})
 
     compare(default_only, searched_heads)
+    core_train_s = None
     if args.full_schedule:  # the winners exported into the core pipeline: the core's own training schedule
         from autoexit.data import default_cache_dir
         from autoexit.search.pipeline import train_heads_cached
@@ -165,6 +166,7 @@ def run_depth(depth: int, args) -> dict:
         specs = {n: h.spec for n, h in searched_heads.items() if n in chosen}
         full_searched = train_heads_cached(rec, specs, TrainConfig(), cache_dir=hc, points=list(specs), progress=True)
         t_full = time.perf_counter() - t0
+        core_train_s = sum(h.seconds for h in [*full_default.values(), *full_searched.values()])
         for row in rows:
             if row["point"] in full_default:
                 row["default agree (full)"] = full_default[row["point"]].val_agreement
@@ -176,7 +178,11 @@ def run_depth(depth: int, args) -> dict:
     return {"depth": depth, "points": [p.name for p in points], "backbone_flops": tb.total_flops,
             "chance": found.points[points[0].name].trials[0]["metrics"]["chance"] if found.points else None,
             "rows": rows, "end_to_end": e2e, "heads_flops": heads_flops, "failed": found.failed,
-            "timings_s": {"record": t_rec, "search": t_search, "default_heads": t_default},
+            # this run's wall times (near zero when cached) and the times the cached work took when it ran
+            "timings_s": {"record": t_rec, "search": t_search, "default_heads": t_default,
+                          "search_as_run": sum(pr.seconds for pr in found.points.values()),
+                          "default_heads_training": sum(v[0].seconds for v in defaults.values()),
+                          **({"core_schedule_training": core_train_s} if core_train_s is not None else {})},
             "search_config": cfg.to_dict()}
 
 

@@ -18,7 +18,7 @@ Every failure is listed with its reason.
 
 Usage::
 
-    python bench/generality.py                 # all 80 builders at 224x224 (~15-25 min on 2 cores)
+    python bench/generality.py                 # all 80 builders at 224x224 (about 5 min on 2 idle cores)
     python bench/generality.py --models resnet18 vit_b_16 --size 64
 
 Results: ``bench/results/generality.json`` (a run over some builders only: ``generality_partial.json``).

@@ -266,8 +266,8 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
         if best is None or flops < best[0] - 1e-9 * costs.base:
             best = (flops, r, keep)
     flops, row, keep = best
-    if flops >= costs.base:  # nothing certified beats running the backbone alone
-        keep = []
+    if flops >= costs.base:  # nothing certified beats running the backbone alone: row 0, nobody exits
+        row, keep = 0, []
     chosen = RiskControlResult(row if res.index >= 0 else -1, res.alpha, res.delta, res.n, res.method,
                                res.pvalues, res.empirical_risk)
     dropped = [names[j] for j in range(k) if j not in keep]

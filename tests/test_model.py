@@ -79,3 +79,21 @@ def test_empty_batch_and_bad_configuration():
         MultiExitModel(stages, heads + heads, num_classes=3)
     with pytest.raises(AutoExitError, match="temperatures"):
         MultiExitModel(stages, heads, temperatures=[0.0], num_classes=3)
+
+
+def test_scripted_backbone_reproduces_the_backbone_and_latency_compares_like_for_like(digits_result):
+    from autoexit.model import scripted_backbone
+
+    r = digits_result
+    sb = scripted_backbone(r.backbone)
+    assert isinstance(sb, torch.jit.ScriptModule)
+    x = r.recording.inputs("test")[:32]
+    with torch.no_grad():
+        out, idx = sb(x)
+        ref = r.backbone.model(x)
+    assert torch.equal(out, ref) and bool((idx == 0).all())  # no exits: every answer is the backbone's
+    lat = r.measure_latency(batch_sizes=(1,), rounds=1)
+    ms = lat["per_sample_ms"]
+    assert set(ms) == {"backbone", "early_exit", "backbone (eager)"}
+    assert lat["ratio"]["1"] == ms["early_exit"]["1"] / ms["backbone"]["1"]
+    assert "TorchScript" in lat["baseline"]

@@ -124,7 +124,8 @@ def policies_blocks() -> dict[str, str]:
     if not path.is_file():
         return {}
     res = json.loads(path.read_text())
-    env = res.get("environment", {})
+    env = res.get("environment_of_rows", res.get("environment", {}))
+    lat_env = res.get("environment", {}) if "environment_of_rows" in res else None
     out = {}
     cols = [("T %", "T %", 1), ("policy", "policy", 0), ("exits", "exits", 0), ("saving %", "FLOPs saved %", 1),
             ("drop %", "test drop pts", 2), ("disagree %", "disagreement %", 2), ("oracle share", "share of oracle", 2),
@@ -142,7 +143,8 @@ def policies_blocks() -> dict[str, str]:
         lat = r.get("latency") or {}
         lat_txt = ""
         if lat:
-            lat_txt = " CPU latency per sample vs the backbone at T = 1 % (noisy, shared machine): " + "; ".join(
+            when = f" (measured {lat_env.get('date', '?')} at commit {lat_env.get('commit', '?')})" if lat_env else ""
+            lat_txt = (f" CPU latency per sample vs the backbone in TorchScript at T = 1 %{when}: ") + "; ".join(
                 f"{k} ({100 * v['test_saving']:.1f} % FLOPs saved): batch 1 {v['ratio']['1']:.2f}x, "
                 f"batch 32 {v['ratio']['32']:.2f}x" for k, v in lat.items() if isinstance(v, dict) and "ratio" in v) + "."
         note = (f"ResNet-{depth}: backbone test accuracy {100 * r['backbone_test_accuracy']:.2f} %, "

@@ -21,7 +21,8 @@ on each draw. A violation is a test accuracy drop above the tolerance.
 Latency (last, noisy: the machine is shared): batch-1 and batch-32 CPU time per sample of the
 TorchScript early-exit model vs the backbone, ``autoexit.cost.compare_latency``.
 
-Run: ``python bench/policies.py`` (``--depths 20``, ``--resplits 50``, ``--no-latency``).
+Run: ``python bench/policies.py`` (``--depths 20``, ``--resplits 50``, ``--no-latency``; ``--latency-only``
+re-measures the latency of a recorded run, e.g. on a quieter machine).
 Results: ``bench/results/policies.json``.
 """
 
@@ -318,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cascade", action="store_true")
     ap.add_argument("--out", default="policies")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-measure only the latency of the depths' entries already in the output file")
     args = ap.parse_args(argv)
     require_fixtures()
     torch.set_num_threads(2)
@@ -329,6 +332,17 @@ def main(argv=None) -> int:
     from bench.common import RESULTS
 
     prior = RESULTS / f"{args.out}.json"
+    if args.latency_only:
+        if not prior.exists():
+            raise SystemExit(f"--latency-only needs {prior}; run the benchmark once without it")
+        blob = json.loads(prior.read_text())
+        for r in blob["results"]:
+            if r["depth"] in args.depths:
+                r["latency"] = run_depth_latency(r["depth"], log)
+        rows_env = blob.get("environment_of_rows", blob.get("environment"))
+        write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}
+                      | {"environment_of_rows": rows_env, "latency_remeasured_s": time.perf_counter() - t0})
+        return 0
     kept = []
     if prior.exists() and args.merge:  # results of other depths from an earlier run
         kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]

@@ -140,8 +140,9 @@ def time_callable(
 
     ``settings.warmup`` untimed runs (minus ``warmed_up`` already done), then
     groups of ``number`` runs; a group shorter than ``min_repeat_ms`` is
-    discarded and ``number`` grown (x1.618 at least, or enough to fill the
-    minimum), until ``repeat`` groups are kept. ``calls_per_run`` divides the
+    discarded, ``number`` grown (x1.618 at least, or enough to fill the
+    minimum) and the groups kept so far dropped, until ``repeat`` groups of the
+    same ``number`` (the one returned) are kept. ``calls_per_run`` divides the
     group time further (end-to-end: one run is a pass over several batches).
     """
     min_s = settings.min_repeat_ms / 1000.0
@@ -174,7 +175,8 @@ def time_callable(
             if elapsed < min_s and number < MAX_NUMBER:
                 per_run = max(elapsed / number, 1e-9)
                 number = min(MAX_NUMBER, max(int(min_s / per_run * 1.1) + 1, int(number * 1.618) + 1))
-                continue
+                samples.clear()  # every kept group runs the same ``number`` (the one reported); bounded:
+                continue  # number at least x1.618 per restart, up to MAX_NUMBER
             samples.append(elapsed / number / calls_per_run * 1000.0)
             if cooldown_s and len(samples) < settings.repeat:
                 time.sleep(cooldown_s)

@@ -33,7 +33,7 @@ def run(depths, tolerances, rounds: int, latency: bool) -> dict:
 
     from autoexit.data import default_cache_dir
     from autoexit.distill import TrainConfig
-    from autoexit.model import to_torchscript
+    from autoexit.model import scripted_backbone, to_torchscript
     from autoexit.pipeline import EnableConfig, assemble, prepare
     from autoexit.search.pipeline import train_heads_cached
 
@@ -47,6 +47,8 @@ def run(depths, tolerances, rounds: int, latency: bool) -> dict:
         tb, points, rec = prepare(model, data, base_cfg, progress=True)
         heads = train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=True)
         setup_s = time.perf_counter() - t0
+        # both in TorchScript: the ratio compares the models, not eager PyTorch with TorchScript
+        sb = scripted_backbone(tb) if latency else None
         for tol in tolerances:
             res = assemble(EnableConfig(tolerance=tol, granularity=2), tb, points, rec, heads)
             m = res.metrics["test"]
@@ -66,10 +68,8 @@ def run(depths, tolerances, rounds: int, latency: bool) -> dict:
             if latency:
                 scripted = to_torchscript(res.model, tb.example_input)
                 from autoexit.cost import compare_latency
-                from autoexit.model import scripted_backbone
 
-                # both in TorchScript: the ratio compares the models, not eager PyTorch with TorchScript
-                lat = compare_latency({"backbone": scripted_backbone(tb), "early_exit": scripted},
+                lat = compare_latency({"backbone": sb, "early_exit": scripted},
                                       rec.inputs("test"), (1, 32), rounds=rounds)
                 for b in (1, 32):
                     row[f"bs{b} ms/sample (bb)"] = lat["backbone"][b].median_ms

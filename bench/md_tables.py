@@ -29,6 +29,12 @@ POLICIES_DOC = REPO / "docs" / "policies.md"
 NNI_DOC = REPO / "docs" / "nni.md"
 
 
+def _load(name: str) -> dict:
+    """``bench/results/<name>.json``, or ``{}`` when that benchmark has not been recorded."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _fmt(v, digits: int = 2) -> str:
     if v is None:
         return "-"
@@ -53,10 +59,9 @@ PEER_COLUMNS = [("method", "method", 0), ("labels", "labels", 0), ("budget %", "
 
 
 def peers_blocks() -> dict[str, str]:
-    path = RESULTS / "peers.json"
-    if not path.is_file():
+    res = _load("peers")
+    if not res:
         return {}
-    res = json.loads(path.read_text())
     out = {}
     for wl, r in res.get("workloads", {}).items():
         d = r["details"]
@@ -78,10 +83,9 @@ def peers_blocks() -> dict[str, str]:
 
 
 def generality_blocks() -> dict[str, str]:
-    path = RESULTS / "generality.json"
-    if not path.is_file():
+    res = _load("generality")
+    if not res:
         return {}
-    res = json.loads(path.read_text())
     rows = [{"model": r["model"], "ok": "yes" if r["ok"] else "**no**", "points": r["n_points"],
              "equal": {True: "yes", False: "no", None: "-"}[r.get("equal")], "s": r["seconds"],
              "first / last point": f"{r['points'][0]} ... {r['points'][-1]}" if r.get("points") else "-",
@@ -97,10 +101,9 @@ def generality_blocks() -> dict[str, str]:
 
 
 def core_blocks() -> dict[str, str]:
-    path = RESULTS / "cifar10_resnet.json"
-    if not path.is_file():
+    res = _load("cifar10_resnet")
+    if not res:
         return {}
-    res = json.loads(path.read_text())
     cols = [("model", "model", 0), ("tolerance %", "tolerance %", 1), ("exits kept", "exits kept", 0),
             ("backbone acc %", "backbone acc %", 2), ("early-exit acc %", "early-exit acc %", 2),
             ("drop pts", "drop pts", 2), ("MFLOPs/sample", "MFLOPs/sample", 2), ("saving %", "FLOPs saved %", 1),
@@ -112,18 +115,14 @@ def core_blocks() -> dict[str, str]:
 
 def _earlyon_rows(workload: str) -> dict[float, dict]:
     """earlyon's row per budget from peers.json (its own heads and calibration), for the policies table."""
-    path = RESULTS / "peers.json"
-    if not path.is_file():
-        return {}
-    rows = json.loads(path.read_text()).get("workloads", {}).get(workload, {}).get("rows", [])
+    rows = _load("peers").get("workloads", {}).get(workload, {}).get("rows", [])
     return {float(r["budget %"]): r for r in rows if r.get("method") == "earlyon"}
 
 
 def policies_blocks() -> dict[str, str]:
-    path = RESULTS / "policies.json"
-    if not path.is_file():
+    res = _load("policies")
+    if not res:
         return {}
-    res = json.loads(path.read_text())
     env = res.get("environment_of_rows", res.get("environment", {}))
     lat_env = res.get("environment", {}) if "environment_of_rows" in res else None
     out = {}
@@ -157,10 +156,9 @@ def policies_blocks() -> dict[str, str]:
 
 
 def nni_blocks() -> dict[str, str]:
-    path = RESULTS / "nni_heads.json"
-    if not path.is_file():
+    res = _load("nni_heads")
+    if not res:
         return {}
-    res = json.loads(path.read_text())
     env = res.get("environment", {})
     out = {}
     for r in res.get("results", []):

@@ -141,7 +141,8 @@ def run_depth(depth: int, args) -> dict:
     default_only = {k: v[0] for k, v in defaults.items()}
     e2e = []
 
-    def compare(default: dict, searched: dict, suffix: str = "", **extra) -> None:
+    def compare(default: dict, searched: dict, schedule: str, **extra) -> None:
+        suffix = "" if schedule == "search" else f" ({schedule} schedule)"
         for policy in POLICIES:
             d = end_to_end(tb, points, rec, default, policy, args.tolerance)
             s = end_to_end(tb, points, rec, searched, policy, args.tolerance)
@@ -150,9 +151,9 @@ def run_depth(depth: int, args) -> dict:
                         "searched kept": len(s["kept"]), "searched saving": s["test_saving"],
                         "searched drop pp": s["test_drop_pp"],
                         "FLOPs cut by NAS": 1 - s["test_expected_flops"] / d["test_expected_flops"],
-                        "default": d, "searched": s, **extra})
+                        "schedule": schedule, "default": d, "searched": s, **extra})
 
-    compare(default_only, searched_heads)
+    compare(default_only, searched_heads, "search")
     core_train_s = None
     if args.full_schedule:  # the winners exported into the core pipeline: the core's own training schedule
         from autoexit.data import default_cache_dir
@@ -172,7 +173,7 @@ def run_depth(depth: int, args) -> dict:
                 row["default agree (full)"] = full_default[row["point"]].val_agreement
                 row["searched agree (full)"] = (full_searched[row["point"]].val_agreement
                                                 if row["point"] in full_searched else None)
-        compare(full_default, full_searched, " (core schedule)", train_s=t_full, points=chosen)
+        compare(full_default, full_searched, "core", train_s=t_full, points=chosen)
     heads_flops = {"default_total_head_flops": sum(v[0].flops for v in defaults.values()),
                    "searched_total_head_flops": sum(h.flops for h in searched_heads.values())}
     return {"depth": depth, "points": [p.name for p in points], "backbone_flops": tb.total_flops,
@@ -227,7 +228,7 @@ def main() -> None:
                            "vs the backbone, accuracy drop, and the cut in expected FLOPs the searched heads "
                            "bring", columns=cols)
     # the verdict rests on the heads as the core pipeline would use them (core schedule) when that pass ran
-    core = [row for row in e2e if row["policy"].endswith("(core schedule)")]
+    core = [row for row in e2e if row.get("schedule") == "core"]
     basis = core or e2e
     cuts = [row["FLOPs cut by NAS"] for row in basis]
     mean_cut = sum(cuts) / len(cuts)

@@ -39,7 +39,7 @@ Every guaranteed policy runs the same three steps (``RiskControlledPolicy``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -169,6 +169,11 @@ class FittedPolicy:
     full: tuple[list[str], list[int], list[nn.Module]] | None = None
     costs: ExitCosts | None = None
 
+    @property
+    def full_chain(self) -> tuple[list[str], list[int], list[nn.Module]]:
+        """(names, candidate indices, rules) of the chain the family was built for (before finalise())."""
+        return self.full if self.full is not None else (self.names, self.chain, self.rules)
+
     def recertify(self, cal: ExitTable, alpha: float | None = None, delta: float | None = None,
                   seed: int = 0) -> FittedPolicy:
         """Run the calibration step again on other calibration data (same exits, rules and family)."""
@@ -176,7 +181,7 @@ class FittedPolicy:
             raise AutoExitError(f"policy {self.policy!r} has no threshold family to recalibrate")
         a = self.alpha if alpha is None else alpha
         d = self.delta if delta is None else delta
-        names, chain, rules = self.full if self.full is not None else (self.names, self.chain, self.rules)
+        names, chain, rules = self.full_chain
         res, exit_of = certify(chain_scores(rules, chain, cal), loss_matrix(cal, chain, self.risk), self.family,
                                a, d, self.risk, seed)
         info = {**self.info, "cal_n": cal.n}
@@ -188,12 +193,12 @@ class FittedPolicy:
     def full_scores(self, table: ExitTable) -> np.ndarray:
         """Scores of the whole chain the threshold family was built for (before unused heads were dropped);
         compute them once and pass ``kept_scores(full)`` to :meth:`evaluate` of any recertified copy."""
-        names, chain, rules = self.full if self.full is not None else (self.names, self.chain, self.rules)
+        _, chain, rules = self.full_chain
         return chain_scores(rules, chain, table) if chain else np.zeros((0, table.n))
 
     def kept_scores(self, full_scores: np.ndarray) -> np.ndarray:
         """This policy's rows of :meth:`full_scores` (an exit's score depends only on exits that are kept)."""
-        chain = self.full[1] if self.full is not None else self.chain
+        chain = self.full_chain[1]
         return full_scores[[chain.index(c) for c in self.chain]]
 
     def scores(self, table: ExitTable) -> np.ndarray:
@@ -235,9 +240,9 @@ def _kept_positions(thr: np.ndarray, history: bool) -> list[int]:
     k = len(thr)
     stop = next((j for j in range(k) if thr[j] == -np.inf), k - 1)
     reach = list(range(min(stop + 1, k)))
-    if not history:
-        return [j for j in reach if np.isfinite(thr[j]) or thr[j] == -np.inf]
     fires = [j for j in reach if thr[j] != np.inf]
+    if not history:
+        return fires
     return reach[: fires[-1] + 1] if fires else []
 
 
@@ -268,8 +273,7 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
     flops, row, keep = best
     if flops >= costs.base:  # nothing certified beats running the backbone alone: row 0, nobody exits
         row, keep = 0, []
-    chosen = RiskControlResult(row if res.index >= 0 else -1, res.alpha, res.delta, res.n, res.method,
-                               res.pvalues, res.empirical_risk)
+    chosen = replace(res, index=row if res.index >= 0 else -1)
     dropped = [names[j] for j in range(k) if j not in keep]
     info = {**info, "last_certified_row": res.index, "chosen_row": chosen.index, "dropped_exits": dropped,
             "cal_flops": min(flops, costs.base)}

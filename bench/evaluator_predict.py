@@ -20,23 +20,26 @@ real thing on the fixtures:
 
 Two predictions are compared with the measurement: "segments only" (the sum of the timed
 segments a sample passes) and the search's default (``latency_costs(calibrate=True)``): every
-segment minus the measured cost of one call (an empty segment timed the same way), plus the
-per-model-call and per-exit-decision costs fitted on two end-to-end timings (the model with no
-exit, and with every exit at +inf).
+segment minus the measured cost of one call (an empty segment timed the same way), scaled so the
+stages add up to the no-exit model's end-to-end time, plus one call per sample and a per-exit-decision
+cost fitted on the model with every exit at +inf. Profile and anchors are timed in ``--rounds``
+interleaved rounds (medians).
 
 The machine's speed drifts while the benchmark runs (a shared VM, thermal limits on a Pi),
 and the profile is measured once at the start, as a search does. To tell drift from
-prediction error, the no-exit model is re-timed right after every configuration; "drift"
-is its time over the time it had when the profile was taken, and the "drift-corrected"
-error scales the prediction by it. The headline is the uncorrected error.
+prediction error, each configuration is timed in ``--rounds`` paired rounds: the configuration,
+then the no-exit model, alternately (new measurement seeds, so nothing comes from the cache).
+"drift" is the no-exit model's median time in those rounds over its time when the profile was
+taken, and the "drift-corrected" error scales the prediction by it: the error of the prediction
+itself, with the device's change of speed taken out. The headline is the uncorrected error.
 
 Reported: predicted vs measured ms/sample per configuration, the relative error (raw and
 drift-corrected), the share within +-10 % (nn-Meter's anchor: 99 % on a Cortex-A76), whether
 the real model's exit counts equal the simulated ones, and the measurement noise
-(coefficient of variation of the repeated end-to-end runs).
+(coefficient of variation within a timing, and the spread of a configuration's median over its rounds).
 
-Usage: ``python bench/evaluator_predict.py [--depths 20 56] [--configs 24] [--samples 256]
-[--threads 1]``. Results: ``bench/results/evaluator_predict.json``.
+Usage: ``python bench/evaluator_predict.py [--depths 20 56] [--configs 24] [--samples 128]
+[--rounds 3] [--threads 1]``. Results: ``bench/results/evaluator_predict.json``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cifar10_data, cifar_resnet, print_table, require_fixtures, write_results  # noqa: E402
 
-SETTINGS = {"warmup": 2, "repeat": 7, "min_repeat_ms": 20.0, "threads": 1}
+SETTINGS = {"warmup": 2, "repeat": 5, "min_repeat_ms": 20.0, "threads": 1}
 
 
 def _draw_params(rng: np.random.Generator, space, names: list[str]) -> dict:
@@ -71,7 +74,7 @@ def _draw_params(rng: np.random.Generator, space, names: list[str]) -> dict:
     return p
 
 
-def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dict:
+def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds: int = 3) -> dict:
     from dataclasses import replace
 
     import torch
@@ -98,9 +101,9 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
     tb, points, rec = prepare(model, cifar10_data(), EnableConfig(granularity=2), progress=True)
     heads = train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=True)
     base = assemble(EnableConfig(granularity=2, policy="paper003"), tb, points, rec, heads)
-    t0 = time.perf_counter()
+    t_start = t0 = time.perf_counter()
     raw = latency_costs(base, evaluator, batch_size=1, settings=settings, calibrate=False)
-    lat = latency_costs(base, evaluator, batch_size=1, settings=settings)  # + the end-to-end overhead calibration
+    lat = latency_costs(base, evaluator, batch_size=1, settings=settings, rounds=rounds)  # + the calibration
     profile_s = time.perf_counter() - t0
     print(f"profile: {lat.source}; base {lat.base:.3f} ms (segments only {raw.base:.3f} ms)", flush=True)
     ref_model = to_torchscript(MultiExitModel(tb.split([]), [], num_classes=int(tb.num_classes)).eval(),
@@ -129,16 +132,23 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
         cfg = EnableConfig(granularity=2, policy="paper003", signal=plan.signal, tolerance=plan.tolerance)
         res = assemble(cfg, tb, points, rec, heads, subset=subset_result(recorded, plan))
         scripted = to_torchscript(res.model, tb.example_input)
-        m = evaluator.measure_end_to_end(scripted, x, batch_sizes=(1,), settings=settings).at(1)
+        # paired rounds: the configuration and the no-exit model alternate (new seeds: nothing cached), so the
+        # device's drift shows in the no-exit model's time at the moment the configuration is timed
+        ms, refs = [], []
+        for r in range(rounds):
+            seed = 1000 + 10 * len(rows) + r
+            ms.append(evaluator.measure_end_to_end(scripted, x, batch_sizes=(1,),
+                                                   settings=replace(settings, seed=seed)).at(1))
+            refs.append(float(evaluator.measure_end_to_end(ref_model, ref_x, batch_sizes=(1,),
+                                                           settings=replace(settings, seed=seed)).at(1).median_ms))
+        m = ms[0]
         counts = np.zeros(len(idx) + 1)
         for k, v in (m.exit_counts or {}).items():
             counts[int(k)] = v
         sim_counts = np.bincount(sim.exit_index, minlength=len(idx) + 1)
-        measured = float(m.median_ms)
-        # the no-exit model again, now (a new seed: not the cached profile-time result)
-        ref = evaluator.measure_end_to_end(ref_model, ref_x, batch_sizes=(1,),
-                                           settings=replace(settings, seed=1000 + len(rows))).at(1).median_ms
-        drift = float(ref) / ref0
+        medians = [float(r.median_ms) for r in ms]
+        measured = float(np.median(medians))
+        drift = float(np.median(refs)) / ref0
         rows.append({
             "model": f"resnet{depth}", "config": plan.describe()[:70], "exits": len(idx),
             "early exit %": 100.0 * float(counts[:-1].sum() / max(counts.sum(), 1)),
@@ -146,7 +156,8 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
             "segments only error %": 100.0 * (predicted_raw - measured) / measured,
             "error %": 100.0 * (predicted - measured) / measured,
             "drift": drift, "drift-corrected error %": 100.0 * (predicted * drift - measured) / measured,
-            "cv %": 100.0 * float(m.std_ms / m.mean_ms) if m.mean_ms else None,
+            "cv %": float(np.median([100.0 * r.std_ms / r.mean_ms for r in ms if r.mean_ms])),
+            "rounds spread %": 100.0 * (max(medians) - min(medians)) / measured,
             "exit counts match": bool(np.array_equal(sim_counts, counts)),
         })
         print(f"  [{len(rows)}/{n_configs}] {rows[-1]['config']}: predicted {predicted:.3f} ms, "
@@ -170,7 +181,10 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int) -> dic
                     "mean signed error %": float(np.mean([r["error %"] for r in rows])) if rows else None,
                     "median e2e cv %": float(np.median([r["cv %"] for r in rows if r["cv %"] is not None]))
                     if rows else None,
-                    "backbone ms (profile)": float(lat.base), "profile s": profile_s, "calibration": lat.source,
+                    "median rounds spread %": float(np.median([r["rounds spread %"] for r in rows])) if rows else None,
+                    "rounds": rounds,
+                    "backbone ms (profile)": float(lat.base), "profile s": profile_s,
+                    "seconds": time.perf_counter() - t_start, "calibration": lat.source,
                     "device": str(evaluator.device_key)},
         "profile_ms": {"c1": lat.c1.tolist(), "before": lat.before.tolist(), "base": lat.base, "names": names,
                        "calibration": dict(lat.calibration or {})},
@@ -181,7 +195,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     ap.add_argument("--configs", type=int, default=24)
-    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="paired rounds per configuration (configuration, then the no-exit model), and interleaved "
+                         "rounds of the profile and its anchors (latency_costs(rounds=...))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=SETTINGS["threads"],
                     help="intra-op threads of every timing (default 1: on 2 shared cores a second thread "
@@ -197,14 +214,20 @@ def main(argv=None) -> int:
     out = {"rows": [], "summary": [], "details": {}}
     load_before = os.getloadavg()
     for depth in args.depths:
-        r = run(depth, args.configs, args.samples, ev, args.seed)
+        r = run(depth, args.configs, args.samples, ev, args.seed, args.rounds)
         out["rows"] += r["rows"]
         out["summary"].append(r["summary"])
         out["details"][f"resnet{depth}"] = {"profile_ms": r["profile_ms"]}
     print_table(out["rows"], "predicted (segment profile x exit rates) vs measured end to end, batch 1",
                 ["model", "config", "exits", "early exit %", "segments only ms", "predicted ms", "measured ms",
-                 "segments only error %", "error %", "drift", "drift-corrected error %", "cv %"])
-    print_table(out["summary"], "summary")
+                 "segments only error %", "error %", "drift", "drift-corrected error %", "cv %",
+                 "rounds spread %"])
+    print_table(out["summary"], "summary", ["model", "configs", "samples", "within 10 %", "within 10 % (segments only)",
+                                            "within 10 % (drift-corrected)", "within 5 %", "median |error| %",
+                                            "mean signed error %", "exit counts as simulated", "median e2e cv %",
+                                            "median rounds spread %", "seconds"])
+    for sm in out["summary"]:
+        print(f"{sm['model']}: {sm['calibration']}")
     write_results("evaluator_predict", {"command": "python bench/evaluator_predict.py " + " ".join(argv or sys.argv[1:]),
                                         "settings": SETTINGS, "loadavg_before": load_before,
                                         "loadavg_after": os.getloadavg(), **out})

@@ -163,9 +163,10 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
 
 
 def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_anchors(digits_result):
-    """latency_costs(calibrate=True): every segment loses the measured per-call cost, then the no-exit and the
-    every-exit model (timed end to end; re-timing them hits the evaluator's cache) fix the per-model-call and
-    per-decision costs, so the calibrated profile predicts exactly those two anchors."""
+    """latency_costs(calibrate=True): the profile and the two anchors are timed in interleaved rounds (medians);
+    every segment loses the measured per-call cost; the no-exit model fixes one scale for stages and heads and
+    the every-exit model the per-decision cost, so the calibrated profile predicts exactly those two anchors.
+    Re-timing any of them with the same settings and seed hits the evaluator's cache."""
     from dataclasses import replace
 
     from autoexit.evaluator import LocalEvaluator, MeasureSettings
@@ -174,20 +175,30 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
 
     res, ev = digits_result, LocalEvaluator()
     s = MeasureSettings(warmup=1, repeat=3, min_repeat_ms=5)
-    raw = latency_costs(res, ev, settings=s, calibrate=False)
     cal = latency_costs(res, ev, settings=s, samples=24)
     c = cal.calibration
-    assert raw.calibration is None and c["samples"] == 24 and c["call_ms"] > 0
-    assert "per segment call" in cal.source
-    # the formula, from the raw profile (its segments are the same cached timings)
-    stages = np.diff(np.concatenate([[0.0], raw.before, [raw.base]]))
-    adj = np.maximum(stages - c["call_ms"], 0.0)
-    heads = np.maximum(raw.c1 - c["call_ms"], 0.0)
-    assert c["fixed_ms"] == pytest.approx(c["no_exit_ms"] - adj.sum())
-    assert cal.before == pytest.approx(np.maximum(np.cumsum(adj)[:-1] + c["fixed_ms"], 0.0))
-    assert cal.c1 == pytest.approx(np.maximum(heads + c["decision_ms"], 0.0))
-    # the anchors are real end-to-end timings of those two models on the val inputs
+    assert c["samples"] == 24 and c["call_ms"] > 0 and c["rounds"] == 3 and c["fixed_ms"] == c["call_ms"]
+    assert "per segment call" in cal.source and "interleaved rounds" in cal.source
     names = list(res.val.names)
+    # the profile is the per-segment median of the rounds (seeds 0, 1, 2; the rounds are cache hits now)
+    raws = [latency_costs(res, ev, settings=replace(s, seed=r), calibrate=False) for r in range(3)]
+    assert all(r.calibration is None for r in raws)
+    stage_rounds = np.array([np.diff(np.concatenate([[0.0], r.before, [r.base]])) for r in raws])
+    prof = c["profile_ms"]
+    assert [prof[f"stage{i}"] for i in range(len(names) + 1)] == pytest.approx(np.median(stage_rounds, axis=0))
+    assert [prof[f"head:{n}"] for n in names] == pytest.approx(np.median([r.c1 for r in raws], axis=0))
+    assert c["profile_base_rounds_ms"] == pytest.approx(stage_rounds.sum(axis=1))
+    # the formula
+    call = c["call_ms"]
+    st = np.maximum(np.array([prof[f"stage{i}"] for i in range(len(names) + 1)]) - call, 0.0)
+    hd = np.maximum(np.array([prof[f"head:{n}"] for n in names]) - call, 0.0)
+    assert c["scale"] == pytest.approx((c["no_exit_ms"] - call) / st.sum())
+    assert cal.before == pytest.approx(call + c["scale"] * np.cumsum(st)[:-1])
+    assert cal.base == pytest.approx(c["no_exit_ms"]) and cal.base == pytest.approx(call + c["scale"] * st.sum())
+    assert c["decision_ms"] == pytest.approx((c["every_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd.sum())
+                                             / len(names))
+    assert cal.c1 == pytest.approx(np.maximum(c["scale"] * hd + c["decision_ms"], 0.0))
+    # the anchors are real end-to-end timings of those two models on the val inputs
     stages_m = res.backbone.split([res.heads[n].point.node for n in names])
     x, nc = res.recording.inputs("val")[:24], int(res.backbone.num_classes)
     none = MultiExitModel(res.backbone.split([]), [], num_classes=nc)
@@ -204,11 +215,11 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
         return float(np.median(out))
 
     assert len(c["no_exit_rounds_ms"]) == len(c["every_exit_rounds_ms"]) == 3
-    assert timed(none) == pytest.approx(c["no_exit_ms"]) and cal.base == pytest.approx(c["no_exit_ms"])
+    assert timed(none) == pytest.approx(c["no_exit_ms"])
     assert timed(every) == pytest.approx(c["every_exit_ms"])
     with pytest.raises(AutoExitError, match="rounds must be an integer"):
         latency_costs(res, ev, settings=s, rounds=0)
-    if (heads + c["decision_ms"] >= 0).all():
+    if (c["scale"] * hd + c["decision_ms"] >= 0).all():
         assert cal.base + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
 
 

@@ -660,28 +660,32 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     """Per-exit latency costs measured by a device evaluator (``autoexit.evaluator``; local CPU by default).
 
     The backbone is cut at every candidate point; each stage and head is timed
-    once (the evaluator caches results), giving a segment profile that a trial
+    (the evaluator caches results), giving a segment profile that a trial
     combines with its exit rates - no timing per trial.
 
     ``calibrate``: a segment timed on its own is not what it costs inside the deployed
     model. Each timing includes one model call (the runtime's dispatch: tens of
-    microseconds, a large share of a small stage) that inside the model is paid once,
-    and the model adds what the segments lack (the exit decisions, gathering the
-    answers). So: an empty segment (the identity) on the same evaluator measures the
-    per-call cost, which is taken off every stage and head; then two end-to-end
-    timings on ``samples`` real inputs fit the rest: the multi-exit model with no exit
-    (the fixed cost of one call beyond its stages) and with every candidate exit at
-    +inf (the cost of each exit decision beyond its head). Both may come out negative
-    (the fused model can be cheaper than its parts); only the resulting per-path costs
-    are kept non-negative. ``source`` says what was taken off and added.
+    microseconds, a large share of a small stage) that inside the model is paid once;
+    the fused model runs its stages somewhat faster or slower than they run alone; and
+    the model adds what the segments lack (the exit decisions, gathering the answers).
+    So an empty segment (the identity) measures the per-call cost, which is taken off
+    every stage and head, and two end-to-end timings on ``samples`` real inputs anchor
+    the rest: the multi-exit model with no exit fixes a **scale** (the no-exit model's
+    time less one call, over the sum of the corrected stages; it applies to stages and
+    heads alike), and the model with every candidate exit at +inf fixes the cost of
+    each exit decision beyond its scaled head (it may come out negative; only the
+    per-path costs are kept non-negative). ``source`` says what was taken off, scaled
+    and added; ``calibration`` keeps every number.
 
-    ``rounds``: each anchor is timed this many times, alternating (a new measurement seed
-    each round, so no cached result is reused), and the median is used: one anchor timed
-    during a slow spell of the device would otherwise shift every prediction.
+    ``rounds``: the profile and both anchors are timed this many times, interleaved
+    (profile, anchors, profile, anchors, ...; a new measurement seed each round, so no
+    cached result is reused), and each segment and anchor keeps its median. A device
+    whose speed drifts (a shared VM, a Pi that heats up) then drifts under profile and
+    anchors alike, instead of one of them being timed during a slow spell.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
-    from ..evaluator import LocalEvaluator, segment_profile
+    from ..evaluator import LocalEvaluator, MeasureSettings, segment_profile
 
     ev = evaluator if evaluator is not None else LocalEvaluator()
     names = list(result.val.names)
@@ -692,52 +696,69 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     for i, p in enumerate(points):
         segments[f"stage{i + 1}"] = (stages[i + 1], tuple(p.shape))
         segments[f"head:{p.name}"] = (result.heads[p.name].module, tuple(p.shape))
-    if calibrate and names:
-        segments["call"] = (_passthrough(), tuple(example.shape[1:]))
-    res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=settings)
-    prof = {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
     info = ev.info()
     src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
-    call = prof.pop("call", None)
-    if call is None:  # not calibrating (or no exit to calibrate): the segment profile as measured
-        return ExitCosts.from_segment_profile(prof, names, source=src)
-    costs = ExitCosts.from_segment_profile({k: max(v - call, 0.0) for k, v in prof.items()}, names, source=src)
+    s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
+
+    def seeded(r: int):
+        return s0 if r == 0 else replace(s0, seed=(s0.seed + r) % 2**32)
+
+    def profile(r: int) -> dict[str, float]:
+        res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=seeded(r))
+        return {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
+
+    x = None
+    if calibrate and names:
+        segments["call"] = (_passthrough(), tuple(example.shape[1:]))
+        try:
+            x = result.recording.inputs("val")[: max(int(samples), batch_size)]
+        except AutoExitError:
+            x = None  # the recording kept no inputs: the segment profile alone
+        if x is not None:
+            x = x[: len(x) - len(x) % batch_size]
+            if len(x) < batch_size:
+                x = None
+    if x is None:  # not calibrating, no exit, or no inputs to anchor on: the (per-call corrected) profile
+        prof = profile(0)
+        call = prof.pop("call", None)
+        if call is None:
+            return ExitCosts.from_segment_profile(prof, names, source=src)
+        return ExitCosts.from_segment_profile({k: max(v - call, 0.0) for k, v in prof.items()}, names,
+                                              source=f"{src}; segment profile - {call:.3f} ms per segment call")
+
     from ..model import MultiExitModel, to_torchscript
 
-    try:
-        x = result.recording.inputs("val")[: max(int(samples), batch_size)]
-    except AutoExitError:
-        return costs  # the recording kept no inputs: the segment profile alone
-    n = len(x) - len(x) % batch_size
-    if n < batch_size:
-        return costs
-    x = x[:n]
     nc = int(result.backbone.num_classes)
     none = MultiExitModel(result.backbone.split([]), [], num_classes=nc)
     every = MultiExitModel(stages, [result.heads[k].module for k in names],
                            [float(result.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
-
-    from ..evaluator import MeasureSettings
-
-    s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
     scripted = {k: to_torchscript(m.eval(), result.backbone.example_input) for k, m in (("none", none),
                                                                                        ("every", every))}
+    profiles: list[dict[str, float]] = []
     timed: dict[str, list[float]] = {"none": [], "every": []}
     for r in range(rounds):
-        sr = s0 if r == 0 else replace(s0, seed=(s0.seed + r) % 2**32)
+        profiles.append(profile(r))
         for k in ("none", "every"):
-            timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,), settings=sr)
-                                  .at(batch_size).median_ms) / batch_size)
+            timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
+                                                        settings=seeded(r)).at(batch_size).median_ms) / batch_size)
+    prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
+    call = prof.pop("call")
+    st = np.array([max(prof[f"stage{i}"] - call, 0.0) for i in range(len(names) + 1)])  # corrected stages
+    hd = np.array([max(prof[f"head:{n}"] - call, 0.0) for n in names])  # corrected heads
     t_none, t_every = float(np.median(timed["none"])), float(np.median(timed["every"]))
-    fixed = t_none - costs.base
-    decision = (t_every - t_none - float(costs.c1.sum())) / len(names)
-    cal = {"call_ms": call, "fixed_ms": fixed, "decision_ms": decision, "no_exit_ms": t_none,
+    scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
+    decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
+    cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "no_exit_ms": t_none,
            "every_exit_ms": t_every, "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
-           "samples": int(n)}
-    return ExitCosts("ms", np.maximum(costs.c1 + decision, 0.0), np.maximum(costs.before + fixed, 0.0),
+           "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
+                                      for p in profiles],
+           "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
+           "samples": int(len(x)), "rounds": int(rounds)}
+    return ExitCosts("ms", np.maximum(scale * hd + decision, 0.0), call + scale * np.cumsum(st)[:-1],
                      max(t_none, 1e-9),
-                     f"{src}; segment profile - {call:.3f} ms per segment call + end-to-end calibration: "
-                     f"{fixed:+.3f} ms per model call, {decision:+.3f} ms per exit decision", cal)
+                     f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
+                     f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision "
+                     f"(median of {rounds} interleaved rounds)", cal)
 
 
 def _passthrough():

@@ -193,3 +193,131 @@ def compare_latency(
         return out
     finally:
         torch.set_num_threads(old)
+
+
+class _Passthrough(nn.Module):
+    """The empty segment: its timing is the evaluator's cost of one model call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0  # one real op: a traced identity returns its input and may be elided
+
+
+def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
+                       evaluator=None, *, batch_size: int = 1, settings=None, calibrate: bool = True,
+                       samples: int = 64, rounds: int = 3) -> dict:
+    """Per-exit latency costs in ms per sample, measured by a device evaluator (local CPU by default).
+
+    ``backbone``: the :class:`~autoexit.graph.TracedBackbone`; ``heads``: the candidate exits' trained heads
+    (:class:`~autoexit.heads.TrainedHead`) in backbone order, with their ``temperatures``; ``inputs``: real
+    samples for the end-to-end anchors (the val split; ``None``: no anchors). Returns ``{"c1": head ms per
+    exit, "before": backbone ms up to each exit, "base": the backbone's ms, "source": how it was obtained,
+    "calibration": every figure or None}``, the fields of an ``ExitCosts`` in ``ms``.
+
+    The backbone is cut at every candidate point; each stage and head is timed (the evaluator caches
+    results), giving a segment profile that a search or a policy combines with exit rates.
+
+    ``calibrate``: a segment timed on its own is not what it costs inside the deployed model. Each timing
+    includes one model call (the runtime's dispatch: tens of microseconds, a large share of a small stage)
+    that inside the model is paid once; the fused model runs its stages somewhat faster or slower than they
+    run alone; and the model adds what the segments lack (the exit decisions, gathering the answers). So an
+    empty segment (the identity) measures the per-call cost, which is taken off every stage and head, and two
+    end-to-end timings on ``samples`` real inputs anchor the rest: the multi-exit model with no exit fixes a
+    **scale** (the no-exit model's time less one call, over the sum of the corrected stages; it applies to
+    stages and heads alike), and the model with every candidate exit at +inf fixes the cost of each exit
+    decision beyond its scaled head (it may come out negative; only the per-path costs are kept
+    non-negative). The calibrated profile reproduces those two anchors exactly.
+
+    ``rounds``: the profile and both anchors are timed this many times, interleaved (profile, anchors,
+    profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
+    segment and anchor keeps its median. A device whose speed drifts (a shared VM, a Pi that heats up) then
+    drifts under profile and anchors alike, instead of one of them being timed during a slow spell.
+    """
+    from dataclasses import replace
+
+    import numpy as np
+
+    from .errors import AutoExitError
+
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AutoExitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if len(heads) != len(temperatures):
+        raise AutoExitError(f"give one temperature per head: {len(heads)} heads, {len(temperatures)} temperatures")
+    from .evaluator import LocalEvaluator, MeasureSettings, segment_profile
+
+    ev = evaluator if evaluator is not None else LocalEvaluator()
+    heads = list(heads)
+    names = [h.point.name for h in heads]
+    points = [h.point for h in heads]
+    stages = backbone.split([p.node for p in points])
+    example = backbone.example_input[:1]
+    segments: dict = {"stage0": (stages[0], example)}
+    for i, (p, h) in enumerate(zip(points, heads)):
+        segments[f"stage{i + 1}"] = (stages[i + 1], tuple(p.shape))
+        segments[f"head:{p.name}"] = (h.module, tuple(p.shape))
+    info = ev.info()
+    src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
+    s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
+
+    def seeded(r: int):
+        return s0 if r == 0 else replace(s0, seed=(s0.seed + r) % 2**32)
+
+    def profile(r: int) -> dict[str, float]:
+        res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=seeded(r))
+        return {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
+
+    def costs(prof: dict[str, float], call: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        st = np.array([max(prof[f"stage{i}"] - call, 0.0) for i in range(len(names) + 1)])
+        hd = np.array([max(prof[f"head:{n}"] - call, 0.0) for n in names])
+        return st, hd, np.cumsum(st)[:-1]
+
+    x = None
+    if calibrate and names:
+        segments["call"] = (_Passthrough(), tuple(example.shape[1:]))
+        if inputs is not None:
+            x = inputs[: max(int(samples), batch_size)]
+            x = x[: len(x) - len(x) % batch_size]
+            if len(x) < batch_size:
+                x = None
+    if x is None:  # not calibrating, no exit, or no inputs to anchor on: the (per-call corrected) profile
+        prof = profile(0)
+        call = prof.pop("call", None)
+        st, hd, before = costs(prof, call or 0.0)
+        if not st.sum() > 0:
+            raise AutoExitError("the measured backbone stages add up to 0 ms; time with larger min_repeat_ms")
+        source = src if call is None else f"{src}; segment profile - {call:.3f} ms per segment call"
+        return {"c1": hd, "before": before, "base": float(st.sum()), "source": source, "calibration": None}
+
+    from .model import MultiExitModel, to_torchscript
+
+    nc = int(backbone.num_classes)
+    none = MultiExitModel(backbone.split([]), [], num_classes=nc)
+    every = MultiExitModel(stages, [h.module for h in heads], [float(t) for t in temperatures],
+                           [float("inf")] * len(names), names, nc)
+    scripted = {k: to_torchscript(m.eval(), backbone.example_input) for k, m in (("none", none), ("every", every))}
+    profiles: list[dict[str, float]] = []
+    timed: dict[str, list[float]] = {"none": [], "every": []}
+    for r in range(rounds):
+        profiles.append(profile(r))
+        for k in ("none", "every"):
+            timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
+                                                        settings=seeded(r)).at(batch_size).median_ms) / batch_size)
+    prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
+    call = prof.pop("call")
+    st, hd, before = costs(prof, call)
+    t_none, t_every = float(np.median(timed["none"])), float(np.median(timed["every"]))
+    scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
+    decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
+    cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "no_exit_ms": t_none,
+           "every_exit_ms": t_every, "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
+           "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
+                                      for p in profiles],
+           "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
+           "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size)}
+    return {"c1": np.maximum(scale * hd + decision, 0.0), "before": call + scale * before,
+            "base": max(t_none, 1e-9),
+            "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
+                      f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision "
+                      f"(median of {rounds} interleaved rounds)",
+            "calibration": cal}

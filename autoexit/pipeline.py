@@ -67,6 +67,13 @@ class EnableConfig:
     cascade_heads: when > 0, after the policy picks its exits, their heads are retrained in order so
     that each also reads the previous ``cascade_heads`` exits' logits, and the policy is refitted on
     that chain.
+
+    cost: what the guaranteed policies minimise when they choose exits and thresholds: ``flops``
+    (counted, the default) or ``latency`` (each backbone stage and head timed on a device evaluator,
+    :func:`autoexit.cost.exit_latency_costs`, so a head that costs more wall time than it saves is
+    dropped); cost_evaluator: with ``latency``, the evaluator config (``url``, ``token_file``,
+    ``settings``, ... as in a search config's ``evaluator`` section; empty: this CPU);
+    cost_batch_size: the batch size the latency is measured at (the deployment's).
     """
 
     tolerance: float = 1.0
@@ -92,6 +99,9 @@ class EnableConfig:
     fit_split: str = "train"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     cascade_heads: int = 0
+    cost: str = "flops"
+    cost_evaluator: Mapping[str, Any] = field(default_factory=dict)
+    cost_batch_size: int = 1
 
     def __post_init__(self):
         check_tolerance(self.tolerance)
@@ -108,6 +118,17 @@ class EnableConfig:
         if not isinstance(self.cascade_heads, int) or self.cascade_heads < 0:
             raise AutoExitError(f"cascade_heads must be an integer >= 0 (earlier exits each head reads), "
                                 f"got {self.cascade_heads!r}")
+        if self.cost not in ("flops", "latency"):
+            raise AutoExitError(f"cost must be 'flops' or 'latency' (timed on a device evaluator), got {self.cost!r}")
+        if self.cost == "latency" and self.policy == "paper003":
+            raise AutoExitError("cost='latency' applies to the guaranteed policies; paper003 ranks exits by FLOPs "
+                                "(for latency with paper003 use the outer search's outer.cost: latency)")
+        if not isinstance(self.cost_evaluator, Mapping):
+            raise AutoExitError(f"cost_evaluator must be an evaluator config mapping (url, token_file, settings, "
+                                f"...), got {type(self.cost_evaluator).__name__}")
+        if isinstance(self.cost_batch_size, bool) or not isinstance(self.cost_batch_size, int) \
+                or self.cost_batch_size < 1:
+            raise AutoExitError(f"cost_batch_size must be an integer >= 1, got {self.cost_batch_size!r}")
         if not isinstance(self.policy_options, Mapping):
             raise AutoExitError(f"policy_options must be a mapping of option names to values, got "
                                 f"{type(self.policy_options).__name__}")
@@ -149,6 +170,7 @@ class EnableConfig:
         out["head"] = self.head.to_dict() if self.head else None
         out["head_specs"] = {k: v.to_dict() for k, v in self.head_specs.items()}
         out["policy_options"] = dict(self.policy_options)
+        out["cost_evaluator"] = {k: v for k, v in dict(self.cost_evaluator).items() if k != "token"}  # no secret
         return out
 
 
@@ -472,13 +494,15 @@ def assemble(
     *,
     predictions: Mapping[str, ExitPredictions] | None = None,
     stats: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    evaluator=None,
 ) -> EnableResult:
     """Calibrate, choose the exits and thresholds with ``config.policy`` (unless ``subset`` is given: then
     its thresholds and the ``signal`` confidence are used as they are), build the model, measure it on val
     and test.
 
     ``predictions`` (split -> ExitPredictions) and ``stats`` (split -> per-exit activation statistics)
-    may be passed to skip reading the recorded activations again.
+    may be passed to skip reading the recorded activations again. ``evaluator``: the device evaluator
+    that times the exits when ``config.cost == "latency"`` (default: ``config.cost_evaluator``).
     """
     t0 = time.perf_counter()
     preds = dict(predictions or {})
@@ -491,7 +515,8 @@ def assemble(
     cascade = any(_is_cascade(h.module) for h in heads.values())
     if subset is None and config.policy != "paper003":
         preds.update(val=val, test=test)
-        fitted, tables = fit_policy(config, rec, heads, temps, base, preds, stats, fixed_chain=cascade)
+        costs = exit_costs(config, tb, rec, heads, temps, evaluator) if config.cost != "flops" else None
+        fitted, tables = fit_policy(config, rec, heads, temps, base, preds, stats, fixed_chain=cascade, costs=costs)
         subset = _subset_from_policy(fitted, tables["val"], heads, base)
         scores = {"val": fitted.scores(tables["val"]), "test": fitted.scores(tables["test"])}
     elif subset is None:
@@ -545,10 +570,12 @@ def _needs_stats(config: EnableConfig) -> bool:
 
 def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, TrainedHead], temperatures: Mapping[str, float],
                base_flops: float, predictions: Mapping[str, ExitPredictions] | None = None,
-               stats: Mapping[str, Sequence[torch.Tensor]] | None = None, fixed_chain: bool = False
-               ) -> tuple[FittedPolicy, dict[str, ExitTable]]:
+               stats: Mapping[str, Sequence[torch.Tensor]] | None = None, fixed_chain: bool = False,
+               costs: ExitCosts | None = None) -> tuple[FittedPolicy, dict[str, ExitTable]]:
     """Fit ``config.policy`` on the ``fit_split`` (exit set, gates, threshold family) and certify it on val.
 
+    ``costs``: what the policy minimises, one entry per candidate exit in backbone order (default: the heads'
+    and the backbone's FLOPs; :func:`exit_costs` gives latency costs when ``config.cost == "latency"``).
     Returns the fitted policy and the ExitTables of train/val/test it used.
     """
     preds = dict(predictions or {})
@@ -563,12 +590,44 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
         if st is None and _needs_stats(config):
             st = split_stats(rec, names, split)
         tables[split] = ExitTable.from_predictions(p, [temperatures[n] for n in names], st)
-    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names], base_flops)
+    if costs is None:
+        costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
+                          base_flops)
+    elif len(costs.c1) != len(names) or len(costs.before) != len(names):
+        raise AutoExitError(f"costs give {len(costs.c1)} exits but there are {len(names)} candidate exits")
     ctx = PolicyContext(tables[config.fit_split], tables["val"], costs, config.tolerance, config.delta,
                         config.risk, config.max_exits, config.seed, config.scheme
                         if isinstance(config.scheme, str) else "halving", config.basis, config.signal,
                         config.exhaustive_limit, fixed_chain=fixed_chain)
     return make_policy(config.policy, **dict(config.policy_options)).fit(ctx), tables
+
+
+def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: Mapping[str, TrainedHead],
+               temperatures: Mapping[str, float], evaluator=None) -> ExitCosts:
+    """What the guaranteed policies minimise for ``config.cost``: the heads' and the backbone's FLOPs, or (cost
+    ``latency``) their latency in ms per sample at ``config.cost_batch_size``, timed on ``evaluator`` (default:
+    built from ``config.cost_evaluator``; empty: this CPU) by :func:`autoexit.cost.exit_latency_costs`, with
+    the end-to-end calibration on the val inputs."""
+    names = [p.name for p in rec.points if p.name in heads]
+    if config.cost == "flops":
+        return ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
+                         float(tb.total_flops))
+    from .cost import exit_latency_costs
+    from .evaluator import evaluator_from_config
+
+    ev = evaluator if evaluator is not None else evaluator_from_config(dict(config.cost_evaluator))
+    settings = None
+    if evaluator is None and "settings" not in config.cost_evaluator:  # lighter than a search's verification:
+        from .evaluator import MeasureSettings  # every stage and head is timed 3 times (rounds)
+
+        settings = MeasureSettings(warmup=2, repeat=7, min_repeat_ms=20.0)
+    try:
+        x = rec.inputs("val")
+    except AutoExitError:
+        x = None
+    d = exit_latency_costs(tb, [heads[n] for n in names], [float(temperatures[n]) for n in names], x, ev,
+                           batch_size=config.cost_batch_size, settings=settings)
+    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"])
 
 
 def _subset_from_policy(fitted: FittedPolicy, val: ExitTable, heads: Mapping[str, TrainedHead],
@@ -609,13 +668,15 @@ def enable(
     *,
     progress: bool = True,
     example_input: torch.Tensor | None = None,
+    evaluator=None,
     **overrides,
 ) -> EnableResult:
     """Early-exit enable ``backbone`` on unlabelled inference ``data`` with an accuracy-drop ``tolerance`` (%).
 
     ``data``: a tensor, ``(inputs, labels)``, a Dataset, an :class:`InferenceData`
     or a path (image folder, ``.pt``, IDX). Labels, if present, are used only for
-    reporting accuracy. Keyword ``overrides`` set fields of :class:`EnableConfig`.
+    reporting accuracy. Keyword ``overrides`` set fields of :class:`EnableConfig`. ``evaluator``: the
+    device evaluator that times the exits with ``cost="latency"`` (default: ``config.cost_evaluator``).
     """
     config = config or EnableConfig()
     if tolerance is not None:
@@ -630,7 +691,7 @@ def enable(
     t0 = time.perf_counter()
     heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress)
     timings["train_heads_s"] = time.perf_counter() - t0
-    result = assemble(config, tb, points, rec, heads, timings=timings)
+    result = assemble(config, tb, points, rec, heads, timings=timings, evaluator=evaluator)
     if config.cascade_heads and result.kept:
         from .distill import train_cascade_heads
 
@@ -638,7 +699,7 @@ def enable(
         chained = train_cascade_heads(rec, heads, result.kept, config.train, num_prev=config.cascade_heads,
                                       progress=progress)
         timings["train_cascade_heads_s"] = time.perf_counter() - t0
-        result = assemble(config, tb, points, rec, chained, timings=timings)
+        result = assemble(config, tb, points, rec, chained, timings=timings, evaluator=evaluator)
     return result
 
 

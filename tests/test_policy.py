@@ -258,3 +258,76 @@ def test_fitted_policies_never_cost_more_than_the_backbone_and_recertify_from_th
         # scores computed once for the full chain give the recertified policy's own decisions
         via_full = again.evaluate(test, dear, scores=again.kept_scores(fp.full_scores(test)))
         assert via_full["flops"] == pytest.approx(again.evaluate(test, dear)["flops"]), name
+
+
+def test_latency_costed_policy_minimises_measured_milliseconds(digits_result):
+    """cost="latency": every stage and head is timed on the evaluator (the calibrated segment profile of
+    autoexit.cost.exit_latency_costs), the policy picks exits and thresholds by those milliseconds, and the
+    deployed configuration is the cheapest certified one in ms; heads that cost more time than they save go."""
+    from autoexit.evaluator import LocalEvaluator, MeasureSettings
+    from autoexit.pipeline import fit_policy
+    from autoexit.policies import evaluate_thresholds
+    from autoexit.policies.cascade import certify, chain_scores, loss_matrix
+
+    r = digits_result
+    ev = LocalEvaluator(settings=MeasureSettings(warmup=3, repeat=5, min_repeat_ms=10))
+    cfg = EnableConfig(tolerance=2.0, cost="latency")
+    res = assemble(cfg, r.backbone, r.points, r.recording, r.heads, predictions={"val": r.val, "test": r.test},
+                   evaluator=ev)
+    pol = res.extra["policy"]
+    assert pol["cost_unit"] == "ms" and "per segment call" in pol["cost_source"] and "cal_flops" not in pol
+    c = pol["costs"]
+    ms = ExitCosts(c["c1"], c["before"], c["base"], "ms")
+    names = list(r.val.names)
+    assert len(ms.c1) == len(names) and (np.diff(ms.before) >= 0).all() and ms.base >= ms.before[-1]
+    # refitting on those milliseconds reproduces the deployed policy
+    fp, tables = fit_policy(cfg, r.recording, r.heads, r.temperatures, float(r.backbone.total_flops),
+                            {"val": r.val, "test": r.test}, costs=ms)
+    assert fp.names == res.kept and fp.costs.unit == "ms" and fp.info["cal_ms"] == pytest.approx(pol["cal_ms"])
+    # the chosen row is the cheapest certified one in ms (re-simulated), never dearer than the backbone
+    _, chain, rules = fp.full_chain
+    s = chain_scores(rules, chain, tables["val"])
+    cert, _ = certify(s, loss_matrix(tables["val"], chain, "disagreement"), fp.family, fp.alpha, fp.delta,
+                      "disagreement")
+    assert cert.certified
+    best = min(evaluate_thresholds(chain, s, fp.family[i], tables["val"], ms)["flops"]
+               for i in range(cert.index + 1)) if chain else ms.base
+    assert pol["cal_ms"] == pytest.approx(min(best, ms.base), rel=1e-9)
+    if fp.chain:
+        assert fp.evaluate(tables["val"], ms)["flops"] <= ms.base + 1e-12
+    # heads dearer in time than the whole backbone: the policy keeps none (the FLOPs-costed one keeps some)
+    dear = ExitCosts(np.full(len(names), 2 * ms.base), ms.before, ms.base, "ms")
+    fp_dear, _ = fit_policy(cfg, r.recording, r.heads, r.temperatures, float(r.backbone.total_flops),
+                            {"val": r.val, "test": r.test}, costs=dear)
+    assert fp_dear.chain == []
+    fp_flops, _ = fit_policy(EnableConfig(tolerance=2.0), r.recording, r.heads, r.temperatures,
+                             float(r.backbone.total_flops), {"val": r.val, "test": r.test})
+    assert fp_flops.chain and "cost_unit" not in fp_flops.info
+    with pytest.raises(AutoExitError, match="costs give 1 exits"):
+        fit_policy(cfg, r.recording, r.heads, r.temperatures, 1.0, {"val": r.val, "test": r.test},
+                   costs=ExitCosts([1.0], [1.0], 10.0, "ms"))
+
+
+def test_latency_cost_settings_are_checked_and_reach_the_cli():
+    import argparse
+
+    from autoexit.commands import _cost_settings, _policy_flags
+
+    with pytest.raises(AutoExitError, match="cost must be 'flops' or 'latency'"):
+        EnableConfig(cost="energy")
+    with pytest.raises(AutoExitError, match="paper003 ranks exits by FLOPs"):
+        EnableConfig(cost="latency", policy="paper003")
+    with pytest.raises(AutoExitError, match="cost_batch_size must be an integer >= 1"):
+        EnableConfig(cost="latency", cost_batch_size=0)
+    with pytest.raises(AutoExitError, match="cost_evaluator must be an evaluator config mapping"):
+        EnableConfig(cost="latency", cost_evaluator="http://pi:8765")
+    p = argparse.ArgumentParser()
+    _policy_flags(p)
+    args = p.parse_args(["--cost", "latency", "--cost-batch-size", "32", "--evaluator-url", "http://pi.local:8765",
+                         "--evaluator-token-file", "tok"])
+    cfg = EnableConfig(**_cost_settings(args))
+    assert (cfg.cost, cfg.cost_batch_size) == ("latency", 32)
+    assert cfg.cost_evaluator == {"url": "http://pi.local:8765", "token_file": "tok"}
+    secret = EnableConfig(cost="latency", cost_evaluator={"url": "http://pi:1", "token": "s3cret"})
+    assert "token" not in secret.to_dict()["cost_evaluator"]  # the manifest never carries the token
+    assert EnableConfig.from_dict(cfg.to_dict()) == cfg

@@ -250,7 +250,8 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
              family: np.ndarray, res: RiskControlResult, exit_of: np.ndarray, costs: ExitCosts, risk: str,
              info: dict) -> FittedPolicy:
     """The deployed policy: the certified family row that is cheapest on the calibration data (its expected
-    FLOPs once unused heads are dropped), or no exit at all when none is cheaper than the backbone.
+    cost - FLOPs, or ms with latency costs - once unused heads are dropped), or no exit at all when none is
+    cheaper than the backbone.
 
     ``exit_of`` [M, n]: exit position of every calibration sample under each family row (from
     :func:`~autoexit.policies.cascade.certify`). Every row up to ``res.index`` is certified at once
@@ -276,7 +277,12 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
     chosen = replace(res, index=row if res.index >= 0 else -1)
     dropped = [names[j] for j in range(k) if j not in keep]
     info = {**info, "last_certified_row": res.index, "chosen_row": chosen.index, "dropped_exits": dropped,
-            "cal_flops": min(flops, costs.base)}
+            f"cal_{getattr(costs, 'unit', 'flops')}": min(flops, costs.base)}
+    if getattr(costs, "unit", "flops") != "flops":
+        info["cost_unit"] = costs.unit
+        info["cost_source"] = getattr(costs, "source", "")
+        info["costs"] = {"c1": [float(v) for v in costs.c1], "before": [float(v) for v in costs.before],
+                         "base": float(costs.base)}  # per candidate exit, in backbone order
     return FittedPolicy(policy, [names[j] for j in keep], [chain[j] for j in keep], [rules[j] for j in keep],
                         np.asarray(family[row], dtype=float)[keep], risk, chosen, info, family, res.delta, res.alpha,
                         (names, chain, rules), costs)

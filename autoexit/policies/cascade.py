@@ -100,11 +100,17 @@ class ExitTable:
 
 @dataclass
 class ExitCosts:
-    """Per candidate exit: head FLOPs (``c1``) and backbone FLOPs before the exit point; backbone FLOPs."""
+    """Per candidate exit: head cost (``c1``) and backbone cost before the exit point; the backbone's cost.
+
+    ``unit``: ``flops`` (counted; the default) or ``ms`` (timed on a device evaluator per sample,
+    :func:`autoexit.cost.exit_latency_costs`); ``source`` says how the costs were obtained.
+    """
 
     c1: np.ndarray
     before: np.ndarray
     base: float
+    unit: str = "flops"
+    source: str = ""
 
     def __post_init__(self):
         self.c1 = np.asarray(self.c1, dtype=np.float64)

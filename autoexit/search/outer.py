@@ -657,119 +657,22 @@ def _info(backbone, recording) -> dict:
 
 def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None,
                   calibrate: bool = True, samples: int = 64, rounds: int = 3) -> ExitCosts:
-    """Per-exit latency costs measured by a device evaluator (``autoexit.evaluator``; local CPU by default).
-
-    The backbone is cut at every candidate point; each stage and head is timed
-    (the evaluator caches results), giving a segment profile that a trial
-    combines with its exit rates - no timing per trial.
-
-    ``calibrate``: a segment timed on its own is not what it costs inside the deployed
-    model. Each timing includes one model call (the runtime's dispatch: tens of
-    microseconds, a large share of a small stage) that inside the model is paid once;
-    the fused model runs its stages somewhat faster or slower than they run alone; and
-    the model adds what the segments lack (the exit decisions, gathering the answers).
-    So an empty segment (the identity) measures the per-call cost, which is taken off
-    every stage and head, and two end-to-end timings on ``samples`` real inputs anchor
-    the rest: the multi-exit model with no exit fixes a **scale** (the no-exit model's
-    time less one call, over the sum of the corrected stages; it applies to stages and
-    heads alike), and the model with every candidate exit at +inf fixes the cost of
-    each exit decision beyond its scaled head (it may come out negative; only the
-    per-path costs are kept non-negative). ``source`` says what was taken off, scaled
-    and added; ``calibration`` keeps every number.
-
-    ``rounds``: the profile and both anchors are timed this many times, interleaved
-    (profile, anchors, profile, anchors, ...; a new measurement seed each round, so no
-    cached result is reused), and each segment and anchor keeps its median. A device
-    whose speed drifts (a shared VM, a Pi that heats up) then drifts under profile and
-    anchors alike, instead of one of them being timed during a slow spell.
+    """Per-exit latency costs (ms per sample) of ``result``'s candidate exits, measured by a device evaluator
+    (``autoexit.evaluator``; local CPU by default): :func:`autoexit.cost.exit_latency_costs` on the result's
+    backbone, heads, temperatures and val inputs, as an :class:`ExitCosts` in ``ms``. See that function for
+    the segment profile, its calibration (``calibrate``, ``samples``) and the interleaved ``rounds``.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
-    from ..evaluator import LocalEvaluator, MeasureSettings, segment_profile
+    from ..cost import exit_latency_costs
 
-    ev = evaluator if evaluator is not None else LocalEvaluator()
     names = list(result.val.names)
-    points = [result.heads[n].point for n in names]
-    stages = result.backbone.split([p.node for p in points])
-    example = result.backbone.example_input[:1]
-    segments: dict[str, Any] = {"stage0": (stages[0], example)}
-    for i, p in enumerate(points):
-        segments[f"stage{i + 1}"] = (stages[i + 1], tuple(p.shape))
-        segments[f"head:{p.name}"] = (result.heads[p.name].module, tuple(p.shape))
-    info = ev.info()
-    src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
-    s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
-
-    def seeded(r: int):
-        return s0 if r == 0 else replace(s0, seed=(s0.seed + r) % 2**32)
-
-    def profile(r: int) -> dict[str, float]:
-        res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=seeded(r))
-        return {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
-
-    x = None
-    if calibrate and names:
-        segments["call"] = (_passthrough(), tuple(example.shape[1:]))
-        try:
-            x = result.recording.inputs("val")[: max(int(samples), batch_size)]
-        except AutoExitError:
-            x = None  # the recording kept no inputs: the segment profile alone
-        if x is not None:
-            x = x[: len(x) - len(x) % batch_size]
-            if len(x) < batch_size:
-                x = None
-    if x is None:  # not calibrating, no exit, or no inputs to anchor on: the (per-call corrected) profile
-        prof = profile(0)
-        call = prof.pop("call", None)
-        if call is None:
-            return ExitCosts.from_segment_profile(prof, names, source=src)
-        return ExitCosts.from_segment_profile({k: max(v - call, 0.0) for k, v in prof.items()}, names,
-                                              source=f"{src}; segment profile - {call:.3f} ms per segment call")
-
-    from ..model import MultiExitModel, to_torchscript
-
-    nc = int(result.backbone.num_classes)
-    none = MultiExitModel(result.backbone.split([]), [], num_classes=nc)
-    every = MultiExitModel(stages, [result.heads[k].module for k in names],
-                           [float(result.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
-    scripted = {k: to_torchscript(m.eval(), result.backbone.example_input) for k, m in (("none", none),
-                                                                                       ("every", every))}
-    profiles: list[dict[str, float]] = []
-    timed: dict[str, list[float]] = {"none": [], "every": []}
-    for r in range(rounds):
-        profiles.append(profile(r))
-        for k in ("none", "every"):
-            timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
-                                                        settings=seeded(r)).at(batch_size).median_ms) / batch_size)
-    prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
-    call = prof.pop("call")
-    st = np.array([max(prof[f"stage{i}"] - call, 0.0) for i in range(len(names) + 1)])  # corrected stages
-    hd = np.array([max(prof[f"head:{n}"] - call, 0.0) for n in names])  # corrected heads
-    t_none, t_every = float(np.median(timed["none"])), float(np.median(timed["every"]))
-    scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
-    decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
-    cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "no_exit_ms": t_none,
-           "every_exit_ms": t_every, "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
-           "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
-                                      for p in profiles],
-           "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
-           "samples": int(len(x)), "rounds": int(rounds)}
-    return ExitCosts("ms", np.maximum(scale * hd + decision, 0.0), call + scale * np.cumsum(st)[:-1],
-                     max(t_none, 1e-9),
-                     f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
-                     f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision "
-                     f"(median of {rounds} interleaved rounds)", cal)
-
-
-def _passthrough():
-    """The empty segment: its timing is the evaluator's cost of one model call (torch imported lazily)."""
-    import torch
-
-    class Passthrough(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + 0  # one real op: a traced identity returns its input and may be elided
-
-    return Passthrough()
+    try:
+        x = result.recording.inputs("val")
+    except AutoExitError:
+        x = None  # the recording kept no inputs: the segment profile alone
+    d = exit_latency_costs(result.backbone, [result.heads[n] for n in names],
+                           [float(result.temperatures[n]) for n in names], x, evaluator, batch_size=batch_size,
+                           settings=settings, calibrate=calibrate, samples=samples, rounds=rounds)
+    return ExitCosts("ms", d["c1"], d["before"], d["base"], d["source"], d["calibration"])
 
 
 def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | None = None, split: str = "test"):

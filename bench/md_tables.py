@@ -141,17 +141,27 @@ def policies_blocks() -> dict[str, str]:
                          "guaranteed": "no"})
         lat = r.get("latency") or {}
         lat_txt = ""
+        lat_table = ""
         if lat:
             when = f" (measured {lat_env.get('date', '?')} at commit {lat_env.get('commit', '?')})" if lat_env else ""
-            lat_txt = (f" CPU latency per sample vs the backbone in TorchScript at T = 1 %{when}: ") + "; ".join(
-                f"{k} ({100 * v['test_saving']:.1f} % FLOPs saved): batch 1 {v['ratio']['1']:.2f}x, "
-                f"batch 32 {v['ratio']['32']:.2f}x" for k, v in lat.items() if isinstance(v, dict) and "ratio" in v) + "."
+            lat_txt = f" CPU latency per sample vs the backbone in TorchScript at T = 1 %{when}: the second table."
+            lrows = [{"policy": k, "cost": v.get("cost", "flops") + (f" (bs{v['cost_batch_size']})"
+                                                                      if v.get("cost") == "latency" else ""),
+                      "exits": len(v.get("kept", [])), "saving": 100 * v["test_saving"],
+                      "drop": 100 * v["test_drop"], "bs1": v["ratio"]["1"], "bs32": v["ratio"]["32"],
+                      "pred": v.get("predicted_ratio_val")}
+                     for k, v in lat.items() if isinstance(v, dict) and "ratio" in v]
+            lat_table = "\n\n" + table(lrows, [("policy", "policy (T = 1 %)", 0), ("cost", "exits chosen by", 0),
+                                                ("exits", "exits", 0), ("saving", "FLOPs saved %", 1),
+                                                ("drop", "test drop pts", 2), ("bs1", "batch 1 vs backbone", 2),
+                                                ("bs32", "batch 32 vs backbone", 2),
+                                                ("pred", "predicted (val, profile)", 2)])
         note = (f"ResNet-{depth}: backbone test accuracy {100 * r['backbone_test_accuracy']:.2f} %, "
                 f"{len(r['candidates'])} candidate exits, oracle saving {100 * r['oracle_saving']['test']:.1f} % "
                 f"(test), {res.get('args', {}).get('resplits', '?')} re-splits of val + test, delta = 0.1. "
                 f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}"
                 + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
-        out[f"policies-resnet{depth}"] = note + "\n\n" + table(rows, cols)
+        out[f"policies-resnet{depth}"] = note + "\n\n" + table(rows, cols) + lat_table
     return out
 
 

@@ -223,11 +223,13 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     empty segment (the identity) measures the per-call cost, which is taken off every stage and head, and two
     end-to-end timings on ``samples`` real inputs anchor the rest: the multi-exit model with no exit fixes a
     **scale** (the no-exit model's time less one call, over the sum of the corrected stages; it applies to
-    stages and heads alike), and the model with every candidate exit at +inf fixes the cost of each exit
-    decision beyond its scaled head (it may come out negative; only the per-path costs are kept
-    non-negative). The calibrated profile reproduces those two anchors exactly.
+    stages and heads alike); the model with every candidate exit at +inf fixes the cost of each exit
+    decision beyond its scaled head; and the model whose first exit takes every input (threshold -inf)
+    fixes the cost of answering early (writing the answer, shrinking the batch), added to every early
+    exit's path. Either correction may come out negative; only the per-path costs are kept non-negative.
+    The calibrated profile reproduces those three anchors exactly.
 
-    ``rounds``: the profile and both anchors are timed this many times, interleaved (profile, anchors,
+    ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
     segment and anchor keeps its median. A device whose speed drifts (a shared VM, a Pi that heats up) then
     drifts under profile and anchors alike, instead of one of them being timed during a slow spell.
@@ -293,31 +295,39 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
 
     nc = int(backbone.num_classes)
     none = MultiExitModel(backbone.split([]), [], num_classes=nc)
-    every = MultiExitModel(stages, [h.module for h in heads], [float(t) for t in temperatures],
-                           [float("inf")] * len(names), names, nc)
-    scripted = {k: to_torchscript(m.eval(), backbone.example_input) for k, m in (("none", none), ("every", every))}
+    temps = [float(t) for t in temperatures]
+    every = MultiExitModel(stages, [h.module for h in heads], temps, [float("inf")] * len(names), names, nc)
+    first = MultiExitModel(stages, [h.module for h in heads], temps,
+                           [-float("inf")] + [float("inf")] * (len(names) - 1), names, nc)
+    scripted = {k: to_torchscript(m.eval(), backbone.example_input)
+                for k, m in (("none", none), ("every", every), ("first", first))}
     profiles: list[dict[str, float]] = []
-    timed: dict[str, list[float]] = {"none": [], "every": []}
+    timed: dict[str, list[float]] = {"none": [], "every": [], "first": []}
     for r in range(rounds):
         profiles.append(profile(r))
-        for k in ("none", "every"):
+        for k in ("none", "every", "first"):
             timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
                                                         settings=seeded(r)).at(batch_size).median_ms) / batch_size)
     prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
     call = prof.pop("call")
     st, hd, before = costs(prof, call)
-    t_none, t_every = float(np.median(timed["none"])), float(np.median(timed["every"]))
+    t_none, t_every, t_first = (float(np.median(timed[k])) for k in ("none", "every", "first"))
     scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
     decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
-    cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "no_exit_ms": t_none,
-           "every_exit_ms": t_every, "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
+    c1 = np.maximum(scale * hd + decision, 0.0)
+    before = call + scale * before
+    taken = t_first - float(before[0] + c1[0])  # answering early: writing the answer, shrinking the batch
+    cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "exit_taken_ms": taken,
+           "no_exit_ms": t_none, "every_exit_ms": t_every, "first_exit_ms": t_first,
+           "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
+           "first_exit_rounds_ms": timed["first"],
            "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
            "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size)}
-    return {"c1": np.maximum(scale * hd + decision, 0.0), "before": call + scale * before,
+    return {"c1": c1, "before": np.maximum(before + taken, 0.0),
             "base": max(t_none, 1e-9),
             "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
-                      f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision "
-                      f"(median of {rounds} interleaved rounds)",
+                      f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision, "
+                      f"{taken:+.3f} ms per early answer (median of {rounds} interleaved rounds)",
             "calibration": cal}

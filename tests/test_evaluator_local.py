@@ -200,6 +200,23 @@ def test_time_callable_grows_number_until_groups_fill_min_repeat_ms():
     assert len(calls) >= 2 + 4 * number
 
 
+def test_torchscript_gets_the_warm_up_its_profiling_executor_needs():
+    """A TorchScript model optimises its graph on its 2nd call: that call is never timed, even with
+    settings.warmup=0 (the first call of a job is untimed already: warmed_up=1)."""
+    from autoexit.evaluator.measure import OnnxRunner, TorchScriptRunner
+
+    def untimed_calls(min_warmup: int, warmup: int) -> int:
+        calls: list[float] = []
+        s = MeasureSettings(warmup=warmup, repeat=1, number=1, min_repeat_ms=0.0)
+        time_callable(lambda: calls.append(1), s, warmed_up=1, min_warmup=min_warmup)
+        return len(calls) - 1  # the one timed call
+
+    assert TorchScriptRunner.min_warmup == 2 and OnnxRunner.min_warmup == 0
+    assert untimed_calls(TorchScriptRunner.min_warmup, warmup=0) == 1  # + the job's first call = 2
+    assert untimed_calls(OnnxRunner.min_warmup, warmup=0) == 0
+    assert untimed_calls(TorchScriptRunner.min_warmup, warmup=5) == 4  # settings above the floor win
+
+
 def test_time_callable_honours_deadline():
     import time
 

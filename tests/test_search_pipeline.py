@@ -163,9 +163,10 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
 
 
 def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_anchors(digits_result):
-    """latency_costs(calibrate=True): the profile and the two anchors are timed in interleaved rounds (medians);
-    every segment loses the measured per-call cost; the no-exit model fixes one scale for stages and heads and
-    the every-exit model the per-decision cost, so the calibrated profile predicts exactly those two anchors.
+    """latency_costs(calibrate=True): the profile and the three anchors are timed in interleaved rounds (medians);
+    every segment loses the measured per-call cost; the no-exit model fixes one scale for stages and heads, the
+    model with every exit at +inf the per-decision cost and the one whose first exit takes everything the cost of
+    an early answer, so the calibrated profile predicts exactly those three anchors.
     Re-timing any of them with the same settings and seed hits the evaluator's cache."""
     from dataclasses import replace
 
@@ -193,17 +194,24 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     st = np.maximum(np.array([prof[f"stage{i}"] for i in range(len(names) + 1)]) - call, 0.0)
     hd = np.maximum(np.array([prof[f"head:{n}"] for n in names]) - call, 0.0)
     assert c["scale"] == pytest.approx((c["no_exit_ms"] - call) / st.sum())
-    assert cal.before == pytest.approx(call + c["scale"] * np.cumsum(st)[:-1])
     assert cal.base == pytest.approx(c["no_exit_ms"]) and cal.base == pytest.approx(call + c["scale"] * st.sum())
     assert c["decision_ms"] == pytest.approx((c["every_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd.sum())
                                              / len(names))
     assert cal.c1 == pytest.approx(np.maximum(c["scale"] * hd + c["decision_ms"], 0.0))
+    reach = call + c["scale"] * np.cumsum(st)[:-1]  # the backbone up to each exit, then the early answer's cost
+    assert c["exit_taken_ms"] == pytest.approx(c["first_exit_ms"] - reach[0] - cal.c1[0])
+    assert cal.before == pytest.approx(np.maximum(reach + c["exit_taken_ms"], 0.0))
+    if cal.before[0] > 0:  # the third anchor, reproduced: every input answered by the first exit
+        assert cal.before[0] + cal.c1[0] == pytest.approx(c["first_exit_ms"])
     # the anchors are real end-to-end timings of those two models on the val inputs
     stages_m = res.backbone.split([res.heads[n].point.node for n in names])
     x, nc = res.recording.inputs("val")[:24], int(res.backbone.num_classes)
     none = MultiExitModel(res.backbone.split([]), [], num_classes=nc)
     every = MultiExitModel(stages_m, [res.heads[k].module for k in names],
                            [float(res.temperatures[k]) for k in names], [float("inf")] * len(names), names, nc)
+    first = MultiExitModel(stages_m, [res.heads[k].module for k in names],
+                           [float(res.temperatures[k]) for k in names],
+                           [-float("inf")] + [float("inf")] * (len(names) - 1), names, nc)
 
     def timed(m):  # the median over the rounds (measurement seeds 0, 1, 2), each a cache hit now
         out = []
@@ -217,6 +225,8 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     assert len(c["no_exit_rounds_ms"]) == len(c["every_exit_rounds_ms"]) == 3
     assert timed(none) == pytest.approx(c["no_exit_ms"])
     assert timed(every) == pytest.approx(c["every_exit_ms"])
+    assert timed(first) == pytest.approx(c["first_exit_ms"])
+    assert len(c["first_exit_rounds_ms"]) == 3
     with pytest.raises(AutoExitError, match="rounds must be an integer"):
         latency_costs(res, ev, settings=s, rounds=0)
     if (c["scale"] * hd + c["decision_ms"] >= 0).all():

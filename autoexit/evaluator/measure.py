@@ -135,10 +135,12 @@ def time_callable(
     calls_per_run: int = 1,
     warmed_up: int = 0,
     what: str = "model",
+    min_warmup: int = 0,
 ) -> tuple[list[float], int]:
     """Time ``fn`` like TVM's time_evaluator; returns (per-call ms of each group, number).
 
-    ``settings.warmup`` untimed runs (minus ``warmed_up`` already done), then
+    ``settings.warmup`` untimed runs (at least ``min_warmup``, the runtime's own need; minus ``warmed_up``
+    already done), then
     groups of ``number`` runs; a group shorter than ``min_repeat_ms`` is
     discarded, ``number`` grown (x1.618 at least, or enough to fill the
     minimum) and the groups kept so far dropped, until ``repeat`` groups of the
@@ -155,7 +157,7 @@ def time_callable(
                 f"raise timeout_s or lower repeat/min_repeat_ms"
             )
 
-    for _ in range(max(0, settings.warmup - warmed_up)):
+    for _ in range(max(0, max(settings.warmup, min_warmup) - warmed_up)):
         fn()
         check_deadline()
     sync()
@@ -200,6 +202,7 @@ def _np_dtype(name: str):
 class _Runner:
     threads: int
     fmt: str
+    min_warmup = 0  # untimed runs the runtime needs before its timings are steady, whatever settings.warmup says
 
     def make_inputs(self, specs: Sequence[TensorSpec], batch: int, seed: int) -> Any: ...
 
@@ -213,6 +216,7 @@ class _Runner:
 
 class TorchScriptRunner(_Runner):
     fmt = "torchscript"
+    min_warmup = 2  # the profiling executor records shapes on the 1st call and optimises the graph on the 2nd
 
     def __init__(self, data: bytes, settings: MeasureSettings):
         import torch
@@ -444,6 +448,7 @@ def run_job(job: dict[str, Any], blobs: Sequence[bytes]) -> dict[str, Any]:
                         sync=runner.sync,
                         deadline=deadline,
                         warmed_up=1,
+                        min_warmup=runner.min_warmup,
                     )
                 except MeasureError:
                     raise
@@ -489,6 +494,7 @@ def run_job(job: dict[str, Any], blobs: Sequence[bytes]) -> dict[str, Any]:
                         deadline=deadline,
                         calls_per_run=nb,
                         warmed_up=1,
+                        min_warmup=runner.min_warmup,
                         what="end-to-end model",
                     )
                 except MeasureError:

@@ -101,7 +101,9 @@ class ProtocolError(AutoExitError):
 class MeasureSettings:
     """How to time a model (after TVM's ``time_evaluator``).
 
-    ``warmup`` untimed calls, then ``repeat`` groups of ``number`` calls; each
+    ``warmup`` untimed calls (TorchScript models get at least 2 whatever it says: the
+    profiling executor optimises the graph on the second call, which would otherwise
+    be timed), then ``repeat`` groups of ``number`` calls; each
     group yields one sample (its mean per call). ``number`` is raised until a
     group lasts at least ``min_repeat_ms`` (groups shorter than that are
     discarded), so fast models are timed over many calls and slow models once

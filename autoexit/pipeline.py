@@ -9,7 +9,6 @@ parameters (Optuna).
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -75,10 +74,6 @@ class EnableConfig:
     dropped); cost_evaluator: with ``latency``, the evaluator config (``url``, ``token_file``,
     ``settings``, ... as in a search config's ``evaluator`` section; empty: this CPU);
     cost_batch_size: the batch size the latency is measured at (the deployment's).
-
-    head_choices: more head specs to train at every point besides the default (or ``head`` /
-    ``head_specs``); :func:`choose_heads` then keeps, per point, the one worth most on the fit split
-    (e.g. ``(HeadSpec(conv="none", conv_layers=0, pool="avg2", fc_layers=1),)``: a 2x2 pool + FC head).
     """
 
     tolerance: float = 1.0
@@ -107,7 +102,6 @@ class EnableConfig:
     cost: str = "flops"
     cost_evaluator: Mapping[str, Any] = field(default_factory=dict)
     cost_batch_size: int = 1
-    head_choices: tuple[HeadSpec, ...] = ()
 
     def __post_init__(self):
         check_tolerance(self.tolerance)
@@ -124,9 +118,6 @@ class EnableConfig:
         if not isinstance(self.cascade_heads, int) or self.cascade_heads < 0:
             raise AutoExitError(f"cascade_heads must be an integer >= 0 (earlier exits each head reads), "
                                 f"got {self.cascade_heads!r}")
-        if not isinstance(self.head_choices, tuple) or not all(isinstance(h, HeadSpec) for h in self.head_choices):
-            raise AutoExitError("head_choices must be a tuple of HeadSpec (or a list of head-spec mappings in a "
-                                "config file)")
         if self.cost not in ("flops", "latency"):
             raise AutoExitError(f"cost must be 'flops' or 'latency' (timed on a device evaluator), got {self.cost!r}")
         if self.cost == "latency" and self.policy == "paper003":
@@ -158,9 +149,6 @@ class EnableConfig:
             raise AutoExitError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         if d.get("head") is not None and not isinstance(d["head"], HeadSpec):
             d["head"] = HeadSpec.from_dict(d["head"])
-        if d.get("head_choices") is not None:
-            d["head_choices"] = tuple(v if isinstance(v, HeadSpec) else HeadSpec.from_dict(v)
-                                      for v in d["head_choices"])
         if d.get("head_specs"):
             d["head_specs"] = {k: v if isinstance(v, HeadSpec) else HeadSpec.from_dict(v)
                                for k, v in d["head_specs"].items()}
@@ -182,7 +170,6 @@ class EnableConfig:
         out["head"] = self.head.to_dict() if self.head else None
         out["head_specs"] = {k: v.to_dict() for k, v in self.head_specs.items()}
         out["policy_options"] = dict(self.policy_options)
-        out["head_choices"] = [h.to_dict() for h in self.head_choices]
         out["cost_evaluator"] = {k: v for k, v in dict(self.cost_evaluator).items() if k != "token"}  # no secret
         return out
 
@@ -344,7 +331,6 @@ class EnableResult:
             },
             "latency": self.latency,
             "device_latency": self.extra.get("device_latency"),
-            **({"head_choice": self.extra["head_choice"]} if self.extra.get("head_choice") else {}),
             "outputs": {"forward": "(logits [N, C], exit_index [N]); exit_index == num_exits means the backbone",
                         "forward_all": "list of every head's scaled logits, then the backbone's"},
         }
@@ -477,58 +463,6 @@ def _specs_for(points: Sequence[ExitPoint], config: EnableConfig) -> dict[str, H
         raise AutoExitError(f"head_specs names unknown exit point(s) {', '.join(unknown)}; "
                             f"points are: {', '.join(p.name for p in points)}")
     return specs
-
-
-def choose_heads(rec: Recording, variants: Sequence[Mapping[str, TrainedHead]], base_flops: float,
-                 tolerance: float, split: str = "train") -> tuple[dict[str, TrainedHead], dict]:
-    """Per exit point, the head among ``variants`` (each a full set of trained heads, e.g. the default spec
-    and a cheaper one) that is worth most on ``split`` alone (the fit split: never val, which the guarantee
-    rests on, nor test).
-
-    A head's worth is its saving as the only exit (K of the singleton, paper 003 eq. 4) at the tolerance:
-    the inputs it answers, most confident first, up to ``tolerance`` % of the split disagreeing with the
-    backbone, each saving the rest of the backbone, minus the head's FLOPs paid by every input:
-    ``m / n * (base - flops_before) - head_flops``. A cheap head that agrees less can be worth more than a
-    costly one that agrees more, and the other way round at deeper points; the choice is made point by point.
-    A variant without a head at some point is not considered there. Returns the chosen heads and a record
-    ``{point: {"chosen": i, "worth_flops": [per variant], "exit_share": [...], "head_flops": [...]}}``.
-    """
-    if not variants:
-        raise AutoExitError("choose_heads needs at least one set of heads")
-    check_tolerance(tolerance)
-    names = [p.name for p in rec.points if any(p.name in v for v in variants)]
-    bpred = rec.logits(split).argmax(1)
-    n = int(bpred.shape[0])
-    if n == 0:
-        raise AutoExitError(f"the {split} split is empty: no data to choose heads on")
-    allowed = math.floor(tolerance / 100.0 * n + 1e-9)
-    chosen: dict[str, TrainedHead] = {}
-    record: dict[str, dict] = {}
-    for name in names:
-        acts = rec.activations(name, split)
-        worth, exits = [], []
-        for v in variants:
-            if name not in v:  # this variant has no head here: never chosen
-                worth.append(-math.inf)
-                exits.append(0.0)
-                continue
-            h = v[name]
-            z = predict_head(h.module, acts)
-            conf, pred = torch.softmax(z.float(), 1).max(1)
-            order = torch.argsort(conf, descending=True, stable=True)
-            wrong = torch.cumsum((pred[order] != bpred[order]).to(torch.int64), 0)
-            c = conf[order]
-            ends = torch.ones(n, dtype=torch.bool)  # a threshold cannot split equal scores: cut after a tie group
-            ends[:-1] = c[1:] != c[:-1]
-            ok = torch.nonzero(ends & (wrong <= allowed)).flatten()
-            m = int(ok[-1]) + 1 if len(ok) else 0  # the most inputs one threshold lets out within the budget
-            exits.append(m / n)
-            worth.append(m / n * (base_flops - h.point.flops_before) - h.flops)
-        best = int(np.argmax(worth))
-        chosen[name] = variants[best][name]
-        record[name] = {"chosen": best, "worth_flops": worth, "exit_share": exits,
-                        "head_flops": [v[name].flops if name in v else None for v in variants]}
-    return chosen, record
 
 
 def prepare(backbone: nn.Module, data, config: EnableConfig, progress: bool = True,
@@ -756,11 +690,6 @@ def enable(
     timings["record_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress)
-    choice = None
-    if config.head_choices:
-        variants = [heads] + [train_heads(rec, {p.name: spec for p in points}, config.train, progress=progress)
-                              for spec in config.head_choices]
-        heads, choice = choose_heads(rec, variants, float(tb.total_flops), config.tolerance, config.fit_split)
     timings["train_heads_s"] = time.perf_counter() - t0
     result = assemble(config, tb, points, rec, heads, timings=timings, evaluator=evaluator)
     if config.cascade_heads and result.kept:
@@ -771,10 +700,6 @@ def enable(
                                       progress=progress)
         timings["train_cascade_heads_s"] = time.perf_counter() - t0
         result = assemble(config, tb, points, rec, chained, timings=timings, evaluator=evaluator)
-    if choice is not None:
-        specs = [None, *config.head_choices]
-        result.extra["head_choice"] = {n: {**c, "chosen_spec": (specs[c["chosen"]] or heads[n].spec).to_dict()}
-                                       for n, c in choice.items()}
     return result
 
 

@@ -8,14 +8,12 @@ causes on the same recording and split (50/20/30, seed 0; test-split figures):
 
 - **head architecture and training**: SDN's head spec trained with labels (as the baseline) and
   trained label-free (autoexit's KL distillation), beside autoexit's default heads;
-- **per point**: autoexit's ``head_choices`` (``choose_heads``): at each point the default head or SDN's
-  head trained label-free, whichever saves more as the only exit at the tolerance on the train split;
 - **rule**: on each set of heads, SDN's shared threshold (val, labelled drop, no guarantee),
   autoexit's default policy (guaranteed disagreement <= T with probability 0.9, label-free), the
   same with ``risk=drop`` (guaranteed labelled drop), and paper 003's T/2^n rule.
 
-Heads are cached (``~/.cache/autoexit``; the default heads are ``bench/policies.py``'s).
-Usage: ``python bench/head_ablation.py [--depths 20 56] [--tolerances 1 2]``.
+Heads are cached (``~/.cache/autoexit/heads``; shared with the other benchmarks).
+Usage: ``python bench/head_ablation.py [--depths 20] [--tolerances 1 2]``.
 Results: ``bench/results/head_ablation.json``.
 """
 
@@ -41,9 +39,8 @@ def run(depth: int, tolerances) -> list[dict]:
     from autoexit.baselines import BASELINES, fit_baseline, train_baseline_heads
     from autoexit.data import default_cache_dir
     from autoexit.distill import TrainConfig
-    from autoexit.pipeline import EnableConfig, assemble, choose_heads, prepare
+    from autoexit.pipeline import EnableConfig, assemble, prepare
     from autoexit.search.pipeline import train_heads_cached
-    from bench.policies import plain_heads
 
     torch.set_num_threads(2)
     tb, points, rec = prepare(cifar_resnet(depth).eval(), cifar10_data(), EnableConfig(granularity=2), progress=True)
@@ -52,22 +49,16 @@ def run(depth: int, tolerances) -> list[dict]:
     def trainer(r, specs, cfg, names):
         return train_heads_cached(r, specs, cfg, cache_dir=hc, points=names, progress=True)
 
-    head_sets = {"autoexit default heads (label-free)": plain_heads(rec, progress=True)}
+    head_sets = {"autoexit default heads (label-free)": train_heads_cached(rec, {}, TrainConfig(), cache_dir=hc,
+                                                                           progress=True)}
     for sup, label in ((True, "sdn heads, labels"), (False, "sdn heads, label-free")):
         spec = dataclasses.replace(BASELINES["sdn"], supervised=sup)
         head_sets[label] = train_baseline_heads(rec, spec, TrainConfig(), trainer=trainer)
-    # autoexit's head_choices: per point, the default or the label-free 2x2-pool + FC head, whichever is worth
-    # more on the train split at the tolerance (choose_heads; the choice depends on the tolerance)
-    variants = [head_sets["autoexit default heads (label-free)"], head_sets["sdn heads, label-free"]]
-    chosen = {tol: choose_heads(rec, variants, float(tb.total_flops), tol) for tol in tolerances}
-    choice_label = "per point: default or sdn label-free (head_choices)"
-    head_sets[choice_label] = {tol: heads for tol, (heads, _) in chosen.items()}
     rows = []
-    for hname, hs in head_sets.items():
+    for hname, heads in head_sets.items():
+        head_flops = sum(h.flops for h in heads.values()) / len(heads)
         for rule, policy, risk in RULES:
             for tol in tolerances:
-                heads = hs[tol] if hname == choice_label else hs
-                head_flops = sum(h.flops for h in heads.values()) / len(heads)
                 t0 = time.perf_counter()
                 if policy is None:
                     r = fit_baseline(BASELINES["sdn"], tb, rec, heads, tol, risk="drop")
@@ -76,10 +67,8 @@ def run(depth: int, tolerances) -> list[dict]:
                     res = assemble(EnableConfig(tolerance=tol, granularity=2, policy=policy, risk=risk), tb, points,
                                    rec, heads)
                     m, kept = res.metrics["test"], res.kept
-                n_cheap = (sum(c["chosen"] == 1 for c in chosen[tol][1].values())
-                           if hname == choice_label else None)
                 rows.append({"model": f"resnet{depth}", "heads": hname, "rule": rule, "budget %": tol,
-                             "cheap heads chosen": n_cheap, "exits kept": len(kept), "saving %": 100 * m["saving"],
+                             "exits kept": len(kept), "saving %": 100 * m["saving"],
                              "drop pts": 100 * m["accuracy_drop"], "oracle %": 100 * m["oracle_saving"],
                              "mean head kFLOPs": head_flops / 1e3, "seconds": time.perf_counter() - t0})
                 print(f"  {hname} / {rule} @ {tol} %: saving {rows[-1]['saving %']:.1f} %, "
@@ -89,14 +78,14 @@ def run(depth: int, tolerances) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    ap.add_argument("--depths", type=int, nargs="+", default=[20])
     ap.add_argument("--tolerances", type=float, nargs="+", default=[1.0, 2.0])
     args = ap.parse_args(argv)
     require_fixtures()
     rows = [r for d in args.depths for r in run(d, args.tolerances)]
     print_table(rows, "heads x rule: FLOPs saved and accuracy drop on the test split",
-                ["model", "heads", "rule", "budget %", "cheap heads chosen", "exits kept", "saving %", "drop pts",
-                 "oracle %", "mean head kFLOPs"])
+                ["model", "heads", "rule", "budget %", "exits kept", "saving %", "drop pts", "oracle %",
+                 "mean head kFLOPs"])
     write_results("head_ablation", {"command": "python bench/head_ablation.py " + " ".join(argv or sys.argv[1:]),
                                     "rows": rows})
     return 0

@@ -145,8 +145,6 @@ def setup(depth: int, progress: bool = False):
     return cfg, tb, points, rec, heads
 
 
-
-
 def _heads_digest(heads: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(heads):

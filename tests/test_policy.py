@@ -279,7 +279,8 @@ def test_latency_costed_policy_minimises_measured_milliseconds(digits_result):
     c = pol["costs"]
     ms = ExitCosts(c["c1"], c["before"], c["base"], "ms")
     names = list(r.val.names)
-    assert len(ms.c1) == len(names) and (np.diff(ms.before) >= 0).all() and ms.base >= ms.before[-1]
+    assert len(ms.c1) == len(names) and (np.diff(ms.before) >= 0).all() and ms.base > 0  # an early answer may
+    # cost more than finishing the backbone from a late exit (before[-1] > base): that exit then never pays
     # refitting on those milliseconds reproduces the deployed policy
     fp, tables = fit_policy(cfg, r.recording, r.heads, r.temperatures, float(r.backbone.total_flops),
                             {"val": r.val, "test": r.test}, costs=ms)
@@ -332,68 +333,3 @@ def test_latency_cost_settings_are_checked_and_reach_the_cli():
     assert "token" not in secret.to_dict()["cost_evaluator"]  # the manifest never carries the token
     assert EnableConfig.from_dict(cfg.to_dict()) == cfg
 
-
-class _FitSplitOnly:
-    """The recording as choose_heads may see it: reading val, test or labels fails the test."""
-
-    def __init__(self, rec):
-        self._rec, self.points = rec, rec.points
-
-    def activations(self, name, split=None):
-        assert split == "train", f"read activations of {split}"
-        return self._rec.activations(name, split)
-
-    def logits(self, split=None):
-        assert split == "train", f"read backbone logits of {split}"
-        return self._rec.logits(split)
-
-    def labels(self, split=None):
-        raise AssertionError("read labels")
-
-
-def test_choose_heads_keeps_per_point_the_head_worth_most_on_the_fit_split(digits_result, digits_backbone,
-                                                                            digits_data):
-    """choose_heads: per point, the variant with the largest singleton saving at the tolerance on the fit split
-    (checked against re-executing every threshold by hand); it reads nothing of val, test or the labels; and
-    enable(head_choices=...) deploys the chosen heads and records the choice in the manifest."""
-    from autoexit.distill import TrainConfig, predict_head, train_heads
-    from autoexit.heads import HeadSpec
-    from autoexit.pipeline import choose_heads, enable
-
-    r = digits_result
-    cheap_spec = HeadSpec(conv="none", conv_layers=0, pool="avg2", fc_layers=1)
-    cheap = train_heads(r.recording, {p.name: cheap_spec for p in r.points}, TrainConfig(epochs=4, batch_size=128),
-                        progress=False)
-    base = float(r.backbone.total_flops)
-    chosen, record = choose_heads(_FitSplitOnly(r.recording), [r.heads, cheap], base, 2.0)
-    bpred = r.recording.logits("train").argmax(1).numpy()
-    n, allowed = len(bpred), int(np.floor(0.02 * len(bpred) + 1e-9))
-    for name, c in record.items():
-        worth = []
-        for v in (r.heads, cheap):
-            p = torch.softmax(predict_head(v[name].module, r.recording.activations(name, "train")).float(), 1)
-            conf, pred = p.max(1)
-            conf, pred = conf.numpy(), pred.numpy()
-            m = 0
-            for t in np.unique(conf):  # exit every input whose confidence reaches t
-                take = conf >= t
-                if (pred[take] != bpred[take]).sum() <= allowed:
-                    m = max(m, int(take.sum()))
-            worth.append(m / n * (base - v[name].point.flops_before) - v[name].flops)
-        assert c["worth_flops"] == pytest.approx(worth, rel=1e-9, abs=1e-6), name
-        best = int(np.argmax(worth))
-        assert c["chosen"] == best and chosen[name] is (r.heads, cheap)[best][name]
-    assert set(record) == {p.name for p in r.points}
-    with pytest.raises(AutoExitError, match="at least one set of heads"):
-        choose_heads(r.recording, [], base, 2.0)
-    # through enable (the recording is cached: only the heads train)
-    cfg = EnableConfig(tolerance=2.0, cache_dir=r.config.cache_dir, train=TrainConfig(epochs=2, batch_size=128),
-                       head_choices=(cheap_spec,))
-    assert EnableConfig.from_dict(cfg.to_dict()).head_choices == (cheap_spec,)
-    res = enable(digits_backbone, digits_data, config=cfg, progress=False)
-    hc = res.manifest()["head_choice"]
-    assert set(hc) == {p.name for p in res.points}
-    for name, c in hc.items():
-        assert res.heads[name].spec.to_dict() == c["chosen_spec"]
-    with pytest.raises(AutoExitError, match="head_choices must be a tuple of HeadSpec"):
-        EnableConfig(head_choices=({"conv": "none"},))

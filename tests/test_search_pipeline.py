@@ -152,7 +152,7 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
     end to end on it: the manifest holds prediction and measurement, and the real model's exits are the
     simulated ones."""
     cfg = _tiny(tmp_path, cost="latency", n_trials=6)
-    cfg["evaluator"] = {"local": True, "settings": {"warmup": 1, "repeat": 3, "min_repeat_ms": 5}}
+    cfg["evaluator"] = {"local": True, "settings": {"warmup": 2, "repeat": 3, "min_repeat_ms": 5}}
     run = P.run_search(cfg, progress=False)
     dl = autoexit.load(run.artifact).manifest["device_latency"]
     assert dl["device"] and dl["samples"] > 0 and dl["measured_ms"] > 0 and dl["backbone_ms"] > 0
@@ -160,6 +160,9 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
         (dl["predicted_ms"] - dl["measured_ms"]) / dl["measured_ms"])
     assert len(dl["exit_counts"]) == len(run.outer.chosen.kept) + 1
     assert dl["exit_counts"] == dl["predicted_exit_counts"] and sum(dl["exit_counts"]) == dl["samples"]
+    # the device's drift since the profile (the no-exit anchor re-timed) and the error with it taken out
+    assert dl["device_drift"] > 0 and dl["relative_error_drift_corrected"] == pytest.approx(
+        (dl["predicted_ms"] * dl["device_drift"] - dl["measured_ms"]) / dl["measured_ms"])
 
 
 def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_anchors(digits_result):

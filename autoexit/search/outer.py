@@ -693,8 +693,11 @@ def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, 
     predictions with the latency costs the search used. The TorchScript multi-exit model is
     timed at batch 1 over the first ``samples`` test inputs (real early exits, so the exit
     mix is the deployed one); the prediction is the segment profile x the exits those same
-    inputs take in the recorded predictions. The backbone is timed on the same device. The
-    record goes to ``result.extra["device_latency"]`` (the manifest's ``device_latency``).
+    inputs take in the recorded predictions. The backbone is timed on the same device. With a
+    calibrated profile, the no-exit anchor is timed again too: ``device_drift`` is its time now over
+    its time when the profile was taken, and ``relative_error_drift_corrected`` the prediction's error
+    once the device's change of speed is taken out. The record goes to
+    ``result.extra["device_latency"]`` (the manifest's ``device_latency``).
     """
     from ..evaluator import LocalEvaluator
     from ..model import to_torchscript
@@ -724,6 +727,23 @@ def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, 
            "backbone_ms": float(bb.median_ms), "ratio_to_backbone": float(m.median_ms) / float(bb.median_ms),
            "exit_counts": counts, "predicted_exit_counts": np.bincount(sim.exit_index, minlength=k + 1).tolist(),
            "profile_source": lat.source}
+    cal = lat.calibration or {}
+    if "no_exit_ms" in cal and cal.get("samples"):
+        # the device's change of speed since the profile: the no-exit anchor again, now (a new seed: not the
+        # cached timing). Scaling the prediction by it separates prediction error from drift.
+        from ..evaluator import MeasureSettings
+        from ..model import MultiExitModel
+
+        s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
+        none = to_torchscript(MultiExitModel(result.backbone.split([]), [],
+                                             num_classes=int(result.backbone.num_classes)).eval(),
+                              result.backbone.example_input)
+        xv = result.recording.inputs("val")[: int(cal["samples"])]
+        now = float(ev.measure_end_to_end(none, xv, batch_sizes=(1,),
+                                          settings=replace(s0, seed=(s0.seed + 7919) % 2**32)).at(1).median_ms)
+        drift = now / float(cal["no_exit_ms"])
+        out["device_drift"] = drift
+        out["relative_error_drift_corrected"] = (predicted * drift - out["measured_ms"]) / out["measured_ms"]
     result.extra["device_latency"] = out
     return out
 

@@ -202,6 +202,18 @@ class _Passthrough(nn.Module):
         return x + 0  # one real op: a traced identity returns its input and may be elided
 
 
+def reseeded(evaluator, settings=None, offset: int = 0):
+    """The measurement settings a timing on ``evaluator`` uses (``settings``, else the evaluator's own, else
+    the defaults) with the seed moved by ``offset``: a new seed is a new cache key, so the timing is
+    taken afresh instead of coming from the evaluator's cache."""
+    from dataclasses import replace
+
+    from .evaluator import MeasureSettings
+
+    s0 = settings if settings is not None else (getattr(evaluator, "settings", None) or MeasureSettings())
+    return s0 if offset == 0 else replace(s0, seed=(s0.seed + offset) % 2**32)
+
+
 def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
                        evaluator=None, *, batch_size: int = 1, settings=None, calibrate: bool = True,
                        samples: int = 64, rounds: int = 3) -> dict:
@@ -234,8 +246,6 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     segment and anchor keeps its median. A device whose speed drifts (a shared VM, a Pi that heats up) then
     drifts under profile and anchors alike, instead of one of them being timed during a slow spell.
     """
-    from dataclasses import replace
-
     import numpy as np
 
     from .errors import AutoExitError
@@ -246,7 +256,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         raise AutoExitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if len(heads) != len(temperatures):
         raise AutoExitError(f"give one temperature per head: {len(heads)} heads, {len(temperatures)} temperatures")
-    from .evaluator import LocalEvaluator, MeasureSettings, segment_profile
+    from .evaluator import LocalEvaluator, segment_profile
 
     ev = evaluator if evaluator is not None else LocalEvaluator()
     heads = list(heads)
@@ -260,13 +270,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         segments[f"head:{p.name}"] = (h.module, tuple(p.shape))
     info = ev.info()
     src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
-    s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
-
-    def seeded(r: int):
-        return s0 if r == 0 else replace(s0, seed=(s0.seed + r) % 2**32)
-
     def profile(r: int) -> dict[str, float]:
-        res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=seeded(r))
+        res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=reseeded(ev, settings, r))
         return {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
 
     def costs(prof: dict[str, float], call: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -291,23 +296,23 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         source = src if call is None else f"{src}; segment profile - {call:.3f} ms per segment call"
         return {"c1": hd, "before": before, "base": float(st.sum()), "source": source, "calibration": None}
 
-    from .model import MultiExitModel, to_torchscript
+    from .model import MultiExitModel, scripted_backbone, to_torchscript
 
     nc = int(backbone.num_classes)
-    none = MultiExitModel(backbone.split([]), [], num_classes=nc)
     temps = [float(t) for t in temperatures]
     every = MultiExitModel(stages, [h.module for h in heads], temps, [float("inf")] * len(names), names, nc)
     first = MultiExitModel(stages, [h.module for h in heads], temps,
                            [-float("inf")] + [float("inf")] * (len(names) - 1), names, nc)
-    scripted = {k: to_torchscript(m.eval(), backbone.example_input)
-                for k, m in (("none", none), ("every", every), ("first", first))}
+    scripted = {"none": scripted_backbone(backbone), "every": to_torchscript(every, backbone.example_input),
+                "first": to_torchscript(first, backbone.example_input)}
     profiles: list[dict[str, float]] = []
     timed: dict[str, list[float]] = {"none": [], "every": [], "first": []}
     for r in range(rounds):
         profiles.append(profile(r))
         for k in ("none", "every", "first"):
             timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
-                                                        settings=seeded(r)).at(batch_size).median_ms) / batch_size)
+                                                        settings=reseeded(ev, settings, r))
+                                  .at(batch_size).median_ms) / batch_size)
     prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
     call = prof.pop("call")
     st, hd, before = costs(prof, call)

@@ -591,8 +591,7 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
             st = split_stats(rec, names, split)
         tables[split] = ExitTable.from_predictions(p, [temperatures[n] for n in names], st)
     if costs is None:
-        costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                          base_flops)
+        costs = _flops_costs(heads, names, base_flops)
     elif len(costs.c1) != len(names) or len(costs.before) != len(names):
         raise AutoExitError(f"costs give {len(costs.c1)} exits but there are {len(names)} candidate exits")
     ctx = PolicyContext(tables[config.fit_split], tables["val"], costs, config.tolerance, config.delta,
@@ -600,6 +599,10 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
                         if isinstance(config.scheme, str) else "halving", config.basis, config.signal,
                         config.exhaustive_limit, fixed_chain=fixed_chain)
     return make_policy(config.policy, **dict(config.policy_options)).fit(ctx), tables
+
+
+def _flops_costs(heads: Mapping[str, TrainedHead], names: Sequence[str], base_flops: float) -> ExitCosts:
+    return ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names], base_flops)
 
 
 def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: Mapping[str, TrainedHead],
@@ -610,8 +613,7 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
     the end-to-end calibration on the val inputs."""
     names = [p.name for p in rec.points if p.name in heads]
     if config.cost == "flops":
-        return ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                         float(tb.total_flops))
+        return _flops_costs(heads, names, float(tb.total_flops))
     from .cost import exit_latency_costs
     from .evaluator import evaluator_from_config
 

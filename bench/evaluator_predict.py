@@ -82,7 +82,7 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
     from autoexit.data import default_cache_dir
     from autoexit.distill import TrainConfig
     from autoexit.evaluator import MeasureSettings
-    from autoexit.model import MultiExitModel, to_torchscript
+    from autoexit.model import scripted_backbone, to_torchscript
     from autoexit.pipeline import EnableConfig, assemble, prepare
     from autoexit.search.outer import (
         OuterSettings,
@@ -106,8 +106,7 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
     lat = latency_costs(base, evaluator, batch_size=1, settings=settings, rounds=rounds)  # + the calibration
     profile_s = time.perf_counter() - t0
     print(f"profile: {lat.source}; base {lat.base:.3f} ms (segments only {raw.base:.3f} ms)", flush=True)
-    ref_model = to_torchscript(MultiExitModel(tb.split([]), [], num_classes=int(tb.num_classes)).eval(),
-                               tb.example_input)
+    ref_model = scripted_backbone(tb)
     ref_x = rec.inputs("val")[: lat.calibration["samples"]]
     ref0 = lat.calibration["no_exit_ms"]
     recorded = Recorded.from_result(base).with_latency(lat)

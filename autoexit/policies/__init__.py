@@ -277,10 +277,10 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
     chosen = replace(res, index=row if res.index >= 0 else -1)
     dropped = [names[j] for j in range(k) if j not in keep]
     info = {**info, "last_certified_row": res.index, "chosen_row": chosen.index, "dropped_exits": dropped,
-            f"cal_{getattr(costs, 'unit', 'flops')}": min(flops, costs.base)}
-    if getattr(costs, "unit", "flops") != "flops":
+            f"cal_{costs.unit}": min(flops, costs.base)}
+    if costs.unit != "flops":
         info["cost_unit"] = costs.unit
-        info["cost_source"] = getattr(costs, "source", "")
+        info["cost_source"] = costs.source
         info["costs"] = {"c1": [float(v) for v in costs.c1], "before": [float(v) for v in costs.before],
                          "base": float(costs.base)}  # per candidate exit, in backbone order
     return FittedPolicy(policy, [names[j] for j in keep], [chain[j] for j in keep], [rules[j] for j in keep],

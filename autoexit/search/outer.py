@@ -432,23 +432,6 @@ class ExitCosts:
     def c2(self) -> np.ndarray:
         return np.maximum(self.base - self.before, 0.0)
 
-    @classmethod
-    def from_segment_profile(cls, profile_ms: Mapping[str, float], names: Sequence[str], source: str = "",
-                             stage_key: str = "stage{i}", head_key: str = "head:{name}") -> ExitCosts:
-        """Latency costs from a segment profile ``{segment: ms}`` (``autoexit.evaluator.segment_profile``).
-
-        The backbone is cut at every candidate point in order: ``stage0`` .. ``stage{E}``
-        (E = number of candidates), plus ``head:{name}`` per candidate.
-        """
-        try:
-            stages = np.array([float(profile_ms[stage_key.format(i=i)]) for i in range(len(names) + 1)])
-            c1 = np.array([float(profile_ms[head_key.format(name=n)]) for n in names])
-        except KeyError as exc:
-            raise AutoExitError(f"segment profile lacks {exc.args[0]!r}; it needs stage0..stage{len(names)} and "
-                                "head:<point> for every candidate point") from None
-        before = np.cumsum(stages)[:-1]
-        return cls("ms", c1, before, float(stages.sum()), source)
-
     def to_dict(self) -> dict:
         d = {"unit": self.unit, "c1": self.c1.tolist(), "before": self.before.tolist(), "base": self.base,
              "source": self.source}
@@ -731,16 +714,12 @@ def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, 
     if "no_exit_ms" in cal and cal.get("samples"):
         # the device's change of speed since the profile: the no-exit anchor again, now (a new seed: not the
         # cached timing). Scaling the prediction by it separates prediction error from drift.
-        from ..evaluator import MeasureSettings
-        from ..model import MultiExitModel
+        from ..cost import reseeded
+        from ..model import scripted_backbone
 
-        s0 = settings if settings is not None else (getattr(ev, "settings", None) or MeasureSettings())
-        none = to_torchscript(MultiExitModel(result.backbone.split([]), [],
-                                             num_classes=int(result.backbone.num_classes)).eval(),
-                              result.backbone.example_input)
         xv = result.recording.inputs("val")[: int(cal["samples"])]
-        now = float(ev.measure_end_to_end(none, xv, batch_sizes=(1,),
-                                          settings=replace(s0, seed=(s0.seed + 7919) % 2**32)).at(1).median_ms)
+        now = float(ev.measure_end_to_end(scripted_backbone(result.backbone), xv, batch_sizes=(1,),
+                                          settings=reseeded(ev, settings, 7919)).at(1).median_ms)
         drift = now / float(cal["no_exit_ms"])
         out["device_drift"] = drift
         out["relative_error_drift_corrected"] = (predicted * drift - out["measured_ms"]) / out["measured_ms"]

@@ -1600,11 +1600,11 @@ class PartitionHook:
 
     def latency_costs(self):
         """Per-exit latency costs (ms, reference device) from the profile, for ranking exits by K(S)."""
-        from .search.outer import ExitCosts
+        from .policies import ExitCosts
 
         prof = self.space.profile
         ck = np.asarray(prof.block_time_s) * 1000
-        return ExitCosts("ms", np.asarray(prof.head_time_s[:-1]) * 1000, np.cumsum(ck)[:-1], float(ck.sum()),
+        return ExitCosts(np.asarray(prof.head_time_s[:-1]) * 1000, np.cumsum(ck)[:-1], float(ck.sum()), "ms",
                          "partition profile (reference device)")
 
     def suggest(self, trial) -> dict:

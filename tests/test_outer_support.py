@@ -34,8 +34,8 @@ def make_recorded(seed: int = 0, exits: int = 5, n: int = 1500, labels: bool = T
     names = [f"layer{i}" for i in range(exits)]
     before = np.linspace(10.0, 80.0, exits) * 1e6
     c1 = np.full(exits, 1.5e6)
-    flops = ExitCosts("flops", c1, before, 100e6, "synthetic")
-    latency = ExitCosts("ms", c1 / 1e7, before / 1e7, 10.0, "synthetic device")
+    flops = ExitCosts(c1, before, 100e6, "flops", "synthetic")
+    latency = ExitCosts(c1 / 1e7, before / 1e7, 10.0, "ms", "synthetic device")
     return Recorded(names, _split(rng, n, exits, labels=labels), _split(rng, n, exits, labels=labels), flops,
                     np.arange(1, exits + 1) * 40_000.0, np.ones(exits), latency,
                     {"backbone_class": "Synthetic", "seed": seed})

@@ -27,8 +27,9 @@ saves and is dropped), by greedy forward selection and backward pruning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,12 +99,15 @@ class ExitTable:
         return np.stack([self.z[i].argmax(1).numpy() for i in chain]) if chain else np.zeros((0, self.n), int)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExitCosts:
-    """Per candidate exit: head cost (``c1``) and backbone cost before the exit point; the backbone's cost.
+    """Per candidate exit, per sample: head cost ``c1[i]`` and backbone cost ``before[i]`` up to exit point i;
+    ``base``: the whole backbone (C2 of K(S) is ``base - before``).
 
-    ``unit``: ``flops`` (counted; the default) or ``ms`` (timed on a device evaluator per sample,
-    :func:`autoexit.cost.exit_latency_costs`); ``source`` says how the costs were obtained.
+    ``unit``: ``flops`` (counted; the default) or ``ms`` (timed on a device evaluator,
+    :func:`autoexit.cost.exit_latency_costs`); ``source`` says how the costs were obtained; ``calibration``:
+    how measured latency costs were corrected, or ``None``. The one cost type of the policies, the outer
+    search and the partitioner.
     """
 
     c1: np.ndarray
@@ -111,11 +115,36 @@ class ExitCosts:
     base: float
     unit: str = "flops"
     source: str = ""
+    calibration: Mapping[str, Any] | None = None
 
     def __post_init__(self):
-        self.c1 = np.asarray(self.c1, dtype=np.float64)
-        self.before = np.asarray(self.before, dtype=np.float64)
-        self.base = float(self.base)
+        c1 = np.asarray(self.c1, dtype=np.float64)
+        before = np.asarray(self.before, dtype=np.float64)
+        if c1.shape != before.shape or c1.ndim != 1:
+            raise AutoExitError(f"cost arrays must be one value per exit: c1 {c1.shape}, before {before.shape}")
+        if not (np.isfinite(c1).all() and np.isfinite(before).all() and (c1 >= 0).all() and (before >= 0).all()):
+            raise AutoExitError("exit costs must be finite and non-negative")
+        if not float(self.base) > 0:
+            raise AutoExitError(f"the backbone's cost must be > 0, got {self.base}")
+        object.__setattr__(self, "c1", c1)
+        object.__setattr__(self, "before", before)
+        object.__setattr__(self, "base", float(self.base))
+
+    @property
+    def c2(self) -> np.ndarray:
+        return np.maximum(self.base - self.before, 0.0)
+
+    def to_dict(self) -> dict:
+        d = {"unit": self.unit, "c1": self.c1.tolist(), "before": self.before.tolist(), "base": self.base,
+             "source": self.source}
+        if self.calibration is not None:
+            d["calibration"] = dict(self.calibration)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ExitCosts:
+        return cls(np.asarray(d["c1"]), np.asarray(d["before"]), float(d["base"]), d.get("unit", "flops"),
+                   d.get("source", ""), d.get("calibration"))
 
 
 def stats_from_activations(acts: torch.Tensor, batch: int = 512) -> torch.Tensor:

@@ -52,6 +52,7 @@ import numpy as np
 
 from ..calibrate import SIGNALS, ThresholdResult, assign_thresholds, check_tolerance
 from ..errors import AutoExitError, require
+from ..policies.cascade import ExitCosts
 from ..subset import SubsetResult, best_subset, k_score, simulate_exits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -399,52 +400,6 @@ class OuterSettings:
 # --------------------------------------------------------------------------- what a trial reads
 
 
-@dataclass(frozen=True)
-class ExitCosts:
-    """Per-exit costs of one unit (``flops`` or ``ms``), per sample.
-
-    ``c1[i]``: exit head i; ``before[i]``: the backbone up to point i; ``base``: the
-    whole backbone. C2 of K(S) is ``base - before``. ``calibration``: how measured
-    latency costs were corrected (:func:`latency_costs`), or ``None``.
-    """
-
-    unit: str
-    c1: np.ndarray
-    before: np.ndarray
-    base: float
-    source: str = ""
-    calibration: Mapping[str, float] | None = None
-
-    def __post_init__(self):
-        c1 = np.asarray(self.c1, dtype=np.float64)
-        before = np.asarray(self.before, dtype=np.float64)
-        if c1.shape != before.shape or c1.ndim != 1:
-            raise AutoExitError(f"cost arrays must be one value per exit: c1 {c1.shape}, before {before.shape}")
-        if not (np.isfinite(c1).all() and np.isfinite(before).all() and (c1 >= 0).all() and (before >= 0).all()):
-            raise AutoExitError("exit costs must be finite and non-negative")
-        if not self.base > 0:
-            raise AutoExitError(f"the backbone's cost must be > 0, got {self.base}")
-        object.__setattr__(self, "c1", c1)
-        object.__setattr__(self, "before", before)
-        object.__setattr__(self, "base", float(self.base))
-
-    @property
-    def c2(self) -> np.ndarray:
-        return np.maximum(self.base - self.before, 0.0)
-
-    def to_dict(self) -> dict:
-        d = {"unit": self.unit, "c1": self.c1.tolist(), "before": self.before.tolist(), "base": self.base,
-             "source": self.source}
-        if self.calibration is not None:
-            d["calibration"] = dict(self.calibration)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> ExitCosts:
-        return cls(d["unit"], np.asarray(d["c1"]), np.asarray(d["before"]), float(d["base"]), d.get("source", ""),
-                   d.get("calibration"))
-
-
 @dataclass
 class SplitData:
     """Recorded predictions on one split: per exit (rows, backbone order) and per sample (columns)."""
@@ -537,9 +492,9 @@ class Recorded:
                 labels=None if p.labels is None else p.labels.numpy().astype(np.int64),
             )
 
-        flops = ExitCosts("flops", np.array([heads[n].flops for n in names], dtype=float),
+        flops = ExitCosts(np.array([heads[n].flops for n in names], dtype=float),
                           np.array([heads[n].point.flops_before for n in names], dtype=float), base_flops,
-                          "torch FlopCounterMode (2 per multiply-add)")
+                          "flops", "torch FlopCounterMode (2 per multiply-add)")
         return cls(names, split(val), split(test) if test is not None else None, flops,
                    np.array([heads[n].param_bytes for n in names], dtype=float), np.asarray(temps), latency, info)
 
@@ -655,7 +610,7 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     d = exit_latency_costs(result.backbone, [result.heads[n] for n in names],
                            [float(result.temperatures[n]) for n in names], x, evaluator, batch_size=batch_size,
                            settings=settings, calibrate=calibrate, samples=samples, rounds=rounds)
-    return ExitCosts("ms", d["c1"], d["before"], d["base"], d["source"], d["calibration"])
+    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"])
 
 
 def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | None = None, split: str = "test"):

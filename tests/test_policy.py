@@ -333,3 +333,22 @@ def test_latency_cost_settings_are_checked_and_reach_the_cli():
     assert "token" not in secret.to_dict()["cost_evaluator"]  # the manifest never carries the token
     assert EnableConfig.from_dict(cfg.to_dict()) == cfg
 
+
+
+def test_exit_costs_validated_and_round_trip():
+    """The one cost type of policies, outer search and partitioner: bad costs are one-line errors, and
+    to_dict/from_dict keep every field (the outer search persists its costs in study attributes)."""
+    from autoexit.search.outer import ExitCosts as OuterExitCosts
+
+    assert OuterExitCosts is ExitCosts
+    c = ExitCosts([1.0, 2.0], [10.0, 50.0], 100.0, "ms", "timed", {"scale": 1.1})
+    back = ExitCosts.from_dict(c.to_dict())
+    assert back.unit == "ms" and back.source == "timed" and back.calibration == {"scale": 1.1}
+    assert np.array_equal(back.c1, c.c1) and np.array_equal(back.before, c.before) and back.base == 100.0
+    assert np.array_equal(c.c2, [90.0, 50.0])
+    for bad, msg in (((np.array([1.0]), [1.0, 2.0], 10.0), "one value per exit"),
+                     (([1.0, -1.0], [1.0, 2.0], 10.0), "non-negative"),
+                     (([1.0, float("nan")], [1.0, 2.0], 10.0), "non-negative"),
+                     (([1.0], [1.0], 0.0), "must be > 0")):
+        with pytest.raises(AutoExitError, match=msg):
+            ExitCosts(*bad)

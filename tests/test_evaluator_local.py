@@ -356,3 +356,31 @@ def test_real_multi_exit_model_end_to_end_and_segments():
     ck, cb = block_head_latencies_s(res, [f"stage{i}" for i in range(len(stages))],
                                     [f"head{i}" for i in range(len(heads))] + [None])
     assert len(ck) == len(stages) and all(v > 0 for v in ck) and cb[-1] == 0.0 and all(v > 0 for v in cb[:-1])
+
+
+def test_digest_is_the_same_for_a_module_scripted_again_in_the_same_process():
+    """TorchScript writes a class's first script into code/.../model.py with its module's other classes and a
+    later (mangled) script of it into its own model/___torch_mangle_N.py; the digest (the cache key) must not
+    see that, or a model re-scripted for a second timing misses the cache. Other weights still change it.
+    Run in a fresh process, so that the first script really is the first."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from autoexit.evaluator.client import prepare_model
+from autoexit.model import MultiExitModel, scripted_backbone, to_torchscript
+from autoexit.points import TracedBackbone
+from autoexit.zoo import DigitsCNN
+torch.manual_seed(0)
+tb = TracedBackbone(DigitsCNN().eval(), torch.randn(2, 1, 8, 8))
+first = prepare_model(scripted_backbone(tb), end_to_end=True).digest
+again = prepare_model(scripted_backbone(tb), end_to_end=True).digest
+rebuilt = prepare_model(to_torchscript(MultiExitModel(tb.split([]), [], num_classes=tb.num_classes),
+                                      tb.example_input), end_to_end=True).digest
+other = TracedBackbone(DigitsCNN().eval(), torch.randn(2, 1, 8, 8))
+print(first == again, first == rebuilt, prepare_model(scripted_backbone(other), end_to_end=True).digest != first)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "True"]

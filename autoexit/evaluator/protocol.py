@@ -315,6 +315,7 @@ def check_torchscript_archive(data: bytes) -> None:
 
 
 _MANGLE_RE = re.compile(rb"[./]___torch_mangle_\d+")
+_TOP_LEVEL_RE = re.compile(rb"^(?=class |def )", re.M)
 
 
 def model_digest(data: bytes) -> str:
@@ -325,23 +326,27 @@ def model_digest(data: bytes) -> str:
     ``.data/serialization_id``, the per-process class-name mangling
     (``___torch_mangle_N``) that repeated tracing introduces, the example
     inputs a trace may store (``traced_inputs``) and the ``*.debug_pkl``
-    source ranges (debug info only). So tracing and
-    saving the same module twice gives the same digest (and the same cache
-    key). Any other bytes (ONNX) are hashed as they are.
+    source ranges (debug info only). Code is compared class by class: the
+    first script of a class in a process writes all of a Python module's
+    classes into one ``code/.../model.py``, a later (mangled) script writes
+    each into its own ``model/___torch_mangle_N.py``. So scripting, tracing
+    and saving the same module twice gives the same digest (and the same
+    cache key). Any other bytes (ONNX) are hashed as they are.
     """
     if data[:4] == b"PK\x03\x04":
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
-            entries = []
+            entries: dict[bytes, set[bytes]] = {}
             for name in zf.namelist():
                 if name.endswith((".data/serialization_id", ".debug_pkl")) or "/traced_inputs" in name:
                     continue
                 norm = _MANGLE_RE.sub(b"", name.encode())
-                content = hashlib.sha256(_MANGLE_RE.sub(b"", zf.read(name))).digest()
-                entries.append((norm, content))
-            h = hashlib.sha256(b"torchscript-zip:")
-            for norm, content in sorted(entries):
-                h.update(norm + b"\0" + content)
+                content = _MANGLE_RE.sub(b"", zf.read(name))
+                blocks = _TOP_LEVEL_RE.split(content) if "/code/" in name and name.endswith(".py") else [content]
+                entries.setdefault(norm, set()).update(hashlib.sha256(b).digest() for b in blocks if b.strip())
+            h = hashlib.sha256(b"torchscript-zip:2:")
+            for norm in sorted(entries):
+                h.update(norm + b"\0" + b"".join(sorted(entries[norm])))
             return h.hexdigest()
         except Exception:  # a corrupt zip: fall back to the raw bytes
             pass
@@ -704,7 +709,7 @@ def segment_profile(
 
     ``stat`` is a LatencyStats field (median_ms, mean_ms, p90_ms, ...).
     """
-    if stat not in {f.name for f in fields(LatencyStats)} or not stat.endswith("_ms"):
+    if stat not in {f.name for f in fields(LatencyStats)} or not stat.endswith("_ms") or stat == "samples_ms":
         raise AutoExitError(f"stat must be a LatencyStats *_ms field such as median_ms or p99_ms, got {stat!r}")
     out = {}
     for name, res in results.items():

@@ -17,6 +17,9 @@ def _policy_flags(p) -> None:
     p.add_argument("--risk", choices=list(RISKS), default="disagreement",
                    help="what the guarantee bounds: disagreement with the backbone (label-free, default), "
                    "harm or drop (need labels)")
+    p.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                   help="fit the policy on out-of-fold head predictions of the train split, K >= 2 folds "
+                   "(about one more head training; default 0: off)")
     p.add_argument("--cost", choices=["flops", "latency"], default="flops",
                    help="what the policy minimises: counted FLOPs (default) or latency timed on a device "
                    "evaluator (this CPU unless --evaluator-url; heads that cost more time than they save are "
@@ -26,12 +29,13 @@ def _policy_flags(p) -> None:
     p.add_argument("--evaluator-token-file", help="bearer-token file for --evaluator-url")
 
 
-def _cost_settings(args: argparse.Namespace) -> dict:
+def _policy_settings(args: argparse.Namespace) -> dict:
     ev = {}
     if args.evaluator_url:
         ev = {"url": args.evaluator_url, **({"token_file": args.evaluator_token_file}
                                             if args.evaluator_token_file else {})}
-    return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_evaluator": ev}
+    return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_evaluator": ev,
+            "cross_fit": args.cross_fit}
 
 
 def register(sub) -> None:
@@ -118,7 +122,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     data = load_digits("inference", seed=args.seed, shifts=True)
     cfg = EnableConfig(tolerance=args.tolerance, seed=args.seed, cache_dir=str(out / "cache"),
                        train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed),
-                       policy=args.policy, delta=args.delta, risk=args.risk, **_cost_settings(args))
+                       policy=args.policy, delta=args.delta, risk=args.risk, **_policy_settings(args))
     result = enable(model, data, config=cfg, progress=progress)
     artifact = result.emit(out / "artifact", overwrite=True, latency=not args.no_latency)
     print_summary(result, "autoexit quickstart: DigitsCNN on scikit-learn digits", artifact)
@@ -147,7 +151,7 @@ def _enable(args: argparse.Namespace) -> int:
         policy=args.policy,
         delta=args.delta,
         risk=args.risk,
-        **_cost_settings(args),
+        **_policy_settings(args),
         points=tuple(p.strip() for p in args.points.split(",")) if args.points else None,
         cache_dir=args.cache_dir,
         train=TrainConfig(epochs=args.epochs),

@@ -26,7 +26,7 @@ from .heads import HeadSpec, build_head, default_head_spec
 from .points import ExitPoint
 
 __all__ = ["TrainConfig", "TrainedHead", "train_head", "train_heads", "kd_loss", "agreement",
-           "train_cascade_heads", "build_cascade_head"]
+           "train_cascade_heads", "build_cascade_head", "out_of_fold_logits"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,51 @@ def train_heads(
             history=hist,
         )
         del x_train, x_val
+    return out
+
+
+def out_of_fold_logits(
+    recording: Recording,
+    heads: Mapping[str, TrainedHead],
+    config: TrainConfig = TrainConfig(),
+    folds: int = 2,
+    progress: bool = False,
+) -> torch.Tensor:
+    """[exits, train samples, classes] logits of the train split in which every sample's logits come from a
+    head that never saw it: the train split is cut into ``folds`` folds (at random, ``config.seed``) and each
+    fold is predicted by a head of the same spec trained, as :func:`train_heads` trains, on the other folds.
+
+    Policies fitted on these see the heads as new data will, not as the data they were fitted on (where a late
+    head agrees several points more often). Exits follow the recording's point order; label-free.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise AutoExitError(f"cross-fitting needs an integer number of folds >= 2, got {folds!r}")
+    names = [p.name for p in recording.points if p.name in heads]
+    t_train, t_val = recording.logits("train"), recording.logits("val")
+    n = len(t_train)
+    if n < 2 * folds:
+        raise DataError(f"cross-fitting with {folds} folds needs at least {2 * folds} train samples, got {n}; "
+                        "give more data or use fewer folds")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 1))
+    parts = [perm[i::folds] for i in range(folds)]
+    y_train = recording.labels("train") if config.supervised else None
+    out = torch.zeros(len(names), n, recording.num_classes)
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc=f"{folds}-fold heads", unit="exit")
+    for j, name in enumerate(it):
+        h = heads[name]
+        x, x_val = recording.activations(name, "train"), recording.activations(name, "val")
+        for f in range(folds):
+            tr = torch.cat([parts[k] for k in range(folds) if k != f])
+            torch.manual_seed(config.seed)
+            mod = build_head(h.spec, h.point.shape, recording.num_classes)
+            mod, _ = train_head(mod, x[tr], t_train[tr], x_val, t_val, config,
+                                None if y_train is None else y_train[tr], desc=f"{name} fold {f + 1}")
+            out[j, parts[f]] = _predict(mod, x[parts[f]]).float()
+        del x, x_val
     return out
 
 

@@ -67,6 +67,10 @@ class EnableConfig:
     cascade_heads: when > 0, after the policy picks its exits, their heads are retrained in order so
     that each also reads the previous ``cascade_heads`` exits' logits, and the policy is refitted on
     that chain.
+    cross_fit: when >= 2, the policy is fitted on out-of-fold predictions of the train split (cut into
+    ``cross_fit`` folds, each predicted by heads trained on the others: about one more head training),
+    so it sees the heads as new data will; the deployed heads are still trained on the whole train split
+    and certified on val. 0 (default): fitted on the heads' own training data.
 
     cost: what the guaranteed policies minimise when they choose exits and thresholds: ``flops``
     (counted, the default) or ``latency`` (each backbone stage and head timed on a device evaluator,
@@ -99,6 +103,7 @@ class EnableConfig:
     fit_split: str = "train"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     cascade_heads: int = 0
+    cross_fit: int = 0
     cost: str = "flops"
     cost_evaluator: Mapping[str, Any] = field(default_factory=dict)
     cost_batch_size: int = 1
@@ -118,6 +123,12 @@ class EnableConfig:
         if not isinstance(self.cascade_heads, int) or self.cascade_heads < 0:
             raise AutoExitError(f"cascade_heads must be an integer >= 0 (earlier exits each head reads), "
                                 f"got {self.cascade_heads!r}")
+        if isinstance(self.cross_fit, bool) or not isinstance(self.cross_fit, int) or self.cross_fit < 0 \
+                or self.cross_fit == 1:
+            raise AutoExitError(f"cross_fit must be 0 (off) or a number of folds >= 2, got {self.cross_fit!r}")
+        if self.cross_fit and (self.policy == "paper003" or self.fit_split != "train"):
+            raise AutoExitError("cross_fit applies to the guaranteed policies fitted on the train split; "
+                                f"policy {self.policy!r} with fit_split {self.fit_split!r} does not use it")
         if self.cost not in ("flops", "latency"):
             raise AutoExitError(f"cost must be 'flops' or 'latency' (timed on a device evaluator), got {self.cost!r}")
         if self.cost == "latency" and self.policy == "paper003":
@@ -601,6 +612,17 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
     return make_policy(config.policy, **dict(config.policy_options)).fit(ctx), tables
 
 
+def out_of_fold_predictions(rec: Recording, heads: Mapping[str, TrainedHead], config: EnableConfig,
+                            progress: bool = False) -> ExitPredictions:
+    """The train split's ExitPredictions for ``config.cross_fit`` folds (:func:`autoexit.distill.out_of_fold_logits`),
+    what :func:`fit_policy` fits on when given as ``predictions["train"]``."""
+    from .distill import out_of_fold_logits
+
+    names = [p.name for p in rec.points if p.name in heads]
+    z = out_of_fold_logits(rec, heads, config.train, config.cross_fit, progress=progress)
+    return ExitPredictions(names, z, rec.logits("train"), rec.labels("train"))
+
+
 def _flops_costs(heads: Mapping[str, TrainedHead], names: Sequence[str], base_flops: float) -> ExitCosts:
     return ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names], base_flops)
 
@@ -693,7 +715,15 @@ def enable(
     t0 = time.perf_counter()
     heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress)
     timings["train_heads_s"] = time.perf_counter() - t0
-    result = assemble(config, tb, points, rec, heads, timings=timings, evaluator=evaluator)
+    predictions = None
+    if config.cross_fit:
+        t0 = time.perf_counter()
+        predictions = {"train": out_of_fold_predictions(rec, heads, config, progress)}
+        timings["cross_fit_s"] = time.perf_counter() - t0
+    result = assemble(config, tb, points, rec, heads, timings=timings, evaluator=evaluator, predictions=predictions)
+    if config.cross_fit:
+        result.extra["policy"]["fitted_on"] = (f"out-of-fold predictions of the train split ({config.cross_fit} "
+                                               "folds)")
     if config.cascade_heads and result.kept:
         from .distill import train_cascade_heads
 

@@ -309,10 +309,10 @@ def test_latency_costed_policy_minimises_measured_milliseconds(digits_result):
                    costs=ExitCosts([1.0], [1.0], 10.0, "ms"))
 
 
-def test_latency_cost_settings_are_checked_and_reach_the_cli():
+def test_latency_policy_settings_are_checked_and_reach_the_cli():
     import argparse
 
-    from autoexit.commands import _cost_settings, _policy_flags
+    from autoexit.commands import _policy_flags, _policy_settings
 
     with pytest.raises(AutoExitError, match="cost must be 'flops' or 'latency'"):
         EnableConfig(cost="energy")
@@ -326,7 +326,7 @@ def test_latency_cost_settings_are_checked_and_reach_the_cli():
     _policy_flags(p)
     args = p.parse_args(["--cost", "latency", "--cost-batch-size", "32", "--evaluator-url", "http://pi.local:8765",
                          "--evaluator-token-file", "tok"])
-    cfg = EnableConfig(**_cost_settings(args))
+    cfg = EnableConfig(**_policy_settings(args))
     assert (cfg.cost, cfg.cost_batch_size) == ("latency", 32)
     assert cfg.cost_evaluator == {"url": "http://pi.local:8765", "token_file": "tok"}
     secret = EnableConfig(cost="latency", cost_evaluator={"url": "http://pi:1", "token": "s3cret"})
@@ -352,3 +352,66 @@ def test_exit_costs_validated_and_round_trip():
                      (([1.0], [1.0], 0.0), "must be > 0")):
         with pytest.raises(AutoExitError, match=msg):
             ExitCosts(*bad)
+
+
+def test_out_of_fold_logits_come_from_heads_that_never_saw_the_sample(digits_result, monkeypatch):
+    """Cross-fitting: every train sample is predicted by a head trained on the other folds only, and the
+    policy fitted on those predictions is certified on val as before."""
+    import autoexit.distill as D
+    from autoexit.pipeline import out_of_fold_predictions
+
+    r = digits_result
+    seen: list[list] = []  # [training activations, activations predicted with the trained head]
+    real_train, real_predict = D.train_head, D._predict
+    training = [False]
+
+    def spy_train(head, x_train, *a, **k):
+        seen.append([x_train, None])
+        training[0] = True
+        try:
+            return real_train(head, x_train, *a, **k)
+        finally:
+            training[0] = False
+
+    def spy_predict(head, x, *a, **k):
+        if not training[0]:  # not train_head's own val evaluation
+            seen[-1][1] = x
+        return real_predict(head, x, *a, **k)
+
+    monkeypatch.setattr(D, "train_head", spy_train)
+    monkeypatch.setattr(D, "_predict", spy_predict)
+    cfg = EnableConfig(tolerance=2.0, cross_fit=2, train=D.TrainConfig(epochs=2, batch_size=128))
+    oof = out_of_fold_predictions(r.recording, r.heads, cfg)
+    names = [p.name for p in r.recording.points if p.name in r.heads]
+    n = r.recording.logits("train").shape[0]
+    assert oof.names == names and tuple(oof.logits.shape) == (len(names), n, r.recording.num_classes)
+    assert len(seen) == 2 * len(names)
+    for x_fit, x_pred in seen:  # no predicted sample was in that head's training data
+        fit_rows = {tuple(v.flatten().tolist()) for v in x_fit}
+        assert x_pred is not None and len(x_fit) + len(x_pred) == n
+        assert not any(tuple(v.flatten().tolist()) in fit_rows for v in x_pred)
+    assert torch.equal(oof.backbone_logits, r.recording.logits("train"))
+    monkeypatch.undo()
+    # the fit reads them: fitted on out-of-fold predictions, certified on val, recorded in the manifest
+    res = assemble(EnableConfig(tolerance=2.0, cross_fit=2), r.backbone, r.points, r.recording, r.heads,
+                   predictions={"train": oof, "val": r.val, "test": r.test})
+    g = res.extra["policy"]["guarantee"]
+    assert g["n"] == r.val.n
+    with pytest.raises(AutoExitError, match="folds >= 2"):
+        D.out_of_fold_logits(r.recording, r.heads, folds=1)
+
+
+def test_cross_fit_settings_are_checked_and_reach_the_cli():
+    import argparse
+
+    from autoexit.commands import _policy_flags, _policy_settings
+
+    for bad in (1, -2, True, 2.5):
+        with pytest.raises(AutoExitError, match="cross_fit must be 0"):
+            EnableConfig(cross_fit=bad)
+    with pytest.raises(AutoExitError, match="cross_fit applies to the guaranteed policies"):
+        EnableConfig(cross_fit=2, policy="paper003")
+    p = argparse.ArgumentParser()
+    _policy_flags(p)
+    cfg = EnableConfig(**_policy_settings(p.parse_args(["--cross-fit", "3"])))
+    assert cfg.cross_fit == 3 and EnableConfig.from_dict(cfg.to_dict()) == cfg

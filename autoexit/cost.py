@@ -216,7 +216,7 @@ def reseeded(evaluator, settings=None, offset: int = 0):
 
 def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
                        evaluator=None, *, batch_size: int = 1, settings=None, calibrate: bool = True,
-                       samples: int = 64, rounds: int = 3) -> dict:
+                       samples: int = 64, rounds: int = 3, stat: str = "median_ms") -> dict:
     """Per-exit latency costs in ms per sample, measured by a device evaluator (local CPU by default).
 
     ``backbone``: the :class:`~autoexit.graph.TracedBackbone`; ``heads``: the candidate exits' trained heads
@@ -243,7 +243,11 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
 
     ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
-    segment and anchor keeps its median. A device whose speed drifts (a shared VM, a Pi that heats up) then
+    segment and anchor keeps its median over the rounds.
+
+    ``stat``: which statistic of one timing (its groups of runs) stands for it, for segments and anchors
+    alike: ``median_ms`` (default) or ``min_ms`` (the fastest group; steadier than the median on a busy
+    machine whose slow spells only add time, see ``bench/evaluator_noise.py``). A device whose speed drifts (a shared VM, a Pi that heats up) then
     drifts under profile and anchors alike, instead of one of them being timed during a slow spell.
     """
     import numpy as np
@@ -254,6 +258,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AutoExitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if stat not in ("median_ms", "min_ms", "mean_ms"):
+        raise AutoExitError(f"stat must be 'median_ms', 'min_ms' or 'mean_ms' (a timing's statistic), got {stat!r}")
     if len(heads) != len(temperatures):
         raise AutoExitError(f"give one temperature per head: {len(heads)} heads, {len(temperatures)} temperatures")
     from .evaluator import LocalEvaluator, segment_profile
@@ -272,7 +278,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
     def profile(r: int) -> dict[str, float]:
         res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=reseeded(ev, settings, r))
-        return {k: v / batch_size for k, v in segment_profile(res, batch_size).items()}
+        return {k: v / batch_size for k, v in segment_profile(res, batch_size, stat).items()}
 
     def costs(prof: dict[str, float], call: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         st = np.array([max(prof[f"stage{i}"] - call, 0.0) for i in range(len(names) + 1)])
@@ -310,9 +316,9 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     for r in range(rounds):
         profiles.append(profile(r))
         for k in ("none", "every", "first"):
-            timed[k].append(float(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
-                                                        settings=reseeded(ev, settings, r))
-                                  .at(batch_size).median_ms) / batch_size)
+            timed[k].append(float(getattr(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
+                                                                settings=reseeded(ev, settings, r))
+                                          .at(batch_size), stat)) / batch_size)
     prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
     call = prof.pop("call")
     st, hd, before = costs(prof, call)
@@ -329,10 +335,11 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
            "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
-           "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size)}
+           "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size), "stat": stat}
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
             "base": max(t_none, 1e-9),
             "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
                       f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision, "
-                      f"{taken:+.3f} ms per early answer (median of {rounds} interleaved rounds)",
+                      f"{taken:+.3f} ms per early answer ({stat.removesuffix('_ms')} per timing, median of "
+                      f"{rounds} interleaved rounds)",
             "calibration": cal}

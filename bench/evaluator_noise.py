@@ -10,7 +10,14 @@ the model and re-times it with the default TVM-style settings) and reports:
   repeated measurement of the same model moves, which is what decides
   whether the search can tell two configurations apart;
 * ``within_5pct`` / ``within_10pct``: share of runs whose median lies within
-  +-5 % / +-10 % of the median of all runs.
+  +-5 % / +-10 % of the median of all runs;
+* the same two spreads for each run's *fastest* group (``min_ms``): ``cv_between_min``,
+  ``within_10pct_min`` -- whether the minimum, which timeit recommends on a busy machine,
+  is steadier than the median here.
+
+``--cpus all,0,1`` measures every run once per CPU affinity (the whole process pinned to
+that core, or ``all``: unpinned), interleaved run by run so that all of them see the same
+drift: whether pinning the measurement to one core makes it repeatable.
 
 Prints a table and writes ``bench/results/evaluator_noise.json``. Numbers are
 reported, never asserted; the load average at start and end is recorded
@@ -19,6 +26,7 @@ root::
 
     python bench/evaluator_noise.py                 # 4 models x batch 1, 8; 5 runs each
     python bench/evaluator_noise.py --runs 10 --threads 1
+    python bench/evaluator_noise.py --runs 12 --batch-sizes 1 --threads 1 --cpus all,0,1
 """
 
 from __future__ import annotations
@@ -69,6 +77,25 @@ def models() -> list[tuple[str, nn.Module, tuple[int, ...], str]]:
     return out
 
 
+def _affinities(text: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    for a in out:
+        if a != "all" and (not a.isdigit() or int(a) not in cores):
+            raise SystemExit(f"--cpus: {a!r} is neither 'all' nor one of this process's cores {sorted(cores)}")
+    if not out or (out != ["all"] and not hasattr(os, "sched_setaffinity")):
+        raise SystemExit("--cpus needs 'all' or core numbers (pinning needs Linux's sched_setaffinity)")
+    return out
+
+
+def _spread(values: list[float], suffix: str) -> dict:
+    """cv of ``values`` and the share within +-5 % / +-10 % of their median."""
+    center, mean = statistics.median(values), statistics.fmean(values)
+    return {f"cv_between{suffix}": statistics.pstdev(values) / mean if mean > 0 else 0.0,
+            f"within_5pct{suffix}": sum(abs(v - center) <= 0.05 * center for v in values) / len(values),
+            f"within_10pct{suffix}": sum(abs(v - center) <= 0.10 * center for v in values) / len(values)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="independent measurements per model (default 5)")
@@ -76,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="pin intra-op threads (default: runtime default)")
     ap.add_argument("--repeat", type=int, default=20, help="groups per measurement (default 20)")
     ap.add_argument("--min-repeat-ms", type=float, default=50.0, help="minimum group duration (default 50)")
+    ap.add_argument("--cpus", default="all",
+                    help="comma-separated CPU affinities to compare: 'all' (unpinned) or a core number "
+                         "(default all)")
     args = ap.parse_args(argv)
+    affinities = _affinities(args.cpus)
     warnings.filterwarnings("ignore", category=FutureWarning)
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     settings = MeasureSettings(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms, threads=args.threads,
@@ -84,38 +115,36 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows, raw = [], []
     t0 = time.perf_counter()
+    unpinned = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     for name, module, shape, fmt in models():
-        runs = []
+        runs: dict[str, list] = {a: [] for a in affinities}
         for _ in range(args.runs):
-            ev = LocalEvaluator()  # fresh, no cache: a real re-measurement
-            runs.append(ev.measure(module, input_shapes=shape, batch_sizes=batch_sizes, settings=settings,
-                                   format=fmt))
-        for b in batch_sizes:
-            stats = [r.at(b) for r in runs]
-            medians = [s.median_ms for s in stats]
-            center = statistics.median(medians)
-            mean = statistics.fmean(medians)
-            cv_between = statistics.pstdev(medians) / mean if mean > 0 else 0.0
-            row = {
-                "model": name,
-                "format": fmt,
-                "batch": b,
-                "median_ms": center,
-                "p99_ms": statistics.median(s.p99_ms for s in stats),
-                "cv_within": statistics.median(s.cv for s in stats),
-                "cv_between": cv_between,
-                "within_5pct": sum(abs(m - center) <= 0.05 * center for m in medians) / len(medians),
-                "within_10pct": sum(abs(m - center) <= 0.10 * center for m in medians) / len(medians),
-                "number": stats[0].number,
-            }
-            rows.append(row)
-            raw.append({**row, "run_medians_ms": medians, "threads": runs[0].threads})
+            for a in affinities:  # interleaved: every affinity sees the same drift
+                if unpinned is not None:
+                    os.sched_setaffinity(0, unpinned if a == "all" else {int(a)})
+                ev = LocalEvaluator()  # fresh, no cache: a real re-measurement
+                runs[a].append(ev.measure(module, input_shapes=shape, batch_sizes=batch_sizes, settings=settings,
+                                          format=fmt))
+        if unpinned is not None:
+            os.sched_setaffinity(0, unpinned)
+        for a in affinities:
+            for b in batch_sizes:
+                stats = [r.at(b) for r in runs[a]]
+                medians = [s.median_ms for s in stats]
+                mins = [s.min_ms for s in stats]
+                row = {"model": name, "format": fmt, "cpu": a, "batch": b, "median_ms": statistics.median(medians),
+                       "p99_ms": statistics.median(s.p99_ms for s in stats),
+                       "cv_within": statistics.median(s.cv for s in stats),
+                       **_spread(medians, ""), **_spread(mins, "_min"), "number": stats[0].number}
+                rows.append(row)
+                raw.append({**row, "run_medians_ms": medians, "run_mins_ms": mins, "threads": runs[a][0].threads})
     elapsed = time.perf_counter() - t0
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     print_table(rows, title=f"evaluator noise: {args.runs} runs per model, settings {settings.key_dict()}")
     print(f"{elapsed:.1f} s; load average at start {load_start}, at end {load_end}")
     write_results("evaluator_noise", {
         "settings": settings.to_dict(),
+        "cpus": affinities,
         "runs": args.runs,
         "batch_sizes": list(batch_sizes),
         "load_average": {"start": load_start, "end": load_end},

@@ -38,8 +38,13 @@ drift-corrected), the share within +-10 % (nn-Meter's anchor: 99 % on a Cortex-A
 the real model's exit counts equal the simulated ones, and the measurement noise
 (coefficient of variation within a timing, and the spread of a configuration's median over its rounds).
 
+``--min-stat`` adds the same comparison with each timing's fastest group standing for it
+(``exit_latency_costs(stat="min_ms")`` for the profile and its anchors, ``min_ms`` of the very same
+end-to-end timings for the measurement), side by side with the median: on a machine whose slow
+spells only add time the minimum is the steadier statistic (``bench/evaluator_noise.py``).
+
 Usage: ``python bench/evaluator_predict.py [--depths 20 56] [--configs 24] [--samples 128]
-[--rounds 3] [--threads 1]``. Results: ``bench/results/evaluator_predict.json``.
+[--rounds 3] [--threads 1] [--repeat 5] [--min-stat]``. Results: ``bench/results/evaluator_predict.json``.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ def _draw_params(rng: np.random.Generator, space, names: list[str]) -> dict:
     return p
 
 
-def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds: int = 3) -> dict:
+def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds: int = 3,
+        with_min: bool = False) -> dict:
     from dataclasses import replace
 
     import torch
@@ -104,11 +110,15 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
     t_start = t0 = time.perf_counter()
     raw = latency_costs(base, evaluator, batch_size=1, settings=settings, calibrate=False)
     lat = latency_costs(base, evaluator, batch_size=1, settings=settings, rounds=rounds)  # + the calibration
+    # the same calibrated profile with each timing's fastest group standing for it (--min-stat), side by side
+    lat_min = latency_costs(base, evaluator, batch_size=1, settings=replace(settings, seed=settings.seed + 77),
+                            rounds=rounds, stat="min_ms") if with_min else None
     profile_s = time.perf_counter() - t0
     print(f"profile: {lat.source}; base {lat.base:.3f} ms (segments only {raw.base:.3f} ms)", flush=True)
     ref_model = scripted_backbone(tb)
     ref_x = rec.inputs("val")[: lat.calibration["samples"]]
     ref0 = lat.calibration["no_exit_ms"]
+    ref0_min = lat_min.calibration["no_exit_ms"] if lat_min is not None else None
     recorded = Recorded.from_result(base).with_latency(lat)
     names = recorded.names
     space = load_space("outer")
@@ -133,13 +143,14 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
         scripted = to_torchscript(res.model, tb.example_input)
         # paired rounds: the configuration and the no-exit model alternate (new seeds: nothing cached), so the
         # device's drift shows in the no-exit model's time at the moment the configuration is timed
-        ms, refs = [], []
+        ms, ref_stats = [], []
         for r in range(rounds):
             seed = 1000 + 10 * len(rows) + r
             ms.append(evaluator.measure_end_to_end(scripted, x, batch_sizes=(1,),
                                                    settings=replace(settings, seed=seed)).at(1))
-            refs.append(float(evaluator.measure_end_to_end(ref_model, ref_x, batch_sizes=(1,),
-                                                           settings=replace(settings, seed=seed)).at(1).median_ms))
+            ref_stats.append(evaluator.measure_end_to_end(ref_model, ref_x, batch_sizes=(1,),
+                                                          settings=replace(settings, seed=seed)).at(1))
+        refs = [float(r.median_ms) for r in ref_stats]
         m = ms[0]
         counts = np.zeros(len(idx) + 1)
         for k, v in (m.exit_counts or {}).items():
@@ -159,12 +170,29 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
             "rounds spread %": 100.0 * (max(medians) - min(medians)) / measured,
             "exit counts match": bool(np.array_equal(sim_counts, counts)),
         })
+        if lat_min is not None:  # the same timings, each standing for its fastest group
+            p_min = float(plan_outcome(recorded, plan, lat_min, n_samples).flops.mean())
+            m_min = float(np.median([float(r.min_ms) for r in ms]))
+            d_min = float(np.median([float(r.min_ms) for r in ref_stats])) / ref0_min
+            rows[-1].update({"predicted ms (min)": p_min, "measured ms (min)": m_min,
+                             "error % (min)": 100.0 * (p_min - m_min) / m_min, "drift (min)": d_min,
+                             "drift-corrected error % (min)": 100.0 * (p_min * d_min - m_min) / m_min,
+                             "rounds spread % (min)": 100.0 * (max(r.min_ms for r in ms) - min(r.min_ms for r in ms))
+                             / m_min})
         print(f"  [{len(rows)}/{n_configs}] {rows[-1]['config']}: predicted {predicted:.3f} ms, "
               f"measured {measured:.3f} ms ({rows[-1]['error %']:+.1f} %; drift {drift:.3f}, corrected "
               f"{rows[-1]['drift-corrected error %']:+.1f} %)", flush=True)
     err = np.array([abs(r["error %"]) for r in rows])
     err_d = np.array([abs(r["drift-corrected error %"]) for r in rows])
     err_raw = np.array([abs(r["segments only error %"]) for r in rows])
+    mins = {}
+    if lat_min is not None and rows:
+        e_min = np.array([abs(r["error % (min)"]) for r in rows])
+        e_min_d = np.array([abs(r["drift-corrected error % (min)"]) for r in rows])
+        mins = {"within 10 % (min)": float((e_min <= 10).mean()),
+                "within 10 % (min, drift-corrected)": float((e_min_d <= 10).mean()),
+                "median |error| % (min)": float(np.median(e_min)),
+                "median rounds spread % (min)": float(np.median([r["rounds spread % (min)"] for r in rows]))}
     return {
         "rows": rows,
         "summary": {"model": f"resnet{depth}", "configs": len(rows), "samples": int(len(x)),
@@ -184,7 +212,7 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
                     "rounds": rounds,
                     "backbone ms (profile)": float(lat.base), "profile s": profile_s,
                     "seconds": time.perf_counter() - t_start, "calibration": lat.source,
-                    "device": str(evaluator.device_key)},
+                    "device": str(evaluator.device_key), **mins},
         "profile_ms": {"c1": lat.c1.tolist(), "before": lat.before.tolist(), "base": lat.base, "names": names,
                        "calibration": dict(lat.calibration or {})},
     }
@@ -202,10 +230,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=SETTINGS["threads"],
                     help="intra-op threads of every timing (default 1: on 2 shared cores a second thread "
                          "competes with the machine's own work and the timings scatter)")
+    ap.add_argument("--repeat", type=int, default=SETTINGS["repeat"],
+                    help=f"groups per timing (default {SETTINGS['repeat']}); more groups give --min-stat more to "
+                         "choose from")
+    ap.add_argument("--min-stat", action="store_true",
+                    help="also predict and measure with each timing's fastest group (stat='min_ms') beside the "
+                         "median, from the same end-to-end timings (a second calibrated profile is taken)")
     ap.add_argument("--url", help="a device running `autoexit evaluator serve` (default: this CPU)")
     ap.add_argument("--token-file")
     args = ap.parse_args(argv)
     SETTINGS["threads"] = args.threads
+    SETTINGS["repeat"] = args.repeat
     require_fixtures()
     from autoexit.evaluator import LocalEvaluator, RemoteEvaluator
 
@@ -213,7 +248,7 @@ def main(argv=None) -> int:
     out = {"rows": [], "summary": [], "details": {}}
     load_before = os.getloadavg()
     for depth in args.depths:
-        r = run(depth, args.configs, args.samples, ev, args.seed, args.rounds)
+        r = run(depth, args.configs, args.samples, ev, args.seed, args.rounds, args.min_stat)
         out["rows"] += r["rows"]
         out["summary"].append(r["summary"])
         out["details"][f"resnet{depth}"] = {"profile_ms": r["profile_ms"]}
@@ -224,7 +259,9 @@ def main(argv=None) -> int:
     print_table(out["summary"], "summary", ["model", "configs", "samples", "within 10 %", "within 10 % (segments only)",
                                             "within 10 % (drift-corrected)", "within 5 %", "median |error| %",
                                             "mean signed error %", "exit counts as simulated", "median e2e cv %",
-                                            "median rounds spread %", "seconds"])
+                                            "median rounds spread %", "within 10 % (min)",
+                                            "within 10 % (min, drift-corrected)", "median |error| % (min)",
+                                            "median rounds spread % (min)", "seconds"])
     for sm in out["summary"]:
         print(f"{sm['model']}: {sm['calibration']}")
     write_results("evaluator_predict", {"command": "python bench/evaluator_predict.py " + " ".join(argv or sys.argv[1:]),

@@ -234,6 +234,22 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
         latency_costs(res, ev, settings=s, rounds=0)
     if (c["scale"] * hd + c["decision_ms"] >= 0).all():
         assert cal.base + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
+    # stat="min_ms": the very same timings (cache hits), each standing for its fastest group
+    mn = latency_costs(res, ev, settings=s, samples=24, stat="min_ms")
+    cm = mn.calibration
+    assert cm["stat"] == "min_ms" and "min per timing" in mn.source
+    assert all(cm["profile_ms"][k] <= v + 1e-12 for k, v in prof.items())  # a minimum never exceeds the median
+    for key in ("no_exit_ms", "every_exit_ms", "first_exit_ms"):
+        assert cm[key] <= c[key] + 1e-12
+
+    def timed_min(m):
+        return float(np.median([ev.measure_end_to_end(to_torchscript(m.eval(), res.backbone.example_input), x,
+                                                      batch_sizes=(1,), settings=replace(s, seed=seed)).at(1).min_ms
+                                for seed in range(3)]))
+
+    assert timed_min(none) == pytest.approx(cm["no_exit_ms"]) and mn.base == pytest.approx(cm["no_exit_ms"])
+    with pytest.raises(AutoExitError, match="stat must be 'median_ms', 'min_ms' or 'mean_ms'"):
+        latency_costs(res, ev, settings=s, stat="p99_ms")
 
 
 def test_partition_block_searches_split_points_and_emits_a_partitioned_artifact(tmp_path):

@@ -594,11 +594,11 @@ def _info(backbone, recording) -> dict:
 
 
 def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None,
-                  calibrate: bool = True, samples: int = 64, rounds: int = 3) -> ExitCosts:
+                  calibrate: bool = True, samples: int = 64, rounds: int = 3, stat: str = "median_ms") -> ExitCosts:
     """Per-exit latency costs (ms per sample) of ``result``'s candidate exits, measured by a device evaluator
     (``autoexit.evaluator``; local CPU by default): :func:`autoexit.cost.exit_latency_costs` on the result's
     backbone, heads, temperatures and val inputs, as an :class:`ExitCosts` in ``ms``. See that function for
-    the segment profile, its calibration (``calibrate``, ``samples``) and the interleaved ``rounds``.
+    the segment profile, its calibration (``calibrate``, ``samples``), the interleaved ``rounds`` and ``stat``.
     """
     from ..cost import exit_latency_costs
 
@@ -609,7 +609,7 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
         x = None  # the recording kept no inputs: the segment profile alone
     d = exit_latency_costs(result.backbone, [result.heads[n] for n in names],
                            [float(result.temperatures[n]) for n in names], x, evaluator, batch_size=batch_size,
-                           settings=settings, calibrate=calibrate, samples=samples, rounds=rounds)
+                           settings=settings, calibrate=calibrate, samples=samples, rounds=rounds, stat=stat)
     return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"])
 
 

@@ -4,11 +4,11 @@ Each generated table sits between ``<!-- BEGIN <name> -->`` and ``<!-- END <name
 markers in ``docs/benchmarks.md``; this script replaces only those blocks, so the
 hand-written text (and other benchmarks' sections) stay as they are.
 
-Blocks from ``bench/results/policies.json`` go to ``docs/policies.md`` and those from
+Blocks from ``bench/results/policies.json`` and ``head_levers.json`` go to ``docs/policies.md`` and those from
 ``bench/results/nni_heads.json`` to ``docs/nni.md`` (same marker convention).
 
 Usage: ``python bench/md_tables.py`` (after ``bench/peers.py``, ``bench/generality.py``,
-``bench/cifar10_resnet.py``, ``bench/policies.py``, ``bench/nni_heads.py``); ``--print`` writes the
+``bench/cifar10_resnet.py``, ``bench/policies.py``, ``bench/head_levers.py``, ``bench/nni_heads.py``); ``--print`` writes the
 blocks to stdout instead.
 """
 
@@ -124,12 +124,14 @@ def policies_blocks() -> dict[str, str]:
     if not res:
         return {}
     env = res.get("environment_of_rows", res.get("environment", {}))
-    lat_env = res.get("environment", {}) if "environment_of_rows" in res else None
+    lat_env = res.get("latency_environment") or (res.get("environment", {}) if "environment_of_rows" in res
+                                                   else None)
     out = {}
     cols = [("T %", "T %", 1), ("policy", "policy", 0), ("exits", "exits", 0), ("saving %", "FLOPs saved %", 1),
             ("drop %", "test drop pts", 2), ("disagree %", "disagreement %", 2), ("oracle share", "share of oracle", 2),
             ("resplit saving %", "saved % (re-splits)", 1), ("resplit drop % (p90)", "drop p90 (re-splits)", 2),
-            ("viol(drop)", "violation rate (drop)", 2), ("guaranteed", "certified", 0)]
+            ("viol(drop)", "violation rate (drop)", 2), ("guaranteed", "certified", 0),
+            ("hindsight family %", "hindsight: its family %", 1), ("hindsight signal %", "hindsight: its signal %", 1)]
     for r in res.get("results", []):
         depth = r["depth"]
         rows = [dict(x, guaranteed=("yes" if x.get("guaranteed") else "no") if x["policy"] != "paper003" else "-")
@@ -163,6 +165,32 @@ def policies_blocks() -> dict[str, str]:
                 + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
         out[f"policies-resnet{depth}"] = note + "\n\n" + table(rows, cols) + lat_table
     return out
+
+
+def levers_blocks() -> dict[str, str]:
+    """bench/head_levers.py: per (T, policy), saving and drop of each variant side by side; agreement per exit."""
+    res = _load("head_levers")
+    if not res:
+        return {}
+    env = res.get("environment", {})
+    parts = []
+    for r in res.get("results", []):
+        variants = list(dict.fromkeys(x["variant"] for x in r["rows"]))
+        short = {v: v.split(" (")[0] for v in variants}
+        rows: dict[tuple, dict] = {}
+        for x in r["rows"]:
+            row = rows.setdefault((x["T %"], x["policy"]), {"T %": x["T %"], "policy": x["policy"]})
+            row[short[x["variant"]]] = f"{x['saving %']:.1f} ({x['drop %']:.2f})"
+        cols = [("T %", "T %", 1), ("policy", "policy", 0)] + [(short[v], f"{v}: saved % (drop pts)", 0)
+                                                               for v in variants]
+        names = r["candidates"]
+        arows = [{"variant": k, **{n: v for n, v in zip(names, a)}} for k, a in r["val_agreement"].items()]
+        acols = [("variant", "agreement with the backbone", 0)] + [(n, n, 3) for n in names]
+        secs = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r.get("seconds", {}).items())
+        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).\n\n"
+                     + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
+    return {"policies-levers": f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}: "
+                               f"`python bench/head_levers.py`.\n\n" + "\n\n".join(parts)}
 
 
 def nni_blocks() -> dict[str, str]:
@@ -225,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--print", action="store_true", help="print the blocks instead of updating the page")
     args = ap.parse_args(argv)
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks()},
-             POLICIES_DOC: policies_blocks(), NNI_DOC: nni_blocks()}
+             POLICIES_DOC: {**policies_blocks(), **levers_blocks()}, NNI_DOC: nni_blocks()}
     if args.print:
         for blocks in pages.values():
             for name, body in blocks.items():

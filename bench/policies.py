@@ -18,12 +18,18 @@ and 3,000 test samples ``--resplits`` times (default 100); every guaranteed poli
 rules and family (fitted on train) and is recalibrated on each calibration draw; paper003 is re-run
 on each draw. A violation is a test accuracy drop above the tolerance.
 
+Hindsight (no guarantee; a reference): what each guaranteed policy's exits and signal could save at a
+test drop <= T with thresholds picked on the test labels themselves, along its own threshold family and
+along a new greedy path built on test. It separates what the guarantee costs (saving vs hindsight) from
+what the heads and the signal allow at all (hindsight vs the oracle).
+
 Latency (last, noisy: the machine is shared): batch-1 and batch-32 CPU time per sample of the
 TorchScript early-exit model vs the backbone, ``autoexit.cost.compare_latency``, at T = 1 % for the
 default policy, ``gate`` and ``paper003``, and for the default policy choosing its exits by latency
 (``cost="latency"``: every stage and head timed on this CPU at batch 1 or 32) instead of FLOPs.
 
-Run: ``python bench/policies.py`` (``--depths 20``, ``--resplits 50``, ``--no-latency``; ``--latency-only``
+Run: ``python bench/policies.py`` (``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
+recorded before, with its date); ``--latency-only``
 re-measures the latency of a recorded run, e.g. on a quieter machine).
 Results: ``bench/results/policies.json``.
 """
@@ -187,6 +193,34 @@ def _pool(a, b):
                      [torch.cat([x, y]) for x, y in zip(a.stats, b.stats)] if a.stats is not None else None)
 
 
+def hindsight(fp, test, costs, tol: float) -> dict:
+    """What the policy's exits and signal could save with thresholds picked on the test split itself, at a
+    test accuracy drop <= ``tol`` (no guarantee; an upper reference that separates what the guarantee costs
+    from what the exit signal allows):
+
+    - ``hindsight family %``: the best row of the policy's own threshold family (the one Learn-then-Test walks);
+    - ``hindsight signal %``: a new greedy threshold path built on the test labels (the labelled drop as the
+      loss) over the same chain and rules: roughly, "perfect thresholds chosen on the test labels".
+    """
+    from autoexit.policies import evaluate_thresholds
+    from autoexit.policies.cascade import chain_costs, greedy_path, loss_matrix
+
+    _, chain, rules = fp.full_chain
+    if not chain or fp.family is None:
+        return {"hindsight family %": 0.0, "hindsight signal %": 0.0}
+    s = fp.full_scores(test)
+    best = 0.0
+    for row in fp.family:
+        m = evaluate_thresholds(chain, s, row, test, costs)
+        if m["drop"] <= tol / 100 + 1e-12:
+            best = max(best, m["saving"])
+    cc = chain_costs(costs, chain)
+    path = greedy_path(s, loss_matrix(test, chain, "drop"), cc, chunk=max(1, test.n // 1000),
+                       max_risk=2 * tol / 100)
+    return {"hindsight family %": 100 * best,
+            "hindsight signal %": 100 * (1 - path.flops_at(tol / 100) / costs.base)}
+
+
 def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
@@ -246,6 +280,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
                 viol_drop += mr["drop"] > tol / 100
                 viol_dis += mr["disagreement"] > tol / 100
             g = fp.guarantee
+            hind = hindsight(fp, test, costs, tol) if policy != "paper003" else {}
             row = {
                 "model": f"resnet{depth}", "T %": tol, "policy": label, "exits": len(fp.chain),
                 "saving %": 100 * m["saving"], "drop %": 100 * m["drop"], "disagree %": 100 * m["disagreement"],
@@ -254,13 +289,15 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
                 "resplit saving %": 100 * float(np.mean(savings)) if savings else None,
                 "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None,
                 "guaranteed": g is not None and g.certified,
+                **hind,
                 "earlyon": None,
                 "fit s": fit_s,
             }
             rows.append(row)
             log(f"  T={tol} {label:12s} exits={len(fp.chain):2d} saving={100 * m['saving']:5.1f}% "
                 f"drop={100 * m['drop']:5.2f}% dis={100 * m['disagreement']:5.2f}% "
-                f"viol={viol_drop}/{resplits} ({fit_s:.0f} s)")
+                f"viol={viol_drop}/{resplits} ({fit_s:.0f} s)"
+                + (f" hindsight {hind['hindsight family %']:.1f}/{hind['hindsight signal %']:.1f}%" if hind else ""))
 
     cascade_rows = []
     if cascade:
@@ -346,7 +383,12 @@ def main(argv=None) -> int:
     kept = []
     if prior.exists() and args.merge:  # results of other depths from an earlier run
         kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
-    results = []
+    results, latency_env = [], None
+    old_latency, old_latency_env = {}, None
+    if prior.exists():  # read before the partial writes below replace the file
+        old = json.loads(prior.read_text())
+        old_latency = {r["depth"]: r.get("latency") for r in old.get("results", []) if r.get("latency")}
+        old_latency_env = old.get("latency_environment") or old.get("environment")
     for d in args.depths:
         results.append(run_depth(d, args.resplits, not args.no_cascade, log))
         write_results(args.out, {"args": vars(args), "results": kept + results, "partial": True,
@@ -354,9 +396,14 @@ def main(argv=None) -> int:
     if not args.no_latency:  # latency last: the machine is shared and timings are noisy
         for r in results:
             r["latency"] = run_depth_latency(r["depth"], log)
+    elif old_latency:  # --no-latency: keep the latency recorded earlier for these depths (and say when)
+        for r in results:
+            r["latency"] = old_latency.get(r["depth"])
+        if any(r["latency"] for r in results):
+            latency_env = old_latency_env
     results = kept + results
     cols = ["model", "T %", "policy", "exits", "saving %", "drop %", "disagree %", "oracle share", "viol(drop)",
-            "viol(disagree)", "resplit saving %", "guaranteed", "earlyon"]
+            "viol(disagree)", "resplit saving %", "hindsight family %", "hindsight signal %", "guaranteed"]
     for r in results:
         print_table(r["rows"] + r["cascade_rows"], title=f"resnet{r['depth']}: oracle saving (test) "
                     f"{100 * r['oracle_saving']['test']:.1f} %, backbone accuracy {100 * r['backbone_test_accuracy']:.2f} %",
@@ -365,7 +412,8 @@ def main(argv=None) -> int:
             for label, lat in r["latency"].items():
                 print(f"resnet{r['depth']} {label}: CPU latency ratio vs backbone {lat['ratio']}, "
                       f"per-sample ms {lat['per_sample_ms']}")
-    write_results(args.out, {"args": vars(args), "results": results, "seconds": time.perf_counter() - t0})
+    write_results(args.out, {"args": vars(args), "results": results, "seconds": time.perf_counter() - t0}
+                  | ({"latency_environment": latency_env} if latency_env else {}))
     return 0
 
 

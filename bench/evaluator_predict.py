@@ -236,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-stat", action="store_true",
                     help="also predict and measure with each timing's fastest group (stat='min_ms') beside the "
                          "median, from the same end-to-end timings (a second calibrated profile is taken)")
+    ap.add_argument("--out", default="evaluator_predict", help="results name under bench/results (default "
+                                                                 "evaluator_predict)")
     ap.add_argument("--url", help="a device running `autoexit evaluator serve` (default: this CPU)")
     ap.add_argument("--token-file")
     args = ap.parse_args(argv)
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
                                             "median rounds spread % (min)", "seconds"])
     for sm in out["summary"]:
         print(f"{sm['model']}: {sm['calibration']}")
-    write_results("evaluator_predict", {"command": "python bench/evaluator_predict.py " + " ".join(argv or sys.argv[1:]),
+    write_results(args.out, {"command": "python bench/evaluator_predict.py " + " ".join(argv or sys.argv[1:]),
                                         "settings": SETTINGS, "loadavg_before": load_before,
                                         "loadavg_after": os.getloadavg(), **out})
     return 0

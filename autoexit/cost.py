@@ -243,12 +243,14 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
 
     ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
-    segment and anchor keeps its median over the rounds.
+    segment and anchor keeps its median over the rounds. A device whose speed drifts (a shared VM, a Pi that
+    heats up) then drifts under profile and anchors alike, instead of one of them being timed during a slow
+    spell.
 
     ``stat``: which statistic of one timing (its groups of runs) stands for it, for segments and anchors
     alike: ``median_ms`` (default) or ``min_ms`` (the fastest group; steadier than the median on a busy
-    machine whose slow spells only add time, see ``bench/evaluator_noise.py``). A device whose speed drifts (a shared VM, a Pi that heats up) then
-    drifts under profile and anchors alike, instead of one of them being timed during a slow spell.
+    machine whose slow spells only add time, see ``bench/evaluator_noise.py``). It is recorded in the
+    calibration, and :func:`autoexit.search.outer.verify_end_to_end` measures with the same statistic.
     """
     import numpy as np
 

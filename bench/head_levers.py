@@ -157,33 +157,18 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log) -> dict:
 
 
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
-    """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds."""
+    """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
+    (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached."""
     import torch
 
-    from autoexit.distill import TrainConfig, _predict, train_head
-    from autoexit.heads import build_head
+    from autoexit.distill import TrainConfig, out_of_fold_logits
 
-    names = [p.name for p in rec.points]
     path = _cache(depth, f"oof{folds}", f"{rec.path}|{_specs(heads)}")
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
-    t_train, t_val = rec.logits("train"), rec.logits("val")
-    n = len(t_train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
-    parts = [perm[i::folds] for i in range(folds)]
-    oof = torch.zeros(len(names), n, rec.num_classes)
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    for j, name in enumerate(tqdm(names, desc=f"{folds}-fold heads", unit="exit")):
-        x, xv = rec.activations(name, "train"), rec.activations(name, "val")
-        for f in range(folds):
-            tr = torch.cat([parts[k] for k in range(folds) if k != f])
-            torch.manual_seed(0)
-            h = build_head(heads[name].spec, rec.point(name).shape, rec.num_classes)
-            h, _ = train_head(h, x[tr], t_train[tr], xv, t_val, TrainConfig())
-            oof[j, parts[f]] = _predict(h, x[parts[f]]).float()
-    log(f"out-of-fold heads: {len(names)} exits x {folds} folds in {time.perf_counter() - t0:.0f} s")
+    oof = out_of_fold_logits(rec, heads, TrainConfig(), folds, progress=True)
+    log(f"out-of-fold heads: {oof.shape[0]} exits x {folds} folds in {time.perf_counter() - t0:.0f} s")
     _save(path, oof)
     return oof
 

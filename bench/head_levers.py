@@ -173,9 +173,18 @@ def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
     return oof
 
 
-def policy_rows(label: str, fit_table, tables: dict, costs, depth: int) -> list[dict]:
-    from autoexit.policies import PolicyContext, make_policy
+def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits: int) -> list[dict]:
+    """Every policy at every tolerance: test saving and drop, and the budget-violation rate over
+    ``resplits`` random re-splits of val + test (``bench.policies.resplit_violations``, same seed and draws
+    as ``bench/policies.py``)."""
+    import numpy as np
 
+    from autoexit.policies import PolicyContext, make_policy
+    from bench.policies import _pool, resplit_violations
+
+    pool = _pool(tables["val"], tables["test"])
+    rng = np.random.default_rng(12345)
+    splits = [rng.permutation(pool.n) for _ in range(resplits)]
     rows = []
     for tol in TOLERANCES:
         for name, policy, risk in POLICIES:
@@ -183,11 +192,13 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int) -> list[
             m = fp.evaluate(tables["test"], costs)
             rows.append({"model": f"resnet{depth}", "variant": label, "T %": tol, "policy": name,
                          "exits": len(fp.chain), "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
-                         "certified": bool(fp.guarantee is not None and fp.guarantee.certified)})
+                         "certified": bool(fp.guarantee is not None and fp.guarantee.certified),
+                         **resplit_violations(fp, policy, pool, splits, tables["val"].n, costs, tol)})
     return rows
 
 
-def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted")) -> dict:
+def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
+              resplits: int = 100) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
@@ -201,7 +212,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                       float(tb.total_flops))
     temps = calibrate_temperatures(data["val"][0])
     tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
-    rows = policy_rows("baseline (default heads, fitted in-sample)", tables["train"], tables, costs, depth)
+    rows = policy_rows("baseline (default heads, fitted in-sample)", tables["train"], tables, costs, depth, resplits)
     agree = {"baseline": [round(float(heads[n].val_agreement), 4) for n in names]}
     secs = {}
 
@@ -213,7 +224,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         preds = {s: predictions_for(rec, aug, s) for s in ("train", "val", "test")}
         atemps = calibrate_temperatures(preds["val"])
         atables = {s: ExitTable.from_predictions(p, atemps, data[s][1]) for s, p in preds.items()}
-        rows += policy_rows("augmented distillation", atables["train"], atables, costs, depth)
+        rows += policy_rows("augmented distillation", atables["train"], atables, costs, depth, resplits)
 
     if "cross-fitted" in levers:
         t1 = time.perf_counter()
@@ -225,7 +236,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         agree["out-of-fold (train)"] = [round(float(v), 4) for v in
                                         (oof.argmax(2) == tr.backbone_logits.argmax(1)[None]).float().mean(1)]
         agree["in-sample (train)"] = [round(float(v), 4) for v in tr.agree().float().mean(1)]
-        rows += policy_rows(f"cross-fitted ({folds} folds)", oof_table, tables, costs, depth)
+        rows += policy_rows(f"cross-fitted ({folds} folds)", oof_table, tables, costs, depth, resplits)
     log(f"resnet{depth}: done in {time.perf_counter() - t0:.0f} s")
     return {"depth": depth, "candidates": names, "val_agreement": agree, "rows": rows, "seconds": secs,
             "total_s": time.perf_counter() - t0}
@@ -238,6 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--levers", nargs="+", choices=("augmented", "cross-fitted"),
                     default=["augmented", "cross-fitted"])
+    ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
     args = ap.parse_args(argv)
     if args.folds < 2:
@@ -259,7 +271,7 @@ def main(argv=None) -> int:
         import json
 
         kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
-    results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers)) for d in args.depths]
+    results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits) for d in args.depths]
     for r in results:
         print_table([{"variant": k, **{n: v for n, v in zip(r["candidates"], a)}}
                      for k, a in r["val_agreement"].items()], title=f"resnet{r['depth']}: agreement per exit")

@@ -180,14 +180,19 @@ def levers_blocks() -> dict[str, str]:
         rows: dict[tuple, dict] = {}
         for x in r["rows"]:
             row = rows.setdefault((x["T %"], x["policy"]), {"T %": x["T %"], "policy": x["policy"]})
-            row[short[x["variant"]]] = f"{x['saving %']:.1f} ({x['drop %']:.2f})"
-        cols = [("T %", "T %", 1), ("policy", "policy", 0)] + [(short[v], f"{v}: saved % (drop pts)", 0)
-                                                               for v in variants]
+            viol = f", {100 * x['viol(drop)']:.0f} %" if x.get("viol(drop)") is not None else ""
+            row[short[x["variant"]]] = f"{x['saving %']:.1f} ({x['drop %']:.2f}{viol})"
+        has_viol = all(x.get("viol(drop)") is not None for x in r["rows"])
+        what = "saved % (drop pts, violations)" if has_viol else "saved % (drop pts)"
+        cols = [("T %", "T %", 1), ("policy", "policy", 0)] + [(short[v], f"{v}: {what}", 0) for v in variants]
         names = r["candidates"]
         arows = [{"variant": k, **{n: v for n, v in zip(names, a)}} for k, a in r["val_agreement"].items()]
         acols = [("variant", "agreement with the backbone", 0)] + [(n, n, 3) for n in names]
-        secs = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r.get("seconds", {}).items())
-        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).\n\n"
+        secs = ", ".join(f"{k} heads {v / 60:.1f} min" if v >= 60 else f"{k} heads from cache"
+                         for k, v in r.get("seconds", {}).items())
+        note = (" Violations: share of 100 random val/test re-splits whose test drop exceeds T (delta = 0.1)."
+                if has_viol else "")
+        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{note}\n\n"
                      + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
     return {"policies-levers": f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}: "
                                f"`python bench/head_levers.py`.\n\n" + "\n\n".join(parts)}

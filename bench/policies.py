@@ -221,6 +221,35 @@ def hindsight(fp, test, costs, tol: float) -> dict:
             "hindsight signal %": 100 * (1 - path.flops_at(tol / 100) / costs.base)}
 
 
+def resplit_violations(fp, policy: str, pool, splits, n_val: int, costs, tol: float) -> dict:
+    """Budget violations of a fitted policy over random re-splits of ``pool`` (val + test pooled): on each
+    permutation the first ``n_val`` rows re-certify the policy (its exits, signal and threshold family are
+    kept; paper003 is refitted, having no certificate) and the rest are the test. A violation is a test
+    drop (or disagreement) above ``tol`` %."""
+    from autoexit.policies import PolicyContext, make_policy
+
+    s_pool = fp.full_scores(pool) if policy != "paper003" else None
+    viol_drop = viol_dis = 0
+    savings, drops = [], []
+    for perm in splits:
+        cal_idx, test_idx = perm[:n_val], perm[n_val:]
+        cal_t, test_t = pool.subset_rows(cal_idx), pool.subset_rows(test_idx)
+        if policy == "paper003":
+            fr = make_policy("paper003").fit(PolicyContext(cal_t, cal_t, costs, tol, 0.1, "disagreement"))
+            mr = fr.evaluate(test_t, costs)
+        else:
+            fr = fp.recertify(cal_t)
+            mr = fr.evaluate(test_t, costs, scores=fr.kept_scores(s_pool)[:, test_idx])
+        savings.append(mr["saving"])
+        drops.append(mr["drop"])
+        viol_drop += mr["drop"] > tol / 100
+        viol_dis += mr["disagreement"] > tol / 100
+    n = max(len(splits), 1)
+    return {"viol(drop)": viol_drop / n, "viol(disagree)": viol_dis / n,
+            "resplit saving %": 100 * float(np.mean(savings)) if savings else None,
+            "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None}
+
+
 def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
@@ -261,33 +290,14 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
             fit_s = time.perf_counter() - t0
             m = fp.evaluate(test, costs)
             fitted_all[(tol, label)] = fp
-            # re-splits
-            s_pool = fp.full_scores(pool) if policy != "paper003" else None
-            viol_drop = viol_dis = 0
-            savings, drops = [], []
-            for perm in splits:
-                cal_idx, test_idx = perm[:n_val], perm[n_val:]
-                cal_t, test_t = pool.subset_rows(cal_idx), pool.subset_rows(test_idx)
-                if policy == "paper003":
-                    pctx = PolicyContext(cal_t, cal_t, costs, tol, 0.1, "disagreement")
-                    fr = make_policy("paper003").fit(pctx)
-                    mr = fr.evaluate(test_t, costs)
-                else:
-                    fr = fp.recertify(cal_t)
-                    mr = fr.evaluate(test_t, costs, scores=fr.kept_scores(s_pool)[:, test_idx])
-                savings.append(mr["saving"])
-                drops.append(mr["drop"])
-                viol_drop += mr["drop"] > tol / 100
-                viol_dis += mr["disagreement"] > tol / 100
+            rs = resplit_violations(fp, policy, pool, splits, n_val, costs, tol)
             g = fp.guarantee
             hind = hindsight(fp, test, costs, tol) if policy != "paper003" else {}
             row = {
                 "model": f"resnet{depth}", "T %": tol, "policy": label, "exits": len(fp.chain),
                 "saving %": 100 * m["saving"], "drop %": 100 * m["drop"], "disagree %": 100 * m["disagreement"],
                 "oracle share": m["saving"] / oracle["test"] if oracle["test"] else None,
-                "viol(drop)": viol_drop / max(resplits, 1), "viol(disagree)": viol_dis / max(resplits, 1),
-                "resplit saving %": 100 * float(np.mean(savings)) if savings else None,
-                "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None,
+                **rs,
                 "guaranteed": g is not None and g.certified,
                 **hind,
                 "earlyon": None,
@@ -296,7 +306,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
             rows.append(row)
             log(f"  T={tol} {label:12s} exits={len(fp.chain):2d} saving={100 * m['saving']:5.1f}% "
                 f"drop={100 * m['drop']:5.2f}% dis={100 * m['disagreement']:5.2f}% "
-                f"viol={viol_drop}/{resplits} ({fit_s:.0f} s)"
+                f"viol={rs['viol(drop)'] * resplits:.0f}/{resplits} ({fit_s:.0f} s)"
                 + (f" hindsight {hind['hindsight family %']:.1f}/{hind['hindsight signal %']:.1f}%" if hind else ""))
 
     cascade_rows = []
@@ -321,22 +331,16 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
             fp = make_policy("gate").fit(ctx)
             m = fp.evaluate(ctab["test"], ccosts)
             cpool = _pool(ctab["val"], ctab["test"])
-            s_pool = fp.full_scores(cpool)
-            viol = 0
-            for perm in splits:
-                fr = fp.recertify(cpool.subset_rows(perm[:n_val]))
-                mr = fr.evaluate(cpool.subset_rows(perm[n_val:]), ccosts,
-                                 scores=fr.kept_scores(s_pool)[:, perm[n_val:]])
-                viol += mr["drop"] > tol / 100
+            viol = resplit_violations(fp, "gate", cpool, splits, n_val, ccosts, tol)["viol(drop)"]
             same_chain = base_fp.evaluate(test, costs)
             cascade_rows.append({"model": f"resnet{depth}", "T %": tol, "policy": "gate+cascade",
                                  "exits": len(fp.chain), "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
                                  "disagree %": 100 * m["disagreement"],
                                  "oracle share": m["saving"] / oracle["test"],
-                                 "viol(drop)": viol / max(resplits, 1),
+                                 "viol(drop)": viol,
                                  "gate saving % (same chain, plain heads)": 100 * same_chain["saving"]})
             log(f"  T={tol} gate+cascade saving={100 * m['saving']:5.1f}% drop={100 * m['drop']:5.2f}% "
-                f"viol={viol}/{resplits}")
+                f"viol={viol * resplits:.0f}/{resplits}")
 
     return {
         "depth": depth, "candidates": names, "n": {s: tables[s].n for s in tables},

@@ -25,6 +25,9 @@ def _policy_flags(p) -> None:
                    "evaluator (this CPU unless --evaluator-url; heads that cost more time than they save are "
                    "dropped)")
     p.add_argument("--cost-batch-size", type=int, default=1, help="batch size the latency is timed at (default 1)")
+    p.add_argument("--cost-stat", choices=["min", "median", "mean"], default="min",
+                   help="with --cost latency: the statistic of each timing's groups of runs (default min, the "
+                   "fastest group: steadier than the median on a busy or throttling device)")
     p.add_argument("--evaluator-url", help="with --cost latency: a device running `autoexit evaluator serve`")
     p.add_argument("--evaluator-token-file", help="bearer-token file for --evaluator-url")
 
@@ -34,7 +37,8 @@ def _policy_settings(args: argparse.Namespace) -> dict:
     if args.evaluator_url:
         ev = {"url": args.evaluator_url, **({"token_file": args.evaluator_token_file}
                                             if args.evaluator_token_file else {})}
-    return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_evaluator": ev,
+    return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_stat": f"{args.cost_stat}_ms",
+            "cost_evaluator": ev,
             "cross_fit": args.cross_fit}
 
 

@@ -214,16 +214,21 @@ def reseeded(evaluator, settings=None, offset: int = 0):
     return s0 if offset == 0 else replace(s0, seed=(s0.seed + offset) % 2**32)
 
 
+LATENCY_STATS = ("median_ms", "min_ms", "mean_ms")
+"""The statistics of one timing (its groups of runs) a latency profile may be built from."""
+
+
 def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
                        evaluator=None, *, batch_size: int = 1, settings=None, calibrate: bool = True,
-                       samples: int = 64, rounds: int = 3, stat: str = "median_ms") -> dict:
+                       samples: int = 64, rounds: int = 3, stat: str = "min_ms") -> dict:
     """Per-exit latency costs in ms per sample, measured by a device evaluator (local CPU by default).
 
     ``backbone``: the :class:`~autoexit.graph.TracedBackbone`; ``heads``: the candidate exits' trained heads
     (:class:`~autoexit.heads.TrainedHead`) in backbone order, with their ``temperatures``; ``inputs``: real
     samples for the end-to-end anchors (the val split; ``None``: no anchors). Returns ``{"c1": head ms per
     exit, "before": backbone ms up to each exit, "base": the backbone's ms, "source": how it was obtained,
-    "calibration": every figure or None}``, the fields of an ``ExitCosts`` in ``ms``.
+    "calibration": every figure or None, "fixed": ms per sample of having exits}``, the fields of an
+    ``ExitCosts`` in ``ms``.
 
     The backbone is cut at every candidate point; each stage and head is timed (the evaluator caches
     results), giving a segment profile that a search or a policy combines with exit rates.
@@ -235,11 +240,17 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     empty segment (the identity) measures the per-call cost, which is taken off every stage and head, and two
     end-to-end timings on ``samples`` real inputs anchor the rest: the multi-exit model with no exit fixes a
     **scale** (the no-exit model's time less one call, over the sum of the corrected stages; it applies to
-    stages and heads alike); the model with every candidate exit at +inf fixes the cost of each exit
-    decision beyond its scaled head; and the model whose first exit takes every input (threshold -inf)
-    fixes the cost of answering early (writing the answer, shrinking the batch), added to every early
-    exit's path. Either correction may come out negative; only the per-path costs are kept non-negative.
-    The calibrated profile reproduces those three anchors exactly.
+    stages and heads alike); the model with every candidate exit at +inf and the model with only the middle
+    candidate at +inf fix, between them, the cost of each exit decision beyond its scaled head and the
+    **fixed** cost of having exits at all (``ExitCosts.fixed``, paid once per sample by any model with an
+    exit: a forward with data-dependent exits runs slower as a whole than the straight-line backbone, by
+    about 0.1 ms per sample on a 2-core x86 CPU, which a per-exit cost alone spreads over the exits and
+    so under-predicts every model with fewer exits than the candidates); and the model whose first exit
+    takes every input (threshold -inf) fixes the cost of answering early (writing the answer, shrinking the
+    batch), added to every early exit's path. The decision and early-answer costs may come out negative;
+    only the per-path costs are kept non-negative. A negative fixed cost (noise) is taken as 0, the
+    decisions then fitted on the every-exit model alone. The calibrated profile reproduces the four
+    anchors exactly (the one-exit model is skipped with a single candidate: it is the every-exit model).
 
     ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
@@ -248,8 +259,9 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     spell.
 
     ``stat``: which statistic of one timing (its groups of runs) stands for it, for segments and anchors
-    alike: ``median_ms`` (default) or ``min_ms`` (the fastest group; steadier than the median on a busy
-    machine whose slow spells only add time, see ``bench/evaluator_noise.py``). It is recorded in the
+    alike: ``min_ms`` (default: the fastest group; far steadier than the median on a busy machine whose slow
+    spells only add time, and the same on a quiet device; ``bench/evaluator_noise.py``,
+    ``bench/evaluator_predict.py --min-stat``), ``median_ms`` or ``mean_ms``. It is recorded in the
     calibration, and :func:`autoexit.search.outer.verify_end_to_end` measures with the same statistic.
     """
     import numpy as np
@@ -260,7 +272,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AutoExitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if stat not in ("median_ms", "min_ms", "mean_ms"):
+    if stat not in LATENCY_STATS:
         raise AutoExitError(f"stat must be 'median_ms', 'min_ms' or 'mean_ms' (a timing's statistic), got {stat!r}")
     if len(heads) != len(temperatures):
         raise AutoExitError(f"give one temperature per head: {len(heads)} heads, {len(temperatures)} temperatures")
@@ -301,8 +313,10 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         st, hd, before = costs(prof, call or 0.0)
         if not st.sum() > 0:
             raise AutoExitError("the measured backbone stages add up to 0 ms; time with larger min_repeat_ms")
-        source = src if call is None else f"{src}; segment profile - {call:.3f} ms per segment call"
-        return {"c1": hd, "before": before, "base": float(st.sum()), "source": source, "calibration": None}
+        source = (f"{src} ({stat.removesuffix('_ms')} per timing)" if call is None
+                  else f"{src}; segment profile - {call:.3f} ms per segment call ({stat.removesuffix('_ms')} per timing)")
+        return {"c1": hd, "before": before, "base": float(st.sum()), "source": source, "calibration": None,
+                "fixed": 0.0}
 
     from .model import MultiExitModel, scripted_backbone, to_torchscript
 
@@ -313,11 +327,16 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
                            [-float("inf")] + [float("inf")] * (len(names) - 1), names, nc)
     scripted = {"none": scripted_backbone(backbone), "every": to_torchscript(every, backbone.example_input),
                 "first": to_torchscript(first, backbone.example_input)}
+    mid = len(names) // 2  # the one-exit anchor: the middle candidate alone (none with a single candidate)
+    if len(names) > 1:
+        one = MultiExitModel(backbone.split([points[mid].node]), [heads[mid].module], [temps[mid]], [float("inf")],
+                             [names[mid]], nc)
+        scripted["one"] = to_torchscript(one, backbone.example_input)
     profiles: list[dict[str, float]] = []
-    timed: dict[str, list[float]] = {"none": [], "every": [], "first": []}
+    timed: dict[str, list[float]] = {k: [] for k in scripted}
     for r in range(rounds):
         profiles.append(profile(r))
-        for k in ("none", "every", "first"):
+        for k in scripted:
             timed[k].append(float(getattr(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
                                                                 settings=reseeded(ev, settings, r))
                                           .at(batch_size), stat)) / batch_size)
@@ -326,22 +345,33 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     st, hd, before = costs(prof, call)
     t_none, t_every, t_first = (float(np.median(timed[k])) for k in ("none", "every", "first"))
     scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
-    decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
+    fixed, t_one = 0.0, None
+    if "one" in timed:
+        # every = none + F + sum(scale*hd) + N*d and one = none + F + scale*hd[mid] + d: two equations for the
+        # per-decision cost d and the fixed cost F of having exits at all
+        t_one = float(np.median(timed["one"]))
+        decision = (t_every - t_one - scale * float(hd.sum() - hd[mid])) / (len(names) - 1)
+        fixed = t_one - t_none - scale * float(hd[mid]) - decision
+    if fixed <= 0.0:  # (noise) no fixed cost: every decision carries an equal share of the every-exit model
+        fixed = 0.0
+        decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
     c1 = np.maximum(scale * hd + decision, 0.0)
     before = call + scale * before
-    taken = t_first - float(before[0] + c1[0])  # answering early: writing the answer, shrinking the batch
+    taken = t_first - float(before[0] + c1[0]) - fixed  # answering early: writing the answer, shrinking the batch
     cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "exit_taken_ms": taken,
-           "no_exit_ms": t_none, "every_exit_ms": t_every, "first_exit_ms": t_first,
+           "exits_fixed_ms": fixed, "no_exit_ms": t_none, "every_exit_ms": t_every, "first_exit_ms": t_first,
+           "one_exit_ms": t_one, "one_exit": names[mid] if t_one is not None else None,
            "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
-           "first_exit_rounds_ms": timed["first"],
+           "first_exit_rounds_ms": timed["first"], "one_exit_rounds_ms": timed.get("one"),
            "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
            "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size), "stat": stat}
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
-            "base": max(t_none, 1e-9),
+            "base": max(t_none, 1e-9), "fixed": fixed,
             "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
-                      f"model + {call:.3f} ms per model call, {decision:+.3f} ms per exit decision, "
+                      f"model + {call:.3f} ms per model call, {fixed:+.3f} ms per sample with exits, "
+                      f"{decision:+.3f} ms per exit decision, "
                       f"{taken:+.3f} ms per early answer ({stat.removesuffix('_ms')} per timing, median of "
                       f"{rounds} interleaved rounds)",
             "calibration": cal}

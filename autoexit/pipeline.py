@@ -77,7 +77,9 @@ class EnableConfig:
     :func:`autoexit.cost.exit_latency_costs`, so a head that costs more wall time than it saves is
     dropped); cost_evaluator: with ``latency``, the evaluator config (``url``, ``token_file``,
     ``settings``, ... as in a search config's ``evaluator`` section; empty: this CPU);
-    cost_batch_size: the batch size the latency is measured at (the deployment's).
+    cost_batch_size: the batch size the latency is measured at (the deployment's); cost_stat: which
+    statistic of each timing stands for it, ``min_ms`` (default: each timing's fastest group, steadier on a
+    busy or throttling device, ``docs/evaluator.md`` section 7), ``median_ms`` or ``mean_ms``.
     """
 
     tolerance: float = 1.0
@@ -107,6 +109,7 @@ class EnableConfig:
     cost: str = "flops"
     cost_evaluator: Mapping[str, Any] = field(default_factory=dict)
     cost_batch_size: int = 1
+    cost_stat: str = "min_ms"
 
     def __post_init__(self):
         check_tolerance(self.tolerance)
@@ -140,6 +143,11 @@ class EnableConfig:
         if isinstance(self.cost_batch_size, bool) or not isinstance(self.cost_batch_size, int) \
                 or self.cost_batch_size < 1:
             raise AutoExitError(f"cost_batch_size must be an integer >= 1, got {self.cost_batch_size!r}")
+        from .cost import LATENCY_STATS
+
+        if self.cost_stat not in LATENCY_STATS:
+            raise AutoExitError(f"cost_stat must be one of {', '.join(LATENCY_STATS)} (a timing's statistic), "
+                                f"got {self.cost_stat!r}")
         if not isinstance(self.policy_options, Mapping):
             raise AutoExitError(f"policy_options must be a mapping of option names to values, got "
                                 f"{type(self.policy_options).__name__}")
@@ -358,9 +366,12 @@ class EnableResult:
             out["rules"] = pol["rules"]
         else:
             out["rule"] = "exit i answers when exit_score(head_i(x) / temperature_i) >= threshold_i"
-        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length"):
+        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length", "fitted_on"):
             if key in pol:
                 out[key] = pol[key]
+        if pol.get("cost_unit"):  # what the policy minimised, when not counted FLOPs
+            out["cost"] = {"unit": pol["cost_unit"], "source": pol.get("cost_source", ""),
+                           "batch_size": self.config.cost_batch_size, "stat": self.config.cost_stat}
         return out
 
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -650,8 +661,8 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
     except AutoExitError:
         x = None
     d = exit_latency_costs(tb, [heads[n] for n in names], [float(temperatures[n]) for n in names], x, ev,
-                           batch_size=config.cost_batch_size, settings=settings)
-    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"])
+                           batch_size=config.cost_batch_size, settings=settings, stat=config.cost_stat)
+    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"], d["fixed"])
 
 
 def _subset_from_policy(fitted: FittedPolicy, val: ExitTable, heads: Mapping[str, TrainedHead],

@@ -311,11 +311,13 @@ class ExitOutcome:
         return self.hits / max(len(self.pred), 1)
 
 
-def simulate_exits(scores, exit_pred, backbone_pred, thresholds, c1, flops_before, base_flops) -> ExitOutcome:
+def simulate_exits(scores, exit_pred, backbone_pred, thresholds, c1, flops_before, base_flops,
+                   fixed: float = 0.0) -> ExitOutcome:
     """Run the exit rule on recorded predictions: which exit answers each sample, with what, at what cost.
 
     ``scores``/``exit_pred`` are [exits, n] for the kept exits in order, ``c1`` their
-    head FLOPs and ``flops_before`` the backbone FLOPs up to each exit point.
+    head FLOPs and ``flops_before`` the backbone FLOPs up to each exit point; ``fixed`` is added to every
+    sample's cost when any exit is kept (``ExitCosts.fixed``: measured latency's cost of having exits at all).
     """
     s = np.asarray(scores, dtype=np.float64)
     ep = np.asarray(exit_pred)
@@ -335,6 +337,8 @@ def simulate_exits(scores, exit_pred, backbone_pred, thresholds, c1, flops_befor
         hits[i] = int(hit.sum())
         reaching &= ~hit
     hits[k] = int(reaching.sum())
+    if k and fixed:
+        flops += float(fixed)
     return ExitOutcome(exit_index, pred, flops, hits)
 
 

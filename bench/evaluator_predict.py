@@ -19,11 +19,12 @@ real thing on the fixtures:
    batch 1 (``measure_end_to_end``: real early exits).
 
 Two predictions are compared with the measurement: "segments only" (the sum of the timed
-segments a sample passes) and the search's default (``latency_costs(calibrate=True)``): every
+segments a sample passes) and the calibrated profile (``latency_costs(calibrate=True)``): every
 segment minus the measured cost of one call (an empty segment timed the same way), scaled so the
-stages add up to the no-exit model's end-to-end time, plus one call per sample and a per-exit-decision
-cost fitted on the model with every exit at +inf. Profile and anchors are timed in ``--rounds``
-interleaved rounds (medians).
+stages add up to the no-exit model's end-to-end time, plus one call per sample, a per-exit-decision
+cost and a fixed cost of having exits fitted on the models with every exit and with the middle exit
+alone at +inf, and an early-answer cost. Profile and anchors are timed in ``--rounds`` interleaved
+rounds; the main columns use each timing's median.
 
 The machine's speed drifts while the benchmark runs (a shared VM, thermal limits on a Pi),
 and the profile is measured once at the start, as a search does. To tell drift from
@@ -38,10 +39,10 @@ drift-corrected), the share within +-10 % (nn-Meter's anchor: 99 % on a Cortex-A
 the real model's exit counts equal the simulated ones, and the measurement noise
 (coefficient of variation within a timing, and the spread of a configuration's median over its rounds).
 
-``--min-stat`` adds the same comparison with each timing's fastest group standing for it
-(``exit_latency_costs(stat="min_ms")`` for the profile and its anchors, ``min_ms`` of the very same
-end-to-end timings for the measurement), side by side with the median: on a machine whose slow
-spells only add time the minimum is the steadier statistic (``bench/evaluator_noise.py``).
+``--min-stat`` adds the same comparison with each timing's fastest group standing for it, the
+search's default (``exit_latency_costs(stat="min_ms")`` for the profile and its anchors, ``min_ms``
+of the very same end-to-end timings for the measurement), side by side with the median: on a machine
+whose slow spells only add time the minimum is the steadier statistic (``bench/evaluator_noise.py``).
 
 Usage: ``python bench/evaluator_predict.py [--depths 20 56] [--configs 24] [--samples 128]
 [--rounds 3] [--threads 1] [--repeat 5] [--min-stat]``. Results: ``bench/results/evaluator_predict.json``.
@@ -108,8 +109,9 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
     heads = train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=True)
     base = assemble(EnableConfig(granularity=2, policy="paper003"), tb, points, rec, heads)
     t_start = t0 = time.perf_counter()
-    raw = latency_costs(base, evaluator, batch_size=1, settings=settings, calibrate=False)
-    lat = latency_costs(base, evaluator, batch_size=1, settings=settings, rounds=rounds)  # + the calibration
+    raw = latency_costs(base, evaluator, batch_size=1, settings=settings, calibrate=False, stat="median_ms")
+    lat = latency_costs(base, evaluator, batch_size=1, settings=settings, rounds=rounds,  # + the calibration
+                        stat="median_ms")
     # the same calibrated profile with each timing's fastest group standing for it (--min-stat), side by side
     lat_min = latency_costs(base, evaluator, batch_size=1, settings=replace(settings, seed=settings.seed + 77),
                             rounds=rounds, stat="min_ms") if with_min else None

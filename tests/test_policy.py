@@ -263,7 +263,9 @@ def test_fitted_policies_never_cost_more_than_the_backbone_and_recertify_from_th
 def test_latency_costed_policy_minimises_measured_milliseconds(digits_result):
     """cost="latency": every stage and head is timed on the evaluator (the calibrated segment profile of
     autoexit.cost.exit_latency_costs), the policy picks exits and thresholds by those milliseconds, and the
-    deployed configuration is the cheapest certified one in ms; heads that cost more time than they save go."""
+    deployed configuration is the cheapest certified one in ms; heads that cost more time than they save go.
+    cost_stat="median_ms" (not the default fastest group): the profile is built from each timing's median, as
+    the manifest says."""
     from autoexit.evaluator import LocalEvaluator, MeasureSettings
     from autoexit.pipeline import fit_policy
     from autoexit.policies import evaluate_thresholds
@@ -271,13 +273,16 @@ def test_latency_costed_policy_minimises_measured_milliseconds(digits_result):
 
     r = digits_result
     ev = LocalEvaluator(settings=MeasureSettings(warmup=3, repeat=5, min_repeat_ms=10))
-    cfg = EnableConfig(tolerance=2.0, cost="latency")
+    cfg = EnableConfig(tolerance=2.0, cost="latency", cost_stat="median_ms")
     res = assemble(cfg, r.backbone, r.points, r.recording, r.heads, predictions={"val": r.val, "test": r.test},
                    evaluator=ev)
     pol = res.extra["policy"]
     assert pol["cost_unit"] == "ms" and "per segment call" in pol["cost_source"] and "cal_flops" not in pol
+    assert "median per timing" in pol["cost_source"]
+    assert res.manifest()["policy"]["cost"] == {"unit": "ms", "source": pol["cost_source"], "batch_size": 1,
+                                                "stat": "median_ms"}
     c = pol["costs"]
-    ms = ExitCosts(c["c1"], c["before"], c["base"], "ms")
+    ms = ExitCosts(c["c1"], c["before"], c["base"], "ms", fixed=c["fixed"])
     names = list(r.val.names)
     assert len(ms.c1) == len(names) and (np.diff(ms.before) >= 0).all() and ms.base > 0  # an early answer may
     # cost more than finishing the backbone from a late exit (before[-1] > base): that exit then never pays
@@ -322,12 +327,20 @@ def test_latency_policy_settings_are_checked_and_reach_the_cli():
         EnableConfig(cost="latency", cost_batch_size=0)
     with pytest.raises(AutoExitError, match="cost_evaluator must be an evaluator config mapping"):
         EnableConfig(cost="latency", cost_evaluator="http://pi:8765")
+    with pytest.raises(AutoExitError, match="cost_stat must be one of median_ms, min_ms, mean_ms"):
+        EnableConfig(cost="latency", cost_stat="p99_ms")
+    from autoexit.search.outer import OuterSettings
+
+    with pytest.raises(AutoExitError, match="latency_stat must be one of median_ms, min_ms, mean_ms"):
+        OuterSettings(cost="latency", latency_stat="fastest")
+    assert OuterSettings.from_dict({"cost": "latency", "latency_stat": "min_ms"}).latency_stat == "min_ms"
     p = argparse.ArgumentParser()
     _policy_flags(p)
     args = p.parse_args(["--cost", "latency", "--cost-batch-size", "32", "--evaluator-url", "http://pi.local:8765",
-                         "--evaluator-token-file", "tok"])
+                         "--evaluator-token-file", "tok", "--cost-stat", "median"])
     cfg = EnableConfig(**_policy_settings(args))
-    assert (cfg.cost, cfg.cost_batch_size) == ("latency", 32)
+    assert (cfg.cost, cfg.cost_batch_size, cfg.cost_stat) == ("latency", 32, "median_ms")
+    assert EnableConfig(**_policy_settings(p.parse_args([]))).cost_stat == "min_ms" == EnableConfig().cost_stat
     assert cfg.cost_evaluator == {"url": "http://pi.local:8765", "token_file": "tok"}
     secret = EnableConfig(cost="latency", cost_evaluator={"url": "http://pi:1", "token": "s3cret"})
     assert "token" not in secret.to_dict()["cost_evaluator"]  # the manifest never carries the token
@@ -341,17 +354,48 @@ def test_exit_costs_validated_and_round_trip():
     from autoexit.search.outer import ExitCosts as OuterExitCosts
 
     assert OuterExitCosts is ExitCosts
-    c = ExitCosts([1.0, 2.0], [10.0, 50.0], 100.0, "ms", "timed", {"scale": 1.1})
+    c = ExitCosts([1.0, 2.0], [10.0, 50.0], 100.0, "ms", "timed", {"scale": 1.1}, fixed=3.0)
     back = ExitCosts.from_dict(c.to_dict())
     assert back.unit == "ms" and back.source == "timed" and back.calibration == {"scale": 1.1}
+    assert back.fixed == 3.0 and ExitCosts.from_dict({k: v for k, v in c.to_dict().items() if k != "fixed"}).fixed == 0
     assert np.array_equal(back.c1, c.c1) and np.array_equal(back.before, c.before) and back.base == 100.0
     assert np.array_equal(c.c2, [90.0, 50.0])
     for bad, msg in (((np.array([1.0]), [1.0, 2.0], 10.0), "one value per exit"),
                      (([1.0, -1.0], [1.0, 2.0], 10.0), "non-negative"),
                      (([1.0, float("nan")], [1.0, 2.0], 10.0), "non-negative"),
-                     (([1.0], [1.0], 0.0), "must be > 0")):
+                     (([1.0], [1.0], 0.0), "must be > 0"),
+                     (([1.0], [1.0], 10.0, "ms", "", None, -0.5), "fixed cost of having exits"),
+                     (([1.0], [1.0], 10.0, "ms", "", None, float("inf")), "fixed cost of having exits")):
         with pytest.raises(AutoExitError, match=msg):
             ExitCosts(*bad)
+
+
+def test_fixed_cost_of_having_exits_is_paid_once_per_sample_by_any_non_empty_chain():
+    """ExitCosts.fixed (measured latency's cost of a model having exits at all) is added to every path of a
+    non-empty chain, in the policies' chain costs and the outer search's simulation alike, and never to the
+    backbone alone, so a policy that keeps no exit still costs exactly the backbone."""
+    from autoexit.policies.cascade import chain_costs
+    from autoexit.subset import simulate_exits
+
+    plain = ExitCosts([1.0, 2.0, 3.0], [10.0, 50.0, 80.0], 100.0, "ms")
+    fx = ExitCosts([1.0, 2.0, 3.0], [10.0, 50.0, 80.0], 100.0, "ms", fixed=4.0)
+    for chain in ([0], [1, 2], [0, 1, 2]):
+        assert chain_costs(fx, chain) == pytest.approx(chain_costs(plain, chain) + 4.0)
+    assert chain_costs(fx, []) == pytest.approx([100.0]) and chain_costs(plain, []) == pytest.approx([100.0])
+    rng = np.random.default_rng(0)
+    s, ep = rng.random((2, 50)), rng.integers(0, 10, (2, 50))
+    a = simulate_exits(s, ep, np.zeros(50, dtype=int), [0.7, 0.5], fx.c1[[0, 2]], fx.before[[0, 2]], fx.base)
+    b = simulate_exits(s, ep, np.zeros(50, dtype=int), [0.7, 0.5], fx.c1[[0, 2]], fx.before[[0, 2]], fx.base,
+                       fx.fixed)
+    assert np.array_equal(a.exit_index, b.exit_index) and b.flops == pytest.approx(a.flops + 4.0)
+    # the brute-force path cost of each sample, re-executed
+    for i in range(50):
+        e = b.exit_index[i]
+        want = (fx.before[[0, 2]][e] + fx.c1[[0, 2]][: e + 1].sum()) if e < 2 else fx.base + fx.c1[[0, 2]].sum()
+        assert b.flops[i] == pytest.approx(want + 4.0)
+    empty = simulate_exits(np.zeros((0, 5)), np.zeros((0, 5), dtype=int), np.zeros(5, dtype=int), [], [], [], 100.0,
+                           4.0)
+    assert empty.flops == pytest.approx(np.full(5, 100.0))
 
 
 def test_out_of_fold_logits_come_from_heads_that_never_saw_the_sample(digits_result, monkeypatch):

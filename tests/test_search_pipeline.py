@@ -166,10 +166,11 @@ def test_latency_search_verifies_the_chosen_configuration_end_to_end(tmp_path):
 
 
 def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_anchors(digits_result):
-    """latency_costs(calibrate=True): the profile and the three anchors are timed in interleaved rounds (medians);
+    """latency_costs(calibrate=True): the profile and the four anchors are timed in interleaved rounds (medians);
     every segment loses the measured per-call cost; the no-exit model fixes one scale for stages and heads, the
-    model with every exit at +inf the per-decision cost and the one whose first exit takes everything the cost of
-    an early answer, so the calibrated profile predicts exactly those three anchors.
+    models with every exit and with the middle exit alone at +inf the per-decision cost and the fixed cost of
+    having exits, and the one whose first exit takes everything the cost of an early answer, so the calibrated
+    profile predicts exactly those four anchors.
     Re-timing any of them with the same settings and seed hits the evaluator's cache."""
     from dataclasses import replace
 
@@ -179,13 +180,13 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
 
     res, ev = digits_result, LocalEvaluator()
     s = MeasureSettings(warmup=1, repeat=3, min_repeat_ms=5)
-    cal = latency_costs(res, ev, settings=s, samples=24)
+    cal = latency_costs(res, ev, settings=s, samples=24, stat="median_ms")
     c = cal.calibration
     assert c["samples"] == 24 and c["call_ms"] > 0 and c["rounds"] == 3 and c["fixed_ms"] == c["call_ms"]
     assert "per segment call" in cal.source and "interleaved rounds" in cal.source
     names = list(res.val.names)
     # the profile is the per-segment median of the rounds (seeds 0, 1, 2; the rounds are cache hits now)
-    raws = [latency_costs(res, ev, settings=replace(s, seed=r), calibrate=False) for r in range(3)]
+    raws = [latency_costs(res, ev, settings=replace(s, seed=r), calibrate=False, stat="median_ms") for r in range(3)]
     assert all(r.calibration is None for r in raws)
     stage_rounds = np.array([np.diff(np.concatenate([[0.0], r.before, [r.base]])) for r in raws])
     prof = c["profile_ms"]
@@ -198,14 +199,26 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     hd = np.maximum(np.array([prof[f"head:{n}"] for n in names]) - call, 0.0)
     assert c["scale"] == pytest.approx((c["no_exit_ms"] - call) / st.sum())
     assert cal.base == pytest.approx(c["no_exit_ms"]) and cal.base == pytest.approx(call + c["scale"] * st.sum())
-    assert c["decision_ms"] == pytest.approx((c["every_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd.sum())
-                                             / len(names))
+    mid = len(names) // 2
+    assert c["one_exit"] == names[mid] and len(c["one_exit_rounds_ms"]) == 3
+    d_two = (c["every_exit_ms"] - c["one_exit_ms"] - c["scale"] * (hd.sum() - hd[mid])) / (len(names) - 1)
+    f_two = c["one_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd[mid] - d_two
+    if f_two > 0:  # the fixed cost of having exits, from the one- and every-exit anchors
+        assert c["exits_fixed_ms"] == pytest.approx(f_two) and c["decision_ms"] == pytest.approx(d_two)
+    else:  # noise: no fixed cost, the decisions from the every-exit model alone
+        assert c["exits_fixed_ms"] == 0.0
+        assert c["decision_ms"] == pytest.approx((c["every_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd.sum())
+                                                 / len(names))
+    assert cal.fixed == c["exits_fixed_ms"] >= 0.0 and "per sample with exits" in cal.source
     assert cal.c1 == pytest.approx(np.maximum(c["scale"] * hd + c["decision_ms"], 0.0))
     reach = call + c["scale"] * np.cumsum(st)[:-1]  # the backbone up to each exit, then the early answer's cost
-    assert c["exit_taken_ms"] == pytest.approx(c["first_exit_ms"] - reach[0] - cal.c1[0])
+    assert c["exit_taken_ms"] == pytest.approx(c["first_exit_ms"] - reach[0] - cal.c1[0] - cal.fixed)
     assert cal.before == pytest.approx(np.maximum(reach + c["exit_taken_ms"], 0.0))
-    if cal.before[0] > 0:  # the third anchor, reproduced: every input answered by the first exit
-        assert cal.before[0] + cal.c1[0] == pytest.approx(c["first_exit_ms"])
+    if cal.before[0] > 0:  # the fourth anchor, reproduced: every input answered by the first exit
+        assert cal.before[0] + cal.c1[0] + cal.fixed == pytest.approx(c["first_exit_ms"])
+    if (c["scale"] * hd + c["decision_ms"] >= 0).all():  # the one-exit anchor, reproduced (f_two <= 0: not exact)
+        if f_two > 0:
+            assert cal.base + cal.fixed + cal.c1[mid] == pytest.approx(c["one_exit_ms"])
     # the anchors are real end-to-end timings of those two models on the val inputs
     stages_m = res.backbone.split([res.heads[n].point.node for n in names])
     x, nc = res.recording.inputs("val")[:24], int(res.backbone.num_classes)
@@ -215,6 +228,8 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     first = MultiExitModel(stages_m, [res.heads[k].module for k in names],
                            [float(res.temperatures[k]) for k in names],
                            [-float("inf")] + [float("inf")] * (len(names) - 1), names, nc)
+    one = MultiExitModel(res.backbone.split([res.heads[names[mid]].point.node]), [res.heads[names[mid]].module],
+                         [float(res.temperatures[names[mid]])], [float("inf")], [names[mid]], nc)
 
     def timed(m):  # the median over the rounds (measurement seeds 0, 1, 2), each a cache hit now
         out = []
@@ -229,17 +244,18 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     assert timed(none) == pytest.approx(c["no_exit_ms"])
     assert timed(every) == pytest.approx(c["every_exit_ms"])
     assert timed(first) == pytest.approx(c["first_exit_ms"])
+    assert timed(one) == pytest.approx(c["one_exit_ms"])
     assert len(c["first_exit_rounds_ms"]) == 3
     with pytest.raises(AutoExitError, match="rounds must be an integer"):
         latency_costs(res, ev, settings=s, rounds=0)
     if (c["scale"] * hd + c["decision_ms"] >= 0).all():
-        assert cal.base + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
-    # stat="min_ms": the very same timings (cache hits), each standing for its fastest group
-    mn = latency_costs(res, ev, settings=s, samples=24, stat="min_ms")
+        assert cal.base + cal.fixed + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
+    # stat="min_ms" (the default): the very same timings (cache hits), each standing for its fastest group
+    mn = latency_costs(res, ev, settings=s, samples=24)
     cm = mn.calibration
     assert cm["stat"] == "min_ms" and "min per timing" in mn.source
     assert all(cm["profile_ms"][k] <= v + 1e-12 for k, v in prof.items())  # a minimum never exceeds the median
-    for key in ("no_exit_ms", "every_exit_ms", "first_exit_ms"):
+    for key in ("no_exit_ms", "every_exit_ms", "first_exit_ms", "one_exit_ms"):
         assert cm[key] <= c[key] + 1e-12
 
     def timed_min(m):

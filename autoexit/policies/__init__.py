@@ -282,7 +282,7 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
         info["cost_unit"] = costs.unit
         info["cost_source"] = costs.source
         info["costs"] = {"c1": [float(v) for v in costs.c1], "before": [float(v) for v in costs.before],
-                         "base": float(costs.base)}  # per candidate exit, in backbone order
+                         "base": float(costs.base), "fixed": float(costs.fixed)}  # per candidate exit, in backbone order
     return FittedPolicy(policy, [names[j] for j in keep], [chain[j] for j in keep], [rules[j] for j in keep],
                         np.asarray(family[row], dtype=float)[keep], risk, chosen, info, family, res.delta, res.alpha,
                         (names, chain, rules), costs)

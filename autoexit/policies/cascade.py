@@ -27,6 +27,7 @@ saves and is dropped), by greedy forward selection and backward pruning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +103,10 @@ class ExitTable:
 @dataclass(frozen=True)
 class ExitCosts:
     """Per candidate exit, per sample: head cost ``c1[i]`` and backbone cost ``before[i]`` up to exit point i;
-    ``base``: the whole backbone (C2 of K(S) is ``base - before``).
+    ``base``: the whole backbone (C2 of K(S) is ``base - before``); ``fixed``: what any model with at least one
+    exit pays per sample beyond its stages, heads and decisions (measured latency only: the runtime handles a
+    forward with data-dependent exits as a whole differently from the straight-line backbone; 0 for FLOPs),
+    added to every path of a non-empty chain.
 
     ``unit``: ``flops`` (counted; the default) or ``ms`` (timed on a device evaluator,
     :func:`autoexit.cost.exit_latency_costs`); ``source`` says how the costs were obtained; ``calibration``:
@@ -116,6 +120,7 @@ class ExitCosts:
     unit: str = "flops"
     source: str = ""
     calibration: Mapping[str, Any] | None = None
+    fixed: float = 0.0
 
     def __post_init__(self):
         c1 = np.asarray(self.c1, dtype=np.float64)
@@ -126,6 +131,9 @@ class ExitCosts:
             raise AutoExitError("exit costs must be finite and non-negative")
         if not float(self.base) > 0:
             raise AutoExitError(f"the backbone's cost must be > 0, got {self.base}")
+        if not (math.isfinite(float(self.fixed)) and float(self.fixed) >= 0):
+            raise AutoExitError(f"the fixed cost of having exits must be finite and >= 0, got {self.fixed}")
+        object.__setattr__(self, "fixed", float(self.fixed))
         object.__setattr__(self, "c1", c1)
         object.__setattr__(self, "before", before)
         object.__setattr__(self, "base", float(self.base))
@@ -136,7 +144,7 @@ class ExitCosts:
 
     def to_dict(self) -> dict:
         d = {"unit": self.unit, "c1": self.c1.tolist(), "before": self.before.tolist(), "base": self.base,
-             "source": self.source}
+             "fixed": self.fixed, "source": self.source}
         if self.calibration is not None:
             d["calibration"] = dict(self.calibration)
         return d
@@ -144,7 +152,7 @@ class ExitCosts:
     @classmethod
     def from_dict(cls, d: Mapping) -> ExitCosts:
         return cls(np.asarray(d["c1"]), np.asarray(d["before"]), float(d["base"]), d.get("unit", "flops"),
-                   d.get("source", ""), d.get("calibration"))
+                   d.get("source", ""), d.get("calibration"), float(d.get("fixed", 0.0)))
 
 
 def stats_from_activations(acts: torch.Tensor, batch: int = 512) -> torch.Tensor:
@@ -200,11 +208,13 @@ def loss_matrix(table: ExitTable, chain: Sequence[int], risk: str = "disagreemen
 def chain_costs(costs: ExitCosts, chain: Sequence[int]) -> np.ndarray:
     """[len(chain) + 1] FLOPs of a sample exiting at chain position j (last: through the backbone).
 
-    Every kept head up to and including the exit is paid.
+    Every kept head up to and including the exit is paid, and with any exit kept, ``costs.fixed``.
     """
-    c1 = costs.c1[list(chain)] if chain else np.zeros(0)
+    if not chain:
+        return np.array([costs.base])
+    c1 = costs.c1[list(chain)]
     spent = np.cumsum(c1)
-    return np.r_[costs.before[list(chain)] + spent if chain else np.zeros(0), costs.base + c1.sum()]
+    return np.r_[costs.before[list(chain)] + spent, costs.base + c1.sum()] + costs.fixed
 
 
 def simulate(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

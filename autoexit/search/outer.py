@@ -343,6 +343,9 @@ class OuterSettings:
     accuracy: ``auto`` (GT drop when labels exist, else disagreement), ``gt``, ``agreement``;
     basis: threshold budget basis (see autoexit.calibrate); sampler: ``tpe``, ``nsga2``,
     ``random``; n_trials: trials per ``optimize`` call when no cap is given;
+    latency_stat: with cost ``latency``, the statistic of each timing the segment profile is built from
+    (``min_ms``, the default: each timing's fastest group, steadier on a busy device; ``median_ms``,
+    ``mean_ms``);
     exhaustive_limit: exact K(S) ranking up to this many candidate exits, greedy beyond;
     baseline_tolerance: enqueue the fixed rule (T/2^n at this T, K(S) best subset) as the
     first trial of a fresh study (None: don't); heartbeat_interval / grace_period /
@@ -351,6 +354,7 @@ class OuterSettings:
 
     objective: str = "multi"
     cost: str = "flops"
+    latency_stat: str = "min_ms"
     accuracy: str = "auto"
     basis: str = "total"
     drop_weight: float = 0.1
@@ -370,6 +374,10 @@ class OuterSettings:
             raise AutoExitError(f"objective must be 'multi' or 'scalar', got {self.objective!r}")
         if self.cost not in ("flops", "latency"):
             raise AutoExitError(f"cost must be 'flops' or 'latency', got {self.cost!r}")
+        from ..cost import LATENCY_STATS
+
+        if self.latency_stat not in LATENCY_STATS:
+            raise AutoExitError(f"latency_stat must be one of {', '.join(LATENCY_STATS)}, got {self.latency_stat!r}")
         if self.accuracy not in ("auto", "gt", "agreement"):
             raise AutoExitError(f"accuracy must be 'auto', 'gt' or 'agreement', got {self.accuracy!r}")
         if self.basis not in ("total", "reaching"):
@@ -533,6 +541,8 @@ class Recorded:
         if self.latency is not None:
             h.update(np.ascontiguousarray(self.latency.c1).tobytes())
             h.update(np.ascontiguousarray(self.latency.before).tobytes())
+            if self.latency.fixed:  # (only when set: files recorded before it existed keep their fingerprint)
+                h.update(repr(self.latency.fixed).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ persistence
@@ -594,7 +604,7 @@ def _info(backbone, recording) -> dict:
 
 
 def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None,
-                  calibrate: bool = True, samples: int = 64, rounds: int = 3, stat: str = "median_ms") -> ExitCosts:
+                  calibrate: bool = True, samples: int = 64, rounds: int = 3, stat: str = "min_ms") -> ExitCosts:
     """Per-exit latency costs (ms per sample) of ``result``'s candidate exits, measured by a device evaluator
     (``autoexit.evaluator``; local CPU by default): :func:`autoexit.cost.exit_latency_costs` on the result's
     backbone, heads, temperatures and val inputs, as an :class:`ExitCosts` in ``ms``. See that function for
@@ -610,7 +620,7 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     d = exit_latency_costs(result.backbone, [result.heads[n] for n in names],
                            [float(result.temperatures[n]) for n in names], x, evaluator, batch_size=batch_size,
                            settings=settings, calibrate=calibrate, samples=samples, rounds=rounds, stat=stat)
-    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"])
+    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"], d["fixed"])
 
 
 def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | None = None, split: str = "test"):
@@ -620,7 +630,8 @@ def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | 
     idx = [recorded.names.index(k) for k in plan.kept]
     cut = slice(None, n)
     return simulate_exits(sp.scores[plan.signal][idx][:, cut], sp.pred[idx][:, cut], sp.backbone_pred[cut],
-                          np.asarray(plan.thresholds, dtype=np.float64), costs.c1[idx], costs.before[idx], costs.base)
+                          np.asarray(plan.thresholds, dtype=np.float64), costs.c1[idx], costs.before[idx], costs.base,
+                          costs.fixed)
 
 
 def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, samples: int = 256,
@@ -661,7 +672,7 @@ def verify_end_to_end(result: EnableResult, recorded: Recorded, evaluator=None, 
         counts[int(e)] = int(v)
     predicted = float(sim.flops.mean())
     cal = lat.calibration or {}
-    stat = str(cal.get("stat", "median_ms"))  # measured as the profile was: median or fastest group
+    stat = str(cal.get("stat", "min_ms"))  # measured as the profile was: fastest group (default) or median
     measured, bb_ms = float(getattr(m, stat)), float(getattr(bb, stat))
     out = {"device": str(ev.device_key), "batch_size": 1, "samples": n, "predicted_ms": predicted, "stat": stat,
            "measured_ms": measured, "relative_error": (predicted - measured) / measured,
@@ -776,7 +787,7 @@ def evaluate_plan(recorded: Recorded, plan: ExitPlan, split: str = "val", accura
     pred = sp.pred[idx]
     thr = np.asarray(plan.thresholds, dtype=np.float64)
     out_f = simulate_exits(scores, pred, sp.backbone_pred, thr, recorded.flops.c1[idx],
-                           recorded.flops.before[idx], recorded.flops.base)
+                           recorded.flops.before[idx], recorded.flops.base, recorded.flops.fixed)
     n = sp.n
     m: dict[str, Any] = {
         "n": n,
@@ -789,7 +800,8 @@ def evaluate_plan(recorded: Recorded, plan: ExitPlan, split: str = "val", accura
     }
     if recorded.latency is not None:
         lat = recorded.latency
-        out_l = simulate_exits(scores, pred, sp.backbone_pred, thr, lat.c1[idx], lat.before[idx], lat.base)
+        out_l = simulate_exits(scores, pred, sp.backbone_pred, thr, lat.c1[idx], lat.before[idx], lat.base,
+                               lat.fixed)
         m["latency_ms"] = float(out_l.flops.mean())
         m["latency_fraction"] = float(out_l.flops.mean() / lat.base)
     agree = out_f.pred == sp.backbone_pred

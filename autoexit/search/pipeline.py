@@ -357,7 +357,7 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
         from ..evaluator import evaluator_from_config
 
         evaluator = evaluator_from_config(cfg.evaluator)
-        recorded = recorded.with_latency(latency_costs(baseline, evaluator))
+        recorded = recorded.with_latency(latency_costs(baseline, evaluator, stat=settings.latency_stat))
     rpath = recorded.save(run_dir / "recorded.npz")
     part = _partition_settings(space, baseline, run_dir, evaluator, progress)
     t0 = time.perf_counter()

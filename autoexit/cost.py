@@ -215,6 +215,36 @@ def reseeded(evaluator, settings=None, offset: int = 0):
 
 
 LATENCY_STATS = ("median_ms", "min_ms", "mean_ms")
+
+
+def fit_exit_overheads(t_none: float, t_every: float, t_first: float, t_one: float | None, scale: float, hd,
+                       before0: float, mid: int) -> tuple[float, float, bool]:
+    """The fixed cost F of having exits and the per-decision cost d from the end-to-end anchors
+    (:func:`exit_latency_costs`): ``every = none + F + scale * sum(hd) + N d`` and ``one = none + F +
+    scale * hd[mid] + d`` (``t_one``: the model with exit ``mid`` alone; ``None`` with a single candidate).
+
+    The first-exit model pays F too, and an early answer costs >= 0, so F <= t_first - before0 -
+    scale * hd[0] - d. A one-exit anchor timed in a slow spell breaks that bound; F is then the largest value
+    the first-exit and every-exit anchors allow (an early answer of 0) and ``capped`` is True. A negative F
+    (noise) is taken as 0, d then an equal share of the every-exit model's surplus. Returns (F, d, capped).
+    """
+    import numpy as np
+
+    hd = np.asarray(hd, dtype=np.float64)
+    n = len(hd)
+    surplus = t_every - t_none - scale * float(hd.sum())  # the every-exit model beyond its scaled heads: F + N d
+    fixed, decision, capped = 0.0, surplus / n, False
+    if t_one is not None and n > 1:
+        decision = (t_every - t_one - scale * float(hd.sum() - hd[mid])) / (n - 1)
+        fixed = t_one - t_none - scale * float(hd[mid]) - decision
+        room = t_first - before0 - scale * float(hd[0])
+        if fixed > 0.0 and fixed > room - decision:
+            capped = True
+            fixed = (room - surplus / n) / (1.0 - 1.0 / n)
+            decision = (surplus - fixed) / n
+    if fixed <= 0.0:
+        fixed, decision = 0.0, surplus / n
+    return float(fixed), float(decision), capped
 """The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
@@ -248,9 +278,12 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     so under-predicts every model with fewer exits than the candidates); and the model whose first exit
     takes every input (threshold -inf) fixes the cost of answering early (writing the answer, shrinking the
     batch), added to every early exit's path. The decision and early-answer costs may come out negative;
-    only the per-path costs are kept non-negative. A negative fixed cost (noise) is taken as 0, the
-    decisions then fitted on the every-exit model alone. The calibrated profile reproduces the four
-    anchors exactly (the one-exit model is skipped with a single candidate: it is the every-exit model).
+    only the per-path costs are kept non-negative. The fixed cost is bounded by the first-exit model, which
+    pays it too: when the one-exit anchor (a single timing, so a slow spell moves it) implies more than the
+    first-exit model leaves after its stem, head and decision, the fixed cost is the largest those two
+    anchors allow (``exits_fixed_capped``); a negative fixed cost is taken as 0, the decisions then fitted
+    on the every-exit model alone. The calibrated profile reproduces the four anchors exactly, except the
+    one-exit model when capped (it is skipped with a single candidate: it is the every-exit model).
 
     ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
@@ -345,21 +378,14 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     st, hd, before = costs(prof, call)
     t_none, t_every, t_first = (float(np.median(timed[k])) for k in ("none", "every", "first"))
     scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
-    fixed, t_one = 0.0, None
-    if "one" in timed:
-        # every = none + F + sum(scale*hd) + N*d and one = none + F + scale*hd[mid] + d: two equations for the
-        # per-decision cost d and the fixed cost F of having exits at all
-        t_one = float(np.median(timed["one"]))
-        decision = (t_every - t_one - scale * float(hd.sum() - hd[mid])) / (len(names) - 1)
-        fixed = t_one - t_none - scale * float(hd[mid]) - decision
-    if fixed <= 0.0:  # (noise) no fixed cost: every decision carries an equal share of the every-exit model
-        fixed = 0.0
-        decision = (t_every - t_none - scale * float(hd.sum())) / len(names)
-    c1 = np.maximum(scale * hd + decision, 0.0)
+    t_one = float(np.median(timed["one"])) if "one" in timed else None
     before = call + scale * before
+    fixed, decision, capped = fit_exit_overheads(t_none, t_every, t_first, t_one, scale, hd, float(before[0]), mid)
+    c1 = np.maximum(scale * hd + decision, 0.0)
     taken = t_first - float(before[0] + c1[0]) - fixed  # answering early: writing the answer, shrinking the batch
     cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "exit_taken_ms": taken,
-           "exits_fixed_ms": fixed, "no_exit_ms": t_none, "every_exit_ms": t_every, "first_exit_ms": t_first,
+           "exits_fixed_ms": fixed, "exits_fixed_capped": capped, "no_exit_ms": t_none, "every_exit_ms": t_every,
+           "first_exit_ms": t_first,
            "one_exit_ms": t_one, "one_exit": names[mid] if t_one is not None else None,
            "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
            "first_exit_rounds_ms": timed["first"], "one_exit_rounds_ms": timed.get("one"),

@@ -52,3 +52,35 @@ def test_latency_stats_are_sane():
     m = _convnet()
     s = measure_latency(m, torch.randn(4, 3, 16, 16), repeat=5, warmup=1, threads=1)
     assert s.runs >= 5 and s.median_ms > 0 and s.p90_ms >= s.median_ms * 0.5 and s.batch == 4
+
+
+def test_fixed_cost_of_exits_is_recovered_from_the_anchors_and_bounded_by_the_first_exit_model():
+    """fit_exit_overheads on anchors built from known costs: the fixed cost F and the per-decision cost d come
+    back exactly; a one-exit anchor inflated by a slow spell cannot push F past what the first-exit model
+    leaves (an early answer costs >= 0), and the every-exit anchor stays reproduced; noise that makes F
+    negative gives F = 0 and an equal share of the every-exit surplus."""
+    import numpy as np
+    import pytest
+
+    from autoexit.cost import fit_exit_overheads
+
+    rng = np.random.default_rng(0)
+    n, mid, scale, F, d, taken = 9, 4, 1.1, 0.1, 0.03, 0.02
+    hd = rng.uniform(0.1, 0.2, n)
+    t_none, before0 = 1.7, 0.08
+    t_every = t_none + F + scale * hd.sum() + n * d
+    t_one = t_none + F + scale * hd[mid] + d
+    t_first = before0 + scale * hd[0] + d + F + taken
+    f, dd, capped = fit_exit_overheads(t_none, t_every, t_first, t_one, scale, hd, before0, mid)
+    assert (f, dd, capped) == (pytest.approx(F), pytest.approx(d), False)
+    # the one-exit model timed 2.4 ms slow: F bounded, early answer 0, every-exit anchor still exact
+    f, dd, capped = fit_exit_overheads(t_none, t_every, t_first, t_one + 2.4, scale, hd, before0, mid)
+    assert capped and 0 < f <= F + d + taken  # far from the 2.4 ms the one-exit anchor alone implies
+    assert t_first - before0 - scale * hd[0] - dd - f == pytest.approx(0.0, abs=1e-12)
+    assert t_none + f + scale * hd.sum() + n * dd == pytest.approx(t_every)
+    # a one-exit model timed fast enough to make F negative: no fixed cost
+    f, dd, capped = fit_exit_overheads(t_none, t_every, t_first, t_one - 0.5, scale, hd, before0, mid)
+    assert f == 0.0 and dd == pytest.approx((t_every - t_none - scale * hd.sum()) / n)
+    # one candidate: nothing to separate, the decision takes the whole surplus
+    f, dd, _ = fit_exit_overheads(t_none, t_none + 0.3 + scale * hd[0], t_first, None, scale, hd[:1], before0, 0)
+    assert f == 0.0 and dd == pytest.approx(0.3)

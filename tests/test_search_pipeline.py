@@ -203,8 +203,16 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     assert c["one_exit"] == names[mid] and len(c["one_exit_rounds_ms"]) == 3
     d_two = (c["every_exit_ms"] - c["one_exit_ms"] - c["scale"] * (hd.sum() - hd[mid])) / (len(names) - 1)
     f_two = c["one_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd[mid] - d_two
-    if f_two > 0:  # the fixed cost of having exits, from the one- and every-exit anchors
+    n = len(names)
+    surplus = c["every_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd.sum()
+    room = c["first_exit_ms"] - (call + c["scale"] * st[0]) - c["scale"] * hd[0]
+    if f_two > 0 and f_two <= room - d_two:  # the fixed cost of having exits, from the one- and every-exit anchors
         assert c["exits_fixed_ms"] == pytest.approx(f_two) and c["decision_ms"] == pytest.approx(d_two)
+        assert not c["exits_fixed_capped"]
+    elif f_two > 0 and (room - surplus / n) > 0:  # capped by the first-exit model: an early answer costs >= 0
+        assert c["exits_fixed_capped"]
+        assert c["exits_fixed_ms"] == pytest.approx((room - surplus / n) / (1 - 1 / n))
+        assert c["decision_ms"] == pytest.approx((surplus - c["exits_fixed_ms"]) / n)
     else:  # noise: no fixed cost, the decisions from the every-exit model alone
         assert c["exits_fixed_ms"] == 0.0
         assert c["decision_ms"] == pytest.approx((c["every_exit_ms"] - c["no_exit_ms"] - c["scale"] * hd.sum())
@@ -216,8 +224,8 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     assert cal.before == pytest.approx(np.maximum(reach + c["exit_taken_ms"], 0.0))
     if cal.before[0] > 0:  # the fourth anchor, reproduced: every input answered by the first exit
         assert cal.before[0] + cal.c1[0] + cal.fixed == pytest.approx(c["first_exit_ms"])
-    if (c["scale"] * hd + c["decision_ms"] >= 0).all():  # the one-exit anchor, reproduced (f_two <= 0: not exact)
-        if f_two > 0:
+    if (c["scale"] * hd + c["decision_ms"] >= 0).all():  # the one-exit anchor, reproduced (not when capped or 0)
+        if c["exits_fixed_ms"] > 0 and not c["exits_fixed_capped"]:
             assert cal.base + cal.fixed + cal.c1[mid] == pytest.approx(c["one_exit_ms"])
     # the anchors are real end-to-end timings of those two models on the val inputs
     stages_m = res.backbone.split([res.heads[n].point.node for n in names])

@@ -215,6 +215,7 @@ def reseeded(evaluator, settings=None, offset: int = 0):
 
 
 LATENCY_STATS = ("median_ms", "min_ms", "mean_ms")
+"""The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
 def fit_exit_overheads(t_none: float, t_every: float, t_first: float, t_one: float | None, scale: float, hd,
@@ -245,7 +246,6 @@ def fit_exit_overheads(t_none: float, t_every: float, t_first: float, t_one: flo
     if fixed <= 0.0:
         fixed, decision = 0.0, surplus / n
     return float(fixed), float(decision), capped
-"""The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
 def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
@@ -257,8 +257,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     (:class:`~autoexit.heads.TrainedHead`) in backbone order, with their ``temperatures``; ``inputs``: real
     samples for the end-to-end anchors (the val split; ``None``: no anchors). Returns ``{"c1": head ms per
     exit, "before": backbone ms up to each exit, "base": the backbone's ms, "source": how it was obtained,
-    "calibration": every figure or None, "fixed": ms per sample of having exits}``, the fields of an
-    ``ExitCosts`` in ``ms``.
+    "calibration": every figure or None, "fixed": ms per sample of having exits, "unit": "ms"}``, what
+    ``ExitCosts.from_dict`` reads.
 
     The backbone is cut at every candidate point; each stage and head is timed (the evaluator caches
     results), giving a segment profile that a search or a policy combines with exit rates.
@@ -349,7 +349,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         source = (f"{src} ({stat.removesuffix('_ms')} per timing)" if call is None
                   else f"{src}; segment profile - {call:.3f} ms per segment call ({stat.removesuffix('_ms')} per timing)")
         return {"c1": hd, "before": before, "base": float(st.sum()), "source": source, "calibration": None,
-                "fixed": 0.0}
+                "fixed": 0.0, "unit": "ms"}
 
     from .model import MultiExitModel, scripted_backbone, to_torchscript
 
@@ -394,7 +394,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
            "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size), "stat": stat}
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
-            "base": max(t_none, 1e-9), "fixed": fixed,
+            "base": max(t_none, 1e-9), "fixed": fixed, "unit": "ms",
             "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
                       f"model + {call:.3f} ms per model call, {fixed:+.3f} ms per sample with exits, "
                       f"{decision:+.3f} ms per exit decision, "

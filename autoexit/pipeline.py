@@ -662,7 +662,7 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
         x = None
     d = exit_latency_costs(tb, [heads[n] for n in names], [float(temperatures[n]) for n in names], x, ev,
                            batch_size=config.cost_batch_size, settings=settings, stat=config.cost_stat)
-    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"], d["fixed"])
+    return ExitCosts.from_dict(d)
 
 
 def _subset_from_policy(fitted: FittedPolicy, val: ExitTable, heads: Mapping[str, TrainedHead],

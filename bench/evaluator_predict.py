@@ -194,7 +194,8 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
         mins = {"within 10 % (min)": float((e_min <= 10).mean()),
                 "within 10 % (min, drift-corrected)": float((e_min_d <= 10).mean()),
                 "median |error| % (min)": float(np.median(e_min)),
-                "median rounds spread % (min)": float(np.median([r["rounds spread % (min)"] for r in rows]))}
+                "median rounds spread % (min)": float(np.median([r["rounds spread % (min)"] for r in rows])),
+                "calibration (min)": lat_min.source}
     return {
         "rows": rows,
         "summary": {"model": f"resnet{depth}", "configs": len(rows), "samples": int(len(x)),

@@ -620,7 +620,7 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
     d = exit_latency_costs(result.backbone, [result.heads[n] for n in names],
                            [float(result.temperatures[n]) for n in names], x, evaluator, batch_size=batch_size,
                            settings=settings, calibrate=calibrate, samples=samples, rounds=rounds, stat=stat)
-    return ExitCosts(d["c1"], d["before"], d["base"], "ms", d["source"], d["calibration"], d["fixed"])
+    return ExitCosts.from_dict(d)
 
 
 def plan_outcome(recorded: Recorded, plan: ExitPlan, costs: ExitCosts, n: int | None = None, split: str = "test"):

@@ -218,34 +218,36 @@ LATENCY_STATS = ("median_ms", "min_ms", "mean_ms")
 """The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
-def fit_exit_overheads(t_none: float, t_every: float, t_first: float, t_one: float | None, scale: float, hd,
-                       before0: float, mid: int) -> tuple[float, float, bool]:
-    """The fixed cost F of having exits and the per-decision cost d from the end-to-end anchors
-    (:func:`exit_latency_costs`): ``every = none + F + scale * sum(hd) + N d`` and ``one = none + F +
-    scale * hd[mid] + d`` (``t_one``: the model with exit ``mid`` alone; ``None`` with a single candidate).
+def one_exit_anchors(n: int) -> list[int]:
+    """The candidates (indices, in order) whose one-exit models anchor the fixed cost of going on past an
+    exit: the quarter, middle and three-quarter candidates, distinct (none with a single candidate)."""
+    return sorted({n // 4, n // 2, (3 * n) // 4}) if n > 1 else []
 
-    The first-exit model pays F too, and an early answer costs >= 0, so F <= t_first - before0 -
-    scale * hd[0] - d. A one-exit anchor timed in a slow spell breaks that bound; F is then the largest value
-    the first-exit and every-exit anchors allow (an early answer of 0) and ``capped`` is True. A negative F
-    (noise) is taken as 0, d then an equal share of the every-exit model's surplus. Returns (F, d, capped).
+
+def fit_exit_overheads(t_none: float, t_every: float, t_ones, scale: float, hd) -> tuple[float, float]:
+    """The fixed cost F of going on past an exit and the per-decision cost d from the end-to-end anchors
+    (:func:`exit_latency_costs`): ``every = none + F + scale * sum(hd) + N d`` and, for each one-exit
+    anchor j (``t_ones``: {candidate index: ms}, the model with exit j alone, never taken; empty or ``None``
+    with a single candidate), ``one_j = none + F + scale * hd[j] + d``.
+
+    Each one-exit anchor gives F + d; their median stands for it (a single anchor timed in a slow spell
+    cannot move it), and the every-exit anchor then separates d from F. A negative F (noise) is taken as
+    0, d then an equal share of the every-exit model's surplus. Returns (F, d).
     """
     import numpy as np
 
     hd = np.asarray(hd, dtype=np.float64)
     n = len(hd)
     surplus = t_every - t_none - scale * float(hd.sum())  # the every-exit model beyond its scaled heads: F + N d
-    fixed, decision, capped = 0.0, surplus / n, False
-    if t_one is not None and n > 1:
-        decision = (t_every - t_one - scale * float(hd.sum() - hd[mid])) / (n - 1)
-        fixed = t_one - t_none - scale * float(hd[mid]) - decision
-        room = t_first - before0 - scale * float(hd[0])
-        if fixed > 0.0 and fixed > room - decision:
-            capped = True
-            fixed = (room - surplus / n) / (1.0 - 1.0 / n)
-            decision = (surplus - fixed) / n
+    fixed, decision = 0.0, surplus / n
+    ones = dict(t_ones or {})
+    if ones and n > 1:
+        f_plus_d = float(np.median([t - t_none - scale * float(hd[j]) for j, t in ones.items()]))
+        decision = (surplus - f_plus_d) / (n - 1)
+        fixed = f_plus_d - decision
     if fixed <= 0.0:
         fixed, decision = 0.0, surplus / n
-    return float(fixed), float(decision), capped
+    return float(fixed), float(decision)
 
 
 def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
@@ -270,20 +272,21 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     empty segment (the identity) measures the per-call cost, which is taken off every stage and head, and two
     end-to-end timings on ``samples`` real inputs anchor the rest: the multi-exit model with no exit fixes a
     **scale** (the no-exit model's time less one call, over the sum of the corrected stages; it applies to
-    stages and heads alike); the model with every candidate exit at +inf and the model with only the middle
-    candidate at +inf fix, between them, the cost of each exit decision beyond its scaled head and the
-    **fixed** cost of having exits at all (``ExitCosts.fixed``, paid once per sample by any model with an
-    exit: a forward with data-dependent exits runs slower as a whole than the straight-line backbone, by
-    about 0.1 ms per sample on a 2-core x86 CPU, which a per-exit cost alone spreads over the exits and
-    so under-predicts every model with fewer exits than the candidates); and the model whose first exit
-    takes every input (threshold -inf) fixes the cost of answering early (writing the answer, shrinking the
-    batch), added to every early exit's path. The decision and early-answer costs may come out negative;
-    only the per-path costs are kept non-negative. The fixed cost is bounded by the first-exit model, which
-    pays it too: when the one-exit anchor (a single timing, so a slow spell moves it) implies more than the
-    first-exit model leaves after its stem, head and decision, the fixed cost is the largest those two
-    anchors allow (``exits_fixed_capped``); a negative fixed cost is taken as 0, the decisions then fitted
-    on the every-exit model alone. The calibrated profile reproduces the four anchors exactly, except the
-    one-exit model when capped (it is skipped with a single candidate: it is the every-exit model).
+    stages and heads alike); the model with every candidate exit at +inf and the models with a single
+    candidate at +inf (the quarter, middle and three-quarter candidates, :func:`one_exit_anchors`) fix, between
+    them, the cost of each exit decision beyond its scaled head and the **fixed** cost of going on past an
+    exit (``ExitCosts.fixed``, paid once by every sample that passes at least one exit: the backbone resumed
+    after a head runs slower as a whole than the straight-line backbone, by about 0.1 ms per sample on a
+    2-core x86 CPU with ResNet-20, which a per-exit cost alone spreads over the exits and so under-predicts
+    every model with fewer exits than the candidates; a sample answered by the first exit it meets does not
+    pay it: a model whose first exit takes every input runs as fast as its stem and head); and that model, the
+    one whose first exit takes every input (threshold -inf), fixes the cost of answering early (writing the
+    answer, shrinking the batch), added to every early exit's path. The one-exit anchors each give the fixed
+    cost plus one decision; their median stands for it, so one anchor timed in a slow spell cannot move it
+    (:func:`fit_exit_overheads`). The decision and early-answer costs may come out negative; only the
+    per-path costs are kept non-negative. A negative fixed cost is taken as 0, the decisions then fitted on
+    the every-exit model alone. The calibrated profile reproduces the no-exit, every-exit and first-exit
+    anchors exactly, and the one-exit anchors to within their spread (exactly with a single one).
 
     ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
@@ -360,11 +363,11 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
                            [-float("inf")] + [float("inf")] * (len(names) - 1), names, nc)
     scripted = {"none": scripted_backbone(backbone), "every": to_torchscript(every, backbone.example_input),
                 "first": to_torchscript(first, backbone.example_input)}
-    mid = len(names) // 2  # the one-exit anchor: the middle candidate alone (none with a single candidate)
-    if len(names) > 1:
-        one = MultiExitModel(backbone.split([points[mid].node]), [heads[mid].module], [temps[mid]], [float("inf")],
-                             [names[mid]], nc)
-        scripted["one"] = to_torchscript(one, backbone.example_input)
+    ones = one_exit_anchors(len(names))  # the one-exit anchors: single candidates at +inf
+    for j in ones:
+        one = MultiExitModel(backbone.split([points[j].node]), [heads[j].module], [temps[j]], [float("inf")],
+                             [names[j]], nc)
+        scripted[f"one:{j}"] = to_torchscript(one, backbone.example_input)
     profiles: list[dict[str, float]] = []
     timed: dict[str, list[float]] = {k: [] for k in scripted}
     for r in range(rounds):
@@ -378,17 +381,17 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     st, hd, before = costs(prof, call)
     t_none, t_every, t_first = (float(np.median(timed[k])) for k in ("none", "every", "first"))
     scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
-    t_one = float(np.median(timed["one"])) if "one" in timed else None
+    t_ones = {j: float(np.median(timed[f"one:{j}"])) for j in ones}
     before = call + scale * before
-    fixed, decision, capped = fit_exit_overheads(t_none, t_every, t_first, t_one, scale, hd, float(before[0]), mid)
+    fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
     c1 = np.maximum(scale * hd + decision, 0.0)
-    taken = t_first - float(before[0] + c1[0]) - fixed  # answering early: writing the answer, shrinking the batch
+    taken = t_first - float(before[0] + c1[0])  # answering early: writing the answer, shrinking the batch
     cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "exit_taken_ms": taken,
-           "exits_fixed_ms": fixed, "exits_fixed_capped": capped, "no_exit_ms": t_none, "every_exit_ms": t_every,
-           "first_exit_ms": t_first,
-           "one_exit_ms": t_one, "one_exit": names[mid] if t_one is not None else None,
+           "exits_fixed_ms": fixed, "no_exit_ms": t_none, "every_exit_ms": t_every, "first_exit_ms": t_first,
+           "one_exit_ms": [t_ones[j] for j in ones], "one_exit": [names[j] for j in ones],
+           "one_exit_fixed_ms": [t_ones[j] - t_none - scale * float(hd[j]) - decision for j in ones],
            "no_exit_rounds_ms": timed["none"], "every_exit_rounds_ms": timed["every"],
-           "first_exit_rounds_ms": timed["first"], "one_exit_rounds_ms": timed.get("one"),
+           "first_exit_rounds_ms": timed["first"], "one_exit_rounds_ms": [timed[f"one:{j}"] for j in ones],
            "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
@@ -396,7 +399,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
             "base": max(t_none, 1e-9), "fixed": fixed, "unit": "ms",
             "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
-                      f"model + {call:.3f} ms per model call, {fixed:+.3f} ms per sample with exits, "
+                      f"model + {call:.3f} ms per model call, {fixed:+.3f} ms per sample going on past an exit, "
                       f"{decision:+.3f} ms per exit decision, "
                       f"{taken:+.3f} ms per early answer ({stat.removesuffix('_ms')} per timing, median of "
                       f"{rounds} interleaved rounds)",

@@ -316,8 +316,9 @@ def simulate_exits(scores, exit_pred, backbone_pred, thresholds, c1, flops_befor
     """Run the exit rule on recorded predictions: which exit answers each sample, with what, at what cost.
 
     ``scores``/``exit_pred`` are [exits, n] for the kept exits in order, ``c1`` their
-    head FLOPs and ``flops_before`` the backbone FLOPs up to each exit point; ``fixed`` is added to every
-    sample's cost when any exit is kept (``ExitCosts.fixed``: measured latency's cost of having exits at all).
+    head FLOPs and ``flops_before`` the backbone FLOPs up to each exit point; ``fixed`` is added to the cost
+    of every sample that goes on past the first kept exit (``ExitCosts.fixed``: measured latency's cost of
+    resuming the backbone after an exit; 0 for FLOPs).
     """
     s = np.asarray(scores, dtype=np.float64)
     ep = np.asarray(exit_pred)
@@ -338,7 +339,7 @@ def simulate_exits(scores, exit_pred, backbone_pred, thresholds, c1, flops_befor
         reaching &= ~hit
     hits[k] = int(reaching.sum())
     if k and fixed:
-        flops += float(fixed)
+        flops[exit_index > 0] += float(fixed)
     return ExitOutcome(exit_index, pred, flops, hits)
 
 

@@ -22,8 +22,9 @@ Two predictions are compared with the measurement: "segments only" (the sum of t
 segments a sample passes) and the calibrated profile (``latency_costs(calibrate=True)``): every
 segment minus the measured cost of one call (an empty segment timed the same way), scaled so the
 stages add up to the no-exit model's end-to-end time, plus one call per sample, a per-exit-decision
-cost and a fixed cost of having exits fitted on the models with every exit and with the middle exit
-alone at +inf, and an early-answer cost. Profile and anchors are timed in ``--rounds`` interleaved
+cost and a fixed cost of going on past an exit fitted on the model with every exit and the models with
+the quarter, middle and three-quarter candidates alone at +inf (their median), and an early-answer cost
+fitted on the model whose first exit takes every input. Profile and anchors are timed in ``--rounds`` interleaved
 rounds; the main columns use each timing's median.
 
 The machine's speed drifts while the benchmark runs (a shared VM, thermal limits on a Pi),

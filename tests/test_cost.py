@@ -54,33 +54,33 @@ def test_latency_stats_are_sane():
     assert s.runs >= 5 and s.median_ms > 0 and s.p90_ms >= s.median_ms * 0.5 and s.batch == 4
 
 
-def test_fixed_cost_of_exits_is_recovered_from_the_anchors_and_bounded_by_the_first_exit_model():
+def test_fixed_cost_of_going_past_an_exit_is_recovered_from_the_anchors_and_robust_to_one_slow_anchor():
     """fit_exit_overheads on anchors built from known costs: the fixed cost F and the per-decision cost d come
-    back exactly; a one-exit anchor inflated by a slow spell cannot push F past what the first-exit model
-    leaves (an early answer costs >= 0), and the every-exit anchor stays reproduced; noise that makes F
-    negative gives F = 0 and an equal share of the every-exit surplus."""
+    back exactly from the one-exit anchors (quarter, middle, three-quarter candidates) and the every-exit
+    anchor; one one-exit anchor inflated by a slow spell does not move them (their median stands for F + d);
+    noise that makes F negative gives F = 0 and an equal share of the every-exit surplus."""
     import numpy as np
     import pytest
 
-    from autoexit.cost import fit_exit_overheads
+    from autoexit.cost import fit_exit_overheads, one_exit_anchors
 
+    assert one_exit_anchors(9) == [2, 4, 6] and one_exit_anchors(2) == [0, 1] and one_exit_anchors(1) == []
+    assert one_exit_anchors(26) == [6, 13, 19] and one_exit_anchors(4) == [1, 2, 3]
     rng = np.random.default_rng(0)
-    n, mid, scale, F, d, taken = 9, 4, 1.1, 0.1, 0.03, 0.02
+    n, scale, F, d = 9, 1.1, 0.1, 0.03
     hd = rng.uniform(0.1, 0.2, n)
-    t_none, before0 = 1.7, 0.08
+    t_none = 1.7
     t_every = t_none + F + scale * hd.sum() + n * d
-    t_one = t_none + F + scale * hd[mid] + d
-    t_first = before0 + scale * hd[0] + d + F + taken
-    f, dd, capped = fit_exit_overheads(t_none, t_every, t_first, t_one, scale, hd, before0, mid)
-    assert (f, dd, capped) == (pytest.approx(F), pytest.approx(d), False)
-    # the one-exit model timed 2.4 ms slow: F bounded, early answer 0, every-exit anchor still exact
-    f, dd, capped = fit_exit_overheads(t_none, t_every, t_first, t_one + 2.4, scale, hd, before0, mid)
-    assert capped and 0 < f <= F + d + taken  # far from the 2.4 ms the one-exit anchor alone implies
-    assert t_first - before0 - scale * hd[0] - dd - f == pytest.approx(0.0, abs=1e-12)
-    assert t_none + f + scale * hd.sum() + n * dd == pytest.approx(t_every)
-    # a one-exit model timed fast enough to make F negative: no fixed cost
-    f, dd, capped = fit_exit_overheads(t_none, t_every, t_first, t_one - 0.5, scale, hd, before0, mid)
+    ones = {j: t_none + F + scale * hd[j] + d for j in one_exit_anchors(n)}
+    assert fit_exit_overheads(t_none, t_every, ones, scale, hd) == (pytest.approx(F), pytest.approx(d))
+    assert fit_exit_overheads(t_none, t_every, {4: ones[4]}, scale, hd) == (pytest.approx(F), pytest.approx(d))
+    # the middle one-exit model timed 2.4 ms slow (a slow spell): the other two anchors carry the median
+    slow = dict(ones) | {4: ones[4] + 2.4}
+    assert fit_exit_overheads(t_none, t_every, slow, scale, hd) == (pytest.approx(F), pytest.approx(d))
+    # one-exit models timed fast enough to make F negative: no fixed cost
+    fast = {j: t - 0.5 for j, t in ones.items()}
+    f, dd = fit_exit_overheads(t_none, t_every, fast, scale, hd)
     assert f == 0.0 and dd == pytest.approx((t_every - t_none - scale * hd.sum()) / n)
     # one candidate: nothing to separate, the decision takes the whole surplus
-    f, dd, _ = fit_exit_overheads(t_none, t_none + 0.3 + scale * hd[0], t_first, None, scale, hd[:1], before0, 0)
+    f, dd = fit_exit_overheads(t_none, t_none + 0.3 + scale * hd[0], None, scale, hd[:1])
     assert f == 0.0 and dd == pytest.approx(0.3)

@@ -364,35 +364,39 @@ def test_exit_costs_validated_and_round_trip():
                      (([1.0, -1.0], [1.0, 2.0], 10.0), "non-negative"),
                      (([1.0, float("nan")], [1.0, 2.0], 10.0), "non-negative"),
                      (([1.0], [1.0], 0.0), "must be > 0"),
-                     (([1.0], [1.0], 10.0, "ms", "", None, -0.5), "fixed cost of having exits"),
-                     (([1.0], [1.0], 10.0, "ms", "", None, float("inf")), "fixed cost of having exits")):
+                     (([1.0], [1.0], 10.0, "ms", "", None, -0.5), "fixed cost of going on past an exit"),
+                     (([1.0], [1.0], 10.0, "ms", "", None, float("inf")), "fixed cost of going on past an exit")):
         with pytest.raises(AutoExitError, match=msg):
             ExitCosts(*bad)
 
 
-def test_fixed_cost_of_having_exits_is_paid_once_per_sample_by_any_non_empty_chain():
-    """ExitCosts.fixed (measured latency's cost of a model having exits at all) is added to every path of a
-    non-empty chain, in the policies' chain costs and the outer search's simulation alike, and never to the
-    backbone alone, so a policy that keeps no exit still costs exactly the backbone."""
+def test_fixed_cost_is_paid_once_by_every_sample_that_goes_on_past_its_first_exit():
+    """ExitCosts.fixed (measured latency's cost of resuming the backbone after an exit) is added to every path
+    of a non-empty chain except an answer at its first exit, in the policies' chain costs and the outer
+    search's simulation alike, and never to the backbone alone, so a policy that keeps no exit still costs
+    exactly the backbone."""
     from autoexit.policies.cascade import chain_costs
     from autoexit.subset import simulate_exits
 
     plain = ExitCosts([1.0, 2.0, 3.0], [10.0, 50.0, 80.0], 100.0, "ms")
     fx = ExitCosts([1.0, 2.0, 3.0], [10.0, 50.0, 80.0], 100.0, "ms", fixed=4.0)
     for chain in ([0], [1, 2], [0, 1, 2]):
-        assert chain_costs(fx, chain) == pytest.approx(chain_costs(plain, chain) + 4.0)
+        assert chain_costs(fx, chain) == pytest.approx(chain_costs(plain, chain) + np.r_[0.0, [4.0] * len(chain)])
+    assert chain_costs(fx, [2])[0] == pytest.approx(80.0 + 3.0)  # answered at the first exit: no fixed cost
     assert chain_costs(fx, []) == pytest.approx([100.0]) and chain_costs(plain, []) == pytest.approx([100.0])
     rng = np.random.default_rng(0)
     s, ep = rng.random((2, 50)), rng.integers(0, 10, (2, 50))
     a = simulate_exits(s, ep, np.zeros(50, dtype=int), [0.7, 0.5], fx.c1[[0, 2]], fx.before[[0, 2]], fx.base)
     b = simulate_exits(s, ep, np.zeros(50, dtype=int), [0.7, 0.5], fx.c1[[0, 2]], fx.before[[0, 2]], fx.base,
                        fx.fixed)
-    assert np.array_equal(a.exit_index, b.exit_index) and b.flops == pytest.approx(a.flops + 4.0)
+    assert np.array_equal(a.exit_index, b.exit_index) and 0 < (b.exit_index == 0).sum() < 50
+    assert b.flops == pytest.approx(a.flops + np.where(b.exit_index > 0, 4.0, 0.0))
     # the brute-force path cost of each sample, re-executed
     for i in range(50):
         e = b.exit_index[i]
         want = (fx.before[[0, 2]][e] + fx.c1[[0, 2]][: e + 1].sum()) if e < 2 else fx.base + fx.c1[[0, 2]].sum()
-        assert b.flops[i] == pytest.approx(want + 4.0)
+        assert b.flops[i] == pytest.approx(want + (4.0 if e > 0 else 0.0))
+        assert b.flops[i] == pytest.approx(chain_costs(fx, [0, 2])[e])  # the two simulations agree
     empty = simulate_exits(np.zeros((0, 5)), np.zeros((0, 5), dtype=int), np.zeros(5, dtype=int), [], [], [], 100.0,
                            4.0)
     assert empty.flops == pytest.approx(np.full(5, 100.0))

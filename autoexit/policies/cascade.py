@@ -103,10 +103,10 @@ class ExitTable:
 @dataclass(frozen=True)
 class ExitCosts:
     """Per candidate exit, per sample: head cost ``c1[i]`` and backbone cost ``before[i]`` up to exit point i;
-    ``base``: the whole backbone (C2 of K(S) is ``base - before``); ``fixed``: what any model with at least one
-    exit pays per sample beyond its stages, heads and decisions (measured latency only: the runtime handles a
-    forward with data-dependent exits as a whole differently from the straight-line backbone; 0 for FLOPs),
-    added to every path of a non-empty chain.
+    ``base``: the whole backbone (C2 of K(S) is ``base - before``); ``fixed``: what a sample pays, once, for going on
+    past an exit, beyond its stages, heads and decisions (measured latency only: the backbone resumed after
+    an exit's head runs slower than the straight-line backbone; 0 for FLOPs), added to every path of a
+    non-empty chain except an answer at its first exit.
 
     ``unit``: ``flops`` (counted; the default) or ``ms`` (timed on a device evaluator,
     :func:`autoexit.cost.exit_latency_costs`); ``source`` says how the costs were obtained; ``calibration``:
@@ -132,7 +132,7 @@ class ExitCosts:
         if not float(self.base) > 0:
             raise AutoExitError(f"the backbone's cost must be > 0, got {self.base}")
         if not (math.isfinite(float(self.fixed)) and float(self.fixed) >= 0):
-            raise AutoExitError(f"the fixed cost of having exits must be finite and >= 0, got {self.fixed}")
+            raise AutoExitError(f"the fixed cost of going on past an exit must be finite and >= 0, got {self.fixed}")
         object.__setattr__(self, "fixed", float(self.fixed))
         object.__setattr__(self, "c1", c1)
         object.__setattr__(self, "before", before)
@@ -208,13 +208,16 @@ def loss_matrix(table: ExitTable, chain: Sequence[int], risk: str = "disagreemen
 def chain_costs(costs: ExitCosts, chain: Sequence[int]) -> np.ndarray:
     """[len(chain) + 1] FLOPs of a sample exiting at chain position j (last: through the backbone).
 
-    Every kept head up to and including the exit is paid, and with any exit kept, ``costs.fixed``.
+    Every kept head up to and including the exit is paid, and ``costs.fixed`` by every path that goes on past
+    the first kept exit (all but position 0).
     """
     if not chain:
         return np.array([costs.base])
     c1 = costs.c1[list(chain)]
     spent = np.cumsum(c1)
-    return np.r_[costs.before[list(chain)] + spent, costs.base + c1.sum()] + costs.fixed
+    out = np.r_[costs.before[list(chain)] + spent, costs.base + c1.sum()]
+    out[1:] += costs.fixed
+    return out
 
 
 def simulate(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

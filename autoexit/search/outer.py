@@ -541,8 +541,9 @@ class Recorded:
         if self.latency is not None:
             h.update(np.ascontiguousarray(self.latency.c1).tobytes())
             h.update(np.ascontiguousarray(self.latency.before).tobytes())
-            if self.latency.fixed:  # (only when set: files recorded before it existed keep their fingerprint)
-                h.update(repr(self.latency.fixed).encode())
+            if self.latency.fixed:  # (only when set: files recorded before it existed keep their fingerprint;
+                # the tag: since 2026-12-01 it is paid past the first exit only, so earlier profiles do not match)
+                h.update(b"fixed past the first exit:" + repr(self.latency.fixed).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ persistence

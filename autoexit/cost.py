@@ -259,7 +259,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     (:class:`~autoexit.heads.TrainedHead`) in backbone order, with their ``temperatures``; ``inputs``: real
     samples for the end-to-end anchors (the val split; ``None``: no anchors). Returns ``{"c1": head ms per
     exit, "before": backbone ms up to each exit, "base": the backbone's ms, "source": how it was obtained,
-    "calibration": every figure or None, "fixed": ms per sample of having exits, "unit": "ms"}``, what
+    "calibration": every figure or None, "fixed": ms per sample going on past an exit, "unit": "ms"}``, what
     ``ExitCosts.from_dict`` reads.
 
     The backbone is cut at every candidate point; each stage and head is timed (the evaluator caches

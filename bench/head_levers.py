@@ -272,6 +272,11 @@ def main(argv=None) -> int:
 
         kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
     results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits) for d in args.depths]
+    from bench.common import environment
+
+    env = environment()
+    for r in results:  # each depth says when and at which commit it ran (--merge keeps older depths' runs)
+        r["run"] = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
     for r in results:
         print_table([{"variant": k, **{n: v for n, v in zip(r["candidates"], a)}}
                      for k, a in r["val_agreement"].items()], title=f"resnet{r['depth']}: agreement per exit")

@@ -192,10 +192,13 @@ def levers_blocks() -> dict[str, str]:
                          for k, v in r.get("seconds", {}).items())
         note = (" Violations: share of 100 random val/test re-splits whose test drop exceeds T (delta = 0.1)."
                 if has_viol else "")
-        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{note}\n\n"
+        run = r.get("run")
+        when = (f" Run {run.get('date', '?')} at commit {run.get('commit', '?')}: `python bench/head_levers.py "
+                f"{' '.join(run.get('argv', []))}`.".replace(" `.", "`.") if run else "")
+        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{when}{note}\n\n"
                      + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
-    return {"policies-levers": f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}: "
-                               f"`python bench/head_levers.py`.\n\n" + "\n\n".join(parts)}
+    return {"policies-levers": f"Results file written {env.get('date', '?')} at commit {env.get('commit', '?')} "
+                               f"(`bench/results/head_levers.json`).\n\n" + "\n\n".join(parts)}
 
 
 def nni_blocks() -> dict[str, str]:

@@ -279,9 +279,9 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     after a head runs slower as a whole than the straight-line backbone, by about 0.1 ms per sample on a
     2-core x86 CPU with ResNet-20, which a per-exit cost alone spreads over the exits and so under-predicts
     every model with fewer exits than the candidates; a sample answered by the first exit it meets does not
-    pay it: a model whose first exit takes every input runs as fast as its stem and head); and that model, the
-    one whose first exit takes every input (threshold -inf), fixes the cost of answering early (writing the
-    answer, shrinking the batch), added to every early exit's path. The one-exit anchors each give the fixed
+    pay it: a model whose first exit takes every input costs no more than its stem, its head and the early
+    answer); and that model (threshold -inf at the first candidate) fixes the cost of answering early
+    (writing the answer, shrinking the batch), added to every early exit's path. The one-exit anchors each give the fixed
     cost plus one decision; their median stands for it, so one anchor timed in a slow spell cannot move it
     (:func:`fit_exit_overheads`). The decision and early-answer costs may come out negative; only the
     per-path costs are kept non-negative. A negative fixed cost is taken as 0, the decisions then fitted on

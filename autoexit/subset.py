@@ -311,35 +311,42 @@ class ExitOutcome:
         return self.hits / max(len(self.pred), 1)
 
 
+def path_costs(c1, flops_before, base_flops, fixed: float = 0.0) -> np.ndarray:
+    """[k + 1] cost of a sample answered at each of the k kept exits (last: through the backbone): the
+    backbone up to the exit and every kept head up to and including it; ``fixed`` is paid by every path that
+    goes on past the first kept exit (``ExitCosts.fixed``: measured latency's cost of resuming the backbone
+    after an exit; 0 for FLOPs). No exit kept: the backbone alone. The one definition of a path's cost, for
+    the outer search's simulation and the policies' chains alike."""
+    c1 = np.asarray(c1, dtype=np.float64)
+    spent = np.cumsum(c1)
+    out = np.r_[np.asarray(flops_before, dtype=np.float64) + spent, float(base_flops) + float(c1.sum())]
+    out[1:] += float(fixed)
+    return out
+
+
 def simulate_exits(scores, exit_pred, backbone_pred, thresholds, c1, flops_before, base_flops,
                    fixed: float = 0.0) -> ExitOutcome:
     """Run the exit rule on recorded predictions: which exit answers each sample, with what, at what cost.
 
     ``scores``/``exit_pred`` are [exits, n] for the kept exits in order, ``c1`` their
-    head FLOPs and ``flops_before`` the backbone FLOPs up to each exit point; ``fixed`` is added to the cost
-    of every sample that goes on past the first kept exit (``ExitCosts.fixed``: measured latency's cost of
-    resuming the backbone after an exit; 0 for FLOPs).
+    head FLOPs and ``flops_before`` the backbone FLOPs up to each exit point; each sample costs its path
+    (:func:`path_costs`, with ``fixed``).
     """
     s = np.asarray(scores, dtype=np.float64)
     ep = np.asarray(exit_pred)
     k, n = s.shape
     exit_index = np.full(n, k, dtype=np.int64)
     pred = np.asarray(backbone_pred).copy()
-    flops = np.full(n, float(base_flops) + float(np.sum(c1)))
     reaching = np.ones(n, dtype=bool)
-    spent_heads = 0.0
     hits = np.zeros(k + 1, dtype=np.int64)
     for i in range(k):
-        spent_heads += float(c1[i])
         hit = reaching & (s[i] >= thresholds[i])
         exit_index[hit] = i
         pred[hit] = ep[i][hit]
-        flops[hit] = float(flops_before[i]) + spent_heads
         hits[i] = int(hit.sum())
         reaching &= ~hit
     hits[k] = int(reaching.sum())
-    if k and fixed:
-        flops[exit_index > 0] += float(fixed)
+    flops = path_costs(c1, flops_before, base_flops, fixed)[exit_index]
     return ExitOutcome(exit_index, pred, flops, hits)
 
 

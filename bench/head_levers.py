@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import print_table, require_fixtures, write_results  # noqa: E402
+from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
@@ -272,8 +272,6 @@ def main(argv=None) -> int:
 
         kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
     results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits) for d in args.depths]
-    from bench.common import environment
-
     env = environment()
     for r in results:  # each depth says when and at which commit it ran (--merge keeps older depths' runs)
         r["run"] = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}

@@ -193,8 +193,8 @@ def levers_blocks() -> dict[str, str]:
         note = (" Violations: share of 100 random val/test re-splits whose test drop exceeds T (delta = 0.1)."
                 if has_viol else "")
         run = r.get("run")
-        when = (f" Run {run.get('date', '?')} at commit {run.get('commit', '?')}: `python bench/head_levers.py "
-                f"{' '.join(run.get('argv', []))}`.".replace(" `.", "`.") if run else "")
+        cmd = " ".join(["python bench/head_levers.py", *(run or {}).get("argv", [])])
+        when = f" Run {run.get('date', '?')} at commit {run.get('commit', '?')}: `{cmd}`." if run else ""
         parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{when}{note}\n\n"
                      + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
     return {"policies-levers": f"Results file written {env.get('date', '?')} at commit {env.get('commit', '?')} "

@@ -206,18 +206,13 @@ def loss_matrix(table: ExitTable, chain: Sequence[int], risk: str = "disagreemen
 
 
 def chain_costs(costs: ExitCosts, chain: Sequence[int]) -> np.ndarray:
-    """[len(chain) + 1] FLOPs of a sample exiting at chain position j (last: through the backbone).
+    """[len(chain) + 1] FLOPs of a sample exiting at chain position j (last: through the backbone):
+    :func:`autoexit.subset.path_costs` of the chain's exits (every kept head up to and including the exit is
+    paid, and ``costs.fixed`` by every path that goes on past the first kept exit)."""
+    from ..subset import path_costs
 
-    Every kept head up to and including the exit is paid, and ``costs.fixed`` by every path that goes on past
-    the first kept exit (all but position 0).
-    """
-    if not chain:
-        return np.array([costs.base])
-    c1 = costs.c1[list(chain)]
-    spent = np.cumsum(c1)
-    out = np.r_[costs.before[list(chain)] + spent, costs.base + c1.sum()]
-    out[1:] += costs.fixed
-    return out
+    idx = list(chain)
+    return path_costs(costs.c1[idx], costs.before[idx], costs.base, costs.fixed)
 
 
 def simulate(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
-"""Two levers for issue 8's FLOPs targets, measured: augmented distillation and cross-fitted policies.
+"""Three levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint fine-tuning.
 
 ``bench/policies.py`` shows the guaranteed policies saving 6-10 % at T = 1 % on ResNet-20 where the
 oracle saves 67 %, and its hindsight columns show the heads and signals themselves allowing only
-~12-15 % even with thresholds picked on the test labels. Two causes were suspected and are tested
+~12-15 % even with thresholds picked on the test labels. Three causes were suspected and are tested
 here on the same recording and split (50/20/30, seed 0, exits after every block, default heads):
 
 1. **Too little distillation data.** Heads are distilled on the recorded activations of 5,000 train
@@ -16,12 +16,21 @@ here on the same recording and split (50/20/30, seed 0, exits after every block,
    the train split (``--folds`` folds: each fold's predictions come from heads trained on the other
    folds), and the deployed heads (trained on all of train) are certified on val as before.
 
+3. **A frozen backbone.** The heads read features the backbone learnt for its last layer only.
+   ``joint``: the backbone is fine-tuned together with the heads (starting from the default heads),
+   label-free: every head and the backbone's own output are distilled (KL) to the *original* backbone's
+   logits on the same augmented image (``--joint-epochs``, backbone learning rate ``--joint-lr``, the
+   backbone output's loss weighted ``--joint-final-weight`` against each head's 1; batch-norm statistics
+   frozen). The policies are then fitted and certified against the fine-tuned model's own final answer
+   (the only reference the policies know); how far that final answer moved from the original backbone's
+   is reported beside them (``joint`` in the results), because it adds to every guarantee.
+
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted]
-[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results). Heads are cached in ``~/.cache/autoexit/bench-levers``.
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint]
+[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs). Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
 
@@ -40,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
+LEVERS = ("augmented", "cross-fitted", "joint")
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
             ("gate+drop", "gate", "drop"))
@@ -156,6 +166,82 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log) -> dict:
     return out
 
 
+def joint_finetune(depth: int, tb, rec, heads: dict, epochs: int, lr: float, final_weight: float, log) -> dict:
+    """Backbone and heads fine-tuned together, label-free (see the module doc), cached. Returns per split
+    ``heads`` [exits, n, classes] and ``final`` [n, classes] logits, ``stats`` [exits, n, 2] activation
+    statistics of the fine-tuned backbone, and the training time."""
+    import torch
+
+    from autoexit.distill import kd_loss
+    from autoexit.policies.rules import activation_stats
+
+    names = [p.name for p in rec.points]
+    path = _cache(depth, "joint", f"{rec.path}|{epochs}|{lr}|{final_weight}|{_specs(heads)}")
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    teacher = [s.eval() for s in tb.split([p.node for p in rec.points])]
+    for s in teacher:
+        s.requires_grad_(False)
+    student = [copy.deepcopy(s).requires_grad_(True) for s in teacher]
+    mods = {n: copy.deepcopy(heads[n].module) for n in names}
+
+    def forward(x):
+        outs, stats = [], []
+        for j, s in enumerate(student[:-1]):
+            x = s(x)
+            outs.append(mods[names[j]](x))
+            stats.append(activation_stats(x))
+        return outs, student[-1](x), stats
+
+    x_train = rec.inputs("train")
+    bs = 128
+    opt = torch.optim.AdamW([{"params": [q for s in student for q in s.parameters()], "weight_decay": 0.0},
+                             {"params": [q for m in mods.values() for q in m.parameters()], "weight_decay": 1e-4}],
+                            lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, 1e-3], pct_start=0.1,
+                                                total_steps=epochs * math.ceil(len(x_train) / bs))
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(epochs), desc="joint fine-tuning", unit="epoch"):
+        for s in student:
+            s.eval()  # batch-norm statistics stay the original backbone's
+        for m in mods.values():
+            m.train()
+        perm = torch.randperm(len(x_train), generator=g)
+        for i in range(0, len(perm), bs):
+            idx = perm[i:i + bs]
+            if len(idx) < 2:
+                continue
+            with torch.no_grad():
+                a = augment(x_train[idx], g)
+                target = a
+                for s in teacher:
+                    target = s(target)
+            outs, final, _ = forward(a)
+            loss = sum(kd_loss(o, target) for o in outs) + final_weight * kd_loss(final, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    seconds = time.perf_counter() - t0
+    for m in mods.values():
+        m.eval()
+    out: dict = {"seconds": seconds}
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            x = rec.inputs(split)
+            parts = [forward(x[i:i + 500]) for i in range(0, len(x), 500)]
+            out[split] = {"heads": torch.cat([torch.stack(o) for o, _, _ in parts], 1),
+                          "final": torch.cat([f for _, f, _ in parts]),
+                          "stats": torch.cat([torch.stack(st) for _, _, st in parts], 1)}
+    _save(path, out)
+    log(f"joint fine-tuning: backbone + {len(names)} heads, {epochs} epochs in {seconds:.0f} s")
+    return out
+
+
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
     (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached."""
@@ -198,7 +284,7 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 
 
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
-              resplits: int = 100) -> dict:
+              resplits: int = 100, joint: tuple = (12, 2e-4, 4.0)) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
@@ -237,9 +323,72 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                                         (oof.argmax(2) == tr.backbone_logits.argmax(1)[None]).float().mean(1)]
         agree["in-sample (train)"] = [round(float(v), 4) for v in tr.agree().float().mean(1)]
         rows += policy_rows(f"cross-fitted ({folds} folds)", oof_table, tables, costs, depth, resplits)
+    extra = {}
+    if "joint" in levers:
+        from autoexit.subset import oracle_flops
+
+        t1 = time.perf_counter()
+        jt = joint_finetune(depth, tb, rec, heads, joint[0], joint[1], joint[2], log)
+        secs["joint"] = jt["seconds"] if jt["seconds"] and time.perf_counter() - t1 > 30 else 0.0
+        orig = {s: rec.logits(s).argmax(1) for s in ("val", "test")}
+        agree["joint fine-tune"] = [round(float(v), 4) for v in
+                                    (jt["val"]["heads"].argmax(2) == orig["val"][None]).float().mean(1)]
+
+        def acc(lg, s):
+            return float((lg.argmax(1) == rec.labels(s)).float().mean())
+
+        def oracle(h, s):
+            ag = (h.argmax(2) == orig[s][None]).numpy()
+            return float(1 - oracle_flops(ag, costs.c1, costs.before, costs.base).mean() / costs.base)
+
+        extra["joint"] = {
+            "epochs": joint[0], "lr": joint[1], "final_weight": joint[2],
+            **{f"final agreement {s}": float((jt[s]["final"].argmax(1) == orig[s]).float().mean())
+               for s in ("val", "test")},
+            **{f"final accuracy {s}": acc(jt[s]["final"], s) for s in ("val", "test")},
+            **{f"backbone accuracy {s}": acc(rec.logits(s), s) for s in ("val", "test")},
+            "oracle saving test (original heads)": oracle(data["test"][0].logits, "test"),
+            "oracle saving test (joint)": oracle(jt["test"]["heads"], "test")}
+        preds = {s: ExitPredictions(names, jt[s]["heads"], jt[s]["final"], rec.labels(s))
+                 for s in ("train", "val", "test")}
+        jtemps = calibrate_temperatures(preds["val"])
+        jtables = {s: ExitTable.from_predictions(p, jtemps, list(jt[s]["stats"])) for s, p in preds.items()}
+        rows += policy_rows("joint fine-tune (reference: its own final answer)", jtables["train"], jtables, costs,
+                            depth, resplits)
+        log("joint: " + ", ".join(f"{k} {v:.4f}" for k, v in extra["joint"].items() if isinstance(v, float)))
     log(f"resnet{depth}: done in {time.perf_counter() - t0:.0f} s")
     return {"depth": depth, "candidates": names, "val_agreement": agree, "rows": rows, "seconds": secs,
-            "total_s": time.perf_counter() - t0}
+            "total_s": time.perf_counter() - t0, **extra}
+
+
+def _lever_of(variant: str) -> str:
+    """The lever a policy-row variant or an agreement row belongs to ("baseline" for the default heads)."""
+    if variant.startswith(("out-of-fold", "in-sample")):
+        return "cross-fitted"
+    return next((lv for lv in LEVERS if variant.startswith(lv.split("-")[0])), "baseline")
+
+
+def merge_depth(old: dict | None, new: dict) -> dict:
+    """``new`` with what ``old`` (an earlier run of the same depth) has for levers ``new`` did not run:
+    their policy rows, agreement, training time, extras and run record (older files have one ``run`` for
+    every lever they hold)."""
+    if old is None:
+        return new
+    redone = set(new["runs"])
+    old_runs = old.get("runs") or {lv: old.get("run") for lv in
+                                   {"baseline", *(_lever_of(x["variant"]) for x in old["rows"])}}
+    keep = [x for x in old["rows"] if _lever_of(x["variant"]) not in redone]
+    base = [x for x in new["rows"] if _lever_of(x["variant"]) == "baseline"]
+    agree_keep = {k: v for k, v in old["val_agreement"].items() if _lever_of(k) not in redone}
+    out = {**{k: v for k, v in old.items() if k not in ("run",)}, **new}
+    out["rows"] = base + keep + [x for x in new["rows"] if _lever_of(x["variant"]) != "baseline"]
+    out["val_agreement"] = {"baseline": new["val_agreement"]["baseline"],
+                            **agree_keep,
+                            **{k: v for k, v in new["val_agreement"].items() if k != "baseline"}}
+    out["seconds"] = {**{k: v for k, v in old.get("seconds", {}).items() if k not in redone},
+                      **new.get("seconds", {})}
+    out["runs"] = {**{k: v for k, v in old_runs.items() if k not in redone and v}, **new["runs"]}
+    return out
 
 
 def main(argv=None) -> int:
@@ -247,10 +396,15 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[20])
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--levers", nargs="+", choices=("augmented", "cross-fitted"),
-                    default=["augmented", "cross-fitted"])
+    ap.add_argument("--levers", nargs="+", choices=LEVERS, default=["augmented", "cross-fitted"])
+    ap.add_argument("--joint-epochs", type=int, default=12)
+    ap.add_argument("--joint-lr", type=float, default=2e-4, help="peak learning rate of the backbone")
+    ap.add_argument("--joint-final-weight", type=float, default=4.0,
+                    help="weight of the backbone output's distillation loss (each head's is 1)")
     ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
-    ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results already in the output file that this run does not redo: other depths, "
+                         "and for a depth run again the levers not run again")
     args = ap.parse_args(argv)
     if args.folds < 2:
         raise SystemExit(f"--folds must be >= 2, got {args.folds}")
@@ -266,20 +420,24 @@ def main(argv=None) -> int:
     from bench.common import RESULTS
 
     prior = RESULTS / "head_levers.json"
-    kept = []
+    prior_results = {}
     if args.merge and prior.exists():
         import json
 
-        kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
-    results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits) for d in args.depths]
+        prior_results = {r["depth"]: r for r in json.loads(prior.read_text()).get("results", [])}
+    joint = (args.joint_epochs, args.joint_lr, args.joint_final_weight)
+    results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits, joint)
+               for d in args.depths]
     env = environment()
-    for r in results:  # each depth says when and at which commit it ran (--merge keeps older depths' runs)
-        r["run"] = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
+    run = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
+    for r in results:  # each lever says when and at which commit it ran (--merge keeps older runs)
+        r["runs"] = {lever: run for lever in ("baseline", *args.levers)}
+    results = [merge_depth(prior_results.pop(r["depth"], None), r) for r in results]
     for r in results:
         print_table([{"variant": k, **{n: v for n, v in zip(r["candidates"], a)}}
                      for k, a in r["val_agreement"].items()], title=f"resnet{r['depth']}: agreement per exit")
         print_table(r["rows"], title=f"resnet{r['depth']}: guaranteed policies, test split")
-    results = sorted(kept + results, key=lambda r: r["depth"])
+    results = sorted(list(prior_results.values()) + results, key=lambda r: r["depth"])
     write_results("head_levers", {"args": vars(args), "results": results, "seconds": time.perf_counter() - t0})
     return 0
 

@@ -188,15 +188,30 @@ def levers_blocks() -> dict[str, str]:
         names = r["candidates"]
         arows = [{"variant": k, **{n: v for n, v in zip(names, a)}} for k, a in r["val_agreement"].items()]
         acols = [("variant", "agreement with the backbone", 0)] + [(n, n, 3) for n in names]
-        secs = ", ".join(f"{k} heads {v / 60:.1f} min" if v >= 60 else f"{k} heads from cache"
-                         for k, v in r.get("seconds", {}).items())
+        what_trained = {"joint": "joint fine-tuning"}
+        secs = ", ".join(f"{what_trained.get(k, k + ' heads')} {v / 60:.1f} min" if v >= 60
+                         else f"{what_trained.get(k, k + ' heads')} from cache" for k, v in r.get("seconds", {}).items())
         note = (" Violations: share of 100 random val/test re-splits whose test drop exceeds T (delta = 0.1)."
                 if has_viol else "")
-        run = r.get("run")
-        cmd = " ".join(["python bench/head_levers.py", *(run or {}).get("argv", [])])
-        when = f" Run {run.get('date', '?')} at commit {run.get('commit', '?')}: `{cmd}`." if run else ""
-        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{when}{note}\n\n"
-                     + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
+        runs = r.get("runs") or ({"all": r["run"]} if r.get("run") else {})
+        groups: dict[tuple, list[str]] = {}
+        for lever, run in runs.items():
+            groups.setdefault((run.get("date", "?"), run.get("commit", "?"), tuple(run.get("argv", []))), []).append(lever)
+        when = "".join(
+            f" {'Run' if levers == ['all'] else ' and '.join(levers).capitalize() + ' run'} {d} at commit {c}: "
+            f"`{' '.join(['python bench/head_levers.py', *argv])}`."
+            for (d, c, argv), levers in sorted(groups.items()))
+        j = r.get("joint")
+        jtxt = ("" if not j else
+                f"\n\nJoint fine-tune ({j['epochs']} epochs, backbone learning rate {j['lr']:g}, backbone output "
+                f"weight {j['final_weight']:g}): its own final answer agrees with the original backbone on "
+                f"{100 * j['final agreement val']:.1f} % of val and {100 * j['final agreement test']:.1f} % of test "
+                f"(accuracy {100 * j['final accuracy test']:.2f} % vs the backbone's "
+                f"{100 * j['backbone accuracy test']:.2f} % on test); the oracle with its heads saves "
+                f"{100 * j['oracle saving test (joint)']:.1f} % (test) against "
+                f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
+        parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{when}{note}"
+                     + jtxt + "\n\n" + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
     return {"policies-levers": f"Results file written {env.get('date', '?')} at commit {env.get('commit', '?')} "
                                f"(`bench/results/head_levers.json`).\n\n" + "\n\n".join(parts)}
 

@@ -1,0 +1,77 @@
+"""bench/head_levers.py: merging a run of some levers into an earlier results file (``--merge``).
+
+A merged file must keep every lever the new run did not redo (rows, agreement, training time, and when and at
+which commit it ran) and replace exactly the ones it did, so the tables in docs/policies.md never mix two runs
+of one lever or silently drop one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.head_levers import _lever_of, merge_depth  # noqa: E402
+
+
+def _rows(variant: str, value: float) -> list[dict]:
+    return [{"variant": variant, "T %": t, "policy": "max_softmax", "saving %": value} for t in (1.0, 2.0)]
+
+
+OLD = {  # the shape of a results entry written before levers had their own run record
+    "depth": 20, "candidates": ["a", "b"],
+    "rows": _rows("baseline (default heads, fitted in-sample)", 6.0) + _rows("augmented distillation", 8.0)
+    + _rows("cross-fitted (2 folds)", 7.0),
+    "val_agreement": {"baseline": [0.4, 0.5], "augmented": [0.3, 0.5], "out-of-fold (train)": [0.35, 0.45],
+                      "in-sample (train)": [0.45, 0.55]},
+    "seconds": {"augmented": 400.0, "cross-fitted": 300.0},
+    "run": {"date": "old", "commit": "c0", "argv": []},
+}
+
+
+def test_lever_of_names_every_row_and_agreement_kind():
+    assert _lever_of("baseline (default heads, fitted in-sample)") == "baseline"
+    assert _lever_of("augmented distillation") == "augmented"
+    assert _lever_of("augmented") == "augmented"
+    assert _lever_of("cross-fitted (2 folds)") == "cross-fitted"
+    assert _lever_of("out-of-fold (train)") == "cross-fitted"
+    assert _lever_of("in-sample (train)") == "cross-fitted"
+    assert _lever_of("joint fine-tune (reference: its own final answer)") == "joint"
+
+
+def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():
+    new_run = {"date": "new", "commit": "c1", "argv": ["--levers", "joint", "--merge"]}
+    new = {"depth": 20, "candidates": ["a", "b"],
+           "rows": _rows("baseline (default heads, fitted in-sample)", 6.5) + _rows("joint fine-tune (x)", 9.0),
+           "val_agreement": {"baseline": [0.41, 0.5], "joint fine-tune": [0.42, 0.52]},
+           "seconds": {"joint": 200.0}, "runs": {"baseline": new_run, "joint": new_run}, "joint": {"epochs": 12}}
+    m = merge_depth(OLD, new)
+    variants = [r["variant"] for r in m["rows"]]
+    assert variants == (["baseline (default heads, fitted in-sample)"] * 2 + ["augmented distillation"] * 2
+                        + ["cross-fitted (2 folds)"] * 2 + ["joint fine-tune (x)"] * 2)
+    assert [r["saving %"] for r in m["rows"]][:2] == [6.5, 6.5]  # the baseline is the new run's
+    assert list(m["val_agreement"]) == ["baseline", "augmented", "out-of-fold (train)", "in-sample (train)",
+                                        "joint fine-tune"]
+    assert m["val_agreement"]["baseline"] == [0.41, 0.5]
+    assert m["seconds"] == {"augmented": 400.0, "cross-fitted": 300.0, "joint": 200.0}
+    assert m["runs"]["augmented"] == m["runs"]["cross-fitted"] == OLD["run"]
+    assert m["runs"]["baseline"] == m["runs"]["joint"] == new_run
+    assert "run" not in m and m["joint"] == {"epochs": 12}
+
+
+def test_merge_replaces_a_lever_run_again_and_no_prior_means_the_new_result():
+    run = {"date": "new", "commit": "c1", "argv": []}
+    new = {"depth": 20, "candidates": ["a", "b"],
+           "rows": _rows("baseline (default heads, fitted in-sample)", 6.0) + _rows("cross-fitted (3 folds)", 5.0),
+           "val_agreement": {"baseline": [0.4, 0.5], "out-of-fold (train)": [0.3, 0.4],
+                             "in-sample (train)": [0.5, 0.6]},
+           "seconds": {"cross-fitted": 900.0}, "runs": {"baseline": run, "cross-fitted": run}}
+    m = merge_depth(OLD, new)
+    assert [r["variant"] for r in m["rows"]].count("cross-fitted (2 folds)") == 0
+    assert [r["variant"] for r in m["rows"]].count("cross-fitted (3 folds)") == 2
+    assert [r["variant"] for r in m["rows"]].count("augmented distillation") == 2
+    assert m["val_agreement"]["out-of-fold (train)"] == [0.3, 0.4]
+    assert m["seconds"] == {"augmented": 400.0, "cross-fitted": 900.0}
+    assert m["runs"]["cross-fitted"] == run and m["runs"]["augmented"] == OLD["run"]
+    assert merge_depth(None, new) is new

@@ -408,6 +408,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.folds < 2:
         raise SystemExit(f"--folds must be >= 2, got {args.folds}")
+    if args.joint_epochs < 1 or not args.joint_lr > 0 or not args.joint_final_weight >= 0:
+        raise SystemExit("--joint-epochs must be >= 1, --joint-lr > 0 and --joint-final-weight >= 0; got "
+                         f"{args.joint_epochs}, {args.joint_lr}, {args.joint_final_weight}")
     require_fixtures()
     import torch
 

@@ -25,12 +25,16 @@ here on the same recording and split (50/20/30, seed 0, exits after every block,
    (the only reference the policies know); how far that final answer moved from the original backbone's
    is reported beside them (``joint`` in the results), because it adds to every guarantee.
 
+And a learning curve to tell whether data is what limits the heads: ``train-size`` trains the default heads
+with the default schedule on random subsets of the train split (``--train-sizes``, e.g. 1,250 and 2,500 of
+the 5,000 images) and fits, certifies and tests the policies exactly as the baseline does.
+
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
 Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint]
-[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs). Heads are cached in ``~/.cache/autoexit/bench-levers``.
+[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20). Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
 
@@ -49,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
-LEVERS = ("augmented", "cross-fitted", "joint")
+LEVERS = ("augmented", "cross-fitted", "joint", "train-size")
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
             ("gate+drop", "gate", "drop"))
@@ -242,6 +246,44 @@ def joint_finetune(depth: int, tb, rec, heads: dict, epochs: int, lr: float, fin
     return out
 
 
+def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
+    """Default heads (same spec, schedule and seed as the baseline) trained on ``size`` random train images,
+    cached: their logits on those images (``train``, with ``index`` into the train split), on val and on test."""
+    import torch
+
+    from autoexit.distill import TrainConfig, _predict, train_head
+    from autoexit.heads import build_head
+
+    names = [p.name for p in rec.points]
+    path = _cache(depth, f"subset{size}", f"{rec.path}|{_specs(heads)}")
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    n = len(rec.logits("train"))
+    if size >= n:
+        raise SystemExit(f"--train-sizes: {size} is not fewer than the {n} train images; give smaller sizes")
+    cfg = TrainConfig()
+    idx = torch.randperm(len(rec.logits("train")), generator=torch.Generator().manual_seed(size))[:size]
+    t_train, t_val = rec.logits("train")[idx], rec.logits("val")
+    out = {"index": idx, "train": [], "val": [], "test": []}
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc=f"heads on {size} images", unit="head"):
+        h = heads[name]
+        torch.manual_seed(cfg.seed)
+        mod = build_head(h.spec, h.point.shape, rec.num_classes)
+        mod, _ = train_head(mod, rec.activations(name, "train")[idx], t_train, rec.activations(name, "val"), t_val,
+                            cfg, desc=f"{name} on {size}")
+        out["train"].append(_predict(mod, rec.activations(name, "train")[idx]).float())
+        for split in ("val", "test"):
+            out[split].append(_predict(mod, rec.activations(name, split)).float())
+    out = {k: (v if k == "index" else torch.stack(v)) for k, v in out.items()}
+    out["seconds"] = time.perf_counter() - t0
+    _save(path, out)
+    log(f"heads on {size} train images: {len(names)} heads in {out['seconds']:.0f} s")
+    return out
+
+
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
     (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached."""
@@ -284,7 +326,7 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 
 
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
-              resplits: int = 100, joint: tuple = (12, 2e-4, 4.0)) -> dict:
+              resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500)) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
@@ -356,6 +398,32 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         rows += policy_rows("joint fine-tune (reference: its own final answer)", jtables["train"], jtables, costs,
                             depth, resplits)
         log("joint: " + ", ".join(f"{k} {v:.4f}" for k, v in extra["joint"].items() if isinstance(v, float)))
+    if "train-size" in levers:
+        from autoexit.subset import oracle_flops
+
+        def oracle(logits, split) -> float:
+            ag = (logits.argmax(2) == rec.logits(split).argmax(1)[None]).numpy()
+            return float(1 - oracle_flops(ag, costs.c1, costs.before, costs.base).mean() / costs.base)
+
+        curve = [{"train images": data["train"][0].logits.shape[1],
+                  "mean val agreement": float(data["val"][0].agree().float().mean()),
+                  "oracle saving test": oracle(data["test"][0].logits, "test")}]
+        for size in sizes:
+            t1 = time.perf_counter()
+            sub = subset_logits(depth, rec, heads, size, log)
+            secs[f"train-size {size}"] = sub["seconds"] if time.perf_counter() - t1 > 30 else 0.0
+            ix = sub["index"]
+            preds = {"train": ExitPredictions(names, sub["train"], rec.logits("train")[ix], rec.labels("train")[ix]),
+                     **{s: ExitPredictions(names, sub[s], rec.logits(s), rec.labels(s)) for s in ("val", "test")}}
+            stemps = calibrate_temperatures(preds["val"])
+            stables = {s: ExitTable.from_predictions(p, stemps, [st[ix] for st in data[s][1]] if s == "train"
+                                                     else data[s][1]) for s, p in preds.items()}
+            agree[f"train size {size}"] = [round(float(v), 4) for v in preds["val"].agree().float().mean(1)]
+            curve.append({"train images": size, "mean val agreement": float(preds["val"].agree().float().mean()),
+                          "oracle saving test": oracle(sub["test"], "test")})
+            rows += policy_rows(f"train size {size} (default heads on {size} train images)", stables["train"],
+                                stables, costs, depth, resplits)
+        extra["train_size"] = sorted(curve, key=lambda c: c["train images"])
     log(f"resnet{depth}: done in {time.perf_counter() - t0:.0f} s")
     return {"depth": depth, "candidates": names, "val_agreement": agree, "rows": rows, "seconds": secs,
             "total_s": time.perf_counter() - t0, **extra}
@@ -385,7 +453,7 @@ def merge_depth(old: dict | None, new: dict) -> dict:
     out["val_agreement"] = {"baseline": new["val_agreement"]["baseline"],
                             **agree_keep,
                             **{k: v for k, v in new["val_agreement"].items() if k != "baseline"}}
-    out["seconds"] = {**{k: v for k, v in old.get("seconds", {}).items() if k not in redone},
+    out["seconds"] = {**{k: v for k, v in old.get("seconds", {}).items() if _lever_of(k) not in redone},
                       **new.get("seconds", {})}
     out["runs"] = {**{k: v for k, v in old_runs.items() if k not in redone and v}, **new["runs"]}
     return out
@@ -401,6 +469,8 @@ def main(argv=None) -> int:
     ap.add_argument("--joint-lr", type=float, default=2e-4, help="peak learning rate of the backbone")
     ap.add_argument("--joint-final-weight", type=float, default=4.0,
                     help="weight of the backbone output's distillation loss (each head's is 1)")
+    ap.add_argument("--train-sizes", type=int, nargs="+", default=[1250, 2500],
+                    help="train images for the train-size lever (fewer than the train split's)")
     ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in the output file that this run does not redo: other depths, "
@@ -429,8 +499,10 @@ def main(argv=None) -> int:
 
         prior_results = {r["depth"]: r for r in json.loads(prior.read_text()).get("results", [])}
     joint = (args.joint_epochs, args.joint_lr, args.joint_final_weight)
-    results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits, joint)
-               for d in args.depths]
+    if any(n < 100 for n in args.train_sizes):
+        raise SystemExit(f"--train-sizes must be >= 100 images each, got {args.train_sizes}")
+    results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits, joint,
+                         tuple(args.train_sizes)) for d in args.depths]
     env = environment()
     run = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
     for r in results:  # each lever says when and at which commit it ran (--merge keeps older runs)

@@ -210,8 +210,13 @@ def levers_blocks() -> dict[str, str]:
                 f"{100 * j['backbone accuracy test']:.2f} % on test); the oracle with its heads saves "
                 f"{100 * j['oracle saving test (joint)']:.1f} % (test) against "
                 f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
+        curve = r.get("train_size")
+        ctxt = ("" if not curve else "\n\nLearning curve (default heads and schedule on random subsets of the train "
+                "split): " + "; ".join(f"{c['train images']:,} images: mean val agreement "
+                                       f"{100 * c['mean val agreement']:.1f} %, oracle saving "
+                                       f"{100 * c['oracle saving test']:.1f} %" for c in curve) + ".")
         parts.append(f"ResNet-{r['depth']} (test split; agreement on val unless marked train; {secs}).{when}{note}"
-                     + jtxt + "\n\n" + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
+                     + jtxt + ctxt + "\n\n" + table(list(rows.values()), cols) + "\n\n" + table(arows, acols))
     return {"policies-levers": f"Results file written {env.get('date', '?')} at commit {env.get('commit', '?')} "
                                f"(`bench/results/head_levers.json`).\n\n" + "\n\n".join(parts)}
 

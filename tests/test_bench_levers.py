@@ -38,6 +38,9 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("out-of-fold (train)") == "cross-fitted"
     assert _lever_of("in-sample (train)") == "cross-fitted"
     assert _lever_of("joint fine-tune (reference: its own final answer)") == "joint"
+    assert _lever_of("train size 1250 (default heads on 1250 train images)") == "train-size"
+    assert _lever_of("train size 2500") == "train-size"
+    assert _lever_of("train-size 2500") == "train-size"  # its training-time key
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():

@@ -141,6 +141,14 @@ def plain_heads(rec, progress: bool = False) -> dict:
     return train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=progress)
 
 
+def oracle_saving(agree, costs) -> float:
+    """Share of the backbone's cost the oracle saves: each sample leaves at the first head that agrees
+    (``agree`` [exits, n] bool, ``autoexit.subset.oracle_flops``), with ``costs`` an ``ExitCosts``."""
+    from autoexit.subset import oracle_flops
+
+    return float(1 - oracle_flops(np.asarray(agree), costs.c1, costs.before, costs.base).mean() / costs.base)
+
+
 def setup(depth: int, progress: bool = False):
     """Backbone, exit points after every residual block, recording and trained heads (all cached)."""
     from autoexit.pipeline import EnableConfig, prepare
@@ -254,7 +262,6 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
     from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
-    from autoexit.subset import oracle_flops
 
     t_setup = time.perf_counter()
     cfg, tb, points, rec, heads = setup(depth)
@@ -269,10 +276,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
     train_agree = (data["train"][0].agree().float().mean(1)).tolist()
     val_agree = (val.agree().float().mean(1)).tolist()
     test = tables["test"]
-    oracle = {}
-    for s in ("val", "test"):
-        ag = data[s][0].agree().numpy()
-        oracle[s] = float(1 - oracle_flops(ag, costs.c1, costs.before, costs.base).mean() / costs.base)
+    oracle = {s: oracle_saving(data[s][0].agree().numpy(), costs) for s in ("val", "test")}
     y_test = test.labels.numpy()
     backbone_acc = float((test.bpred == y_test).mean())
 

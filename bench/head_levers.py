@@ -287,6 +287,23 @@ def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     return out
 
 
+def subset_tables(rec, data: dict, sub: dict) -> tuple[dict, dict]:
+    """Per split, the ExitPredictions and ExitTables (temperatures fitted on val) of heads trained on a train
+    subset (``subset_logits``): train rows are the subset's, val and test whole; activation statistics from
+    ``data`` (``bench.policies.split_data``)."""
+    from autoexit.calibrate import ExitPredictions, calibrate_temperatures
+    from autoexit.policies import ExitTable
+
+    names = [p.name for p in rec.points]
+    ix = sub["index"]
+    preds = {"train": ExitPredictions(names, sub["train"], rec.logits("train")[ix], rec.labels("train")[ix]),
+             **{s: ExitPredictions(names, sub[s], rec.logits(s), rec.labels(s)) for s in ("val", "test")}}
+    temps = calibrate_temperatures(preds["val"])
+    tables = {s: ExitTable.from_predictions(p, temps, [st[ix] for st in data[s][1]] if s == "train" else data[s][1])
+              for s, p in preds.items()}
+    return preds, tables
+
+
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
     (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached."""
@@ -408,12 +425,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
             t1 = time.perf_counter()
             sub = subset_logits(depth, rec, heads, size, log)
             secs[f"train-size {size}"] = time.perf_counter() - t1
-            ix = sub["index"]
-            preds = {"train": ExitPredictions(names, sub["train"], rec.logits("train")[ix], rec.labels("train")[ix]),
-                     **{s: ExitPredictions(names, sub[s], rec.logits(s), rec.labels(s)) for s in ("val", "test")}}
-            stemps = calibrate_temperatures(preds["val"])
-            stables = {s: ExitTable.from_predictions(p, stemps, [st[ix] for st in data[s][1]] if s == "train"
-                                                     else data[s][1]) for s, p in preds.items()}
+            preds, stables = subset_tables(rec, data, sub)
             agree[f"train size {size}"] = [round(float(v), 4) for v in preds["val"].agree().float().mean(1)]
             curve.append({"train images": size, "mean val agreement": float(preds["val"].agree().float().mean()),
                           "oracle saving test": oracle(sub["test"], "test")})

@@ -258,6 +258,51 @@ def resplit_violations(fp, policy: str, pool, splits, n_val: int, costs, tol: fl
             "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None}
 
 
+def population_violations(fp, pool, draws, costs, tol: float) -> dict:
+    """Budget violations of a guaranteed policy measured against a population whose risk is known exactly:
+    ``pool`` itself. Each of ``draws`` (index arrays into ``pool``, drawn with replacement: i.i.d. samples of
+    the pool's distribution) re-certifies the policy (its exits, rules and family kept, as fitted on train);
+    the certified setting's *true* risk is its risk on the whole pool, with no test-set noise. This is exactly
+    what the guarantee promises - P(true risk > T) <= delta over calibration draws - for the population
+    "pick a pool sample at random". A violation is a true risk above ``tol`` %: for the policy's own risk
+    (``disagreement`` or ``drop``) and, for reference, the accuracy drop whatever the risk.
+    Also returns the mean true risk (in %) of the deployed settings: how far under T the guarantee lands."""
+    s_pool = fp.full_scores(pool)
+    own = fp.risk
+    viol_own = viol_drop = 0
+    risks, savings = [], []
+    for idx in draws:
+        fr = fp.recertify(pool.subset_rows(idx))
+        m = fr.evaluate(pool, costs, scores=fr.kept_scores(s_pool))
+        risks.append(m[own])
+        savings.append(m["saving"])
+        viol_own += m[own] > tol / 100 + 1e-12
+        viol_drop += m["drop"] > tol / 100 + 1e-12
+    n = max(len(draws), 1)
+    return {"risk": own, "draws": len(draws), "violations": int(viol_own), "viol(pop)": viol_own / n,
+            "viol(pop, drop)": viol_drop / n,
+            "pop risk % (mean)": 100 * float(np.mean(risks)) if risks else None,
+            "pop risk % (p90)": 100 * float(np.quantile(risks, 0.9)) if risks else None,
+            "pop saving %": 100 * float(np.mean(savings)) if savings else None}
+
+
+def rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of a rate seen ``k`` times in ``n`` draws."""
+    from scipy.stats import beta
+
+    lo = float(beta.ppf((1 - level) / 2, k, n - k + 1)) if k > 0 else 0.0
+    hi = float(beta.ppf(1 - (1 - level) / 2, k + 1, n - k)) if k < n else 1.0
+    return lo, hi
+
+
+def above_delta_pvalue(k: int, n: int, delta: float) -> float:
+    """One-sided p-value of "the true violation rate is at most ``delta``" after ``k`` violations in ``n``
+    draws: P(Binomial(n, delta) >= k). Small values say the rate is above delta beyond noise."""
+    from scipy.stats import binom
+
+    return float(binom.sf(k - 1, n, delta))
+
+
 def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads

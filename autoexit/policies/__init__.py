@@ -290,7 +290,8 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
 
 def evaluate_thresholds(chain: Sequence[int], scores: np.ndarray, thresholds: np.ndarray, table: ExitTable,
                         costs: ExitCosts) -> dict:
-    """FLOPs saving, disagreement with the backbone, accuracy drop (when labelled) and exit rates."""
+    """FLOPs saving, disagreement with the backbone, accuracy drop and harm (backbone right, answer wrong; both
+    when labelled) and exit rates: every risk a policy can certify (``RISKS``)."""
     k, n = len(chain), table.n
     pos = simulate(scores, thresholds) if k else np.zeros(n, dtype=np.int64)
     pred = np.vstack([table.pred(chain), table.bpred[None, :]])[pos, np.arange(n)]
@@ -301,6 +302,7 @@ def evaluate_thresholds(chain: Sequence[int], scores: np.ndarray, thresholds: np
     if table.labels is not None:
         y = table.labels.numpy()
         out["drop"] = float((table.bpred == y).mean() - (pred == y).mean())
+        out["harm"] = float(((table.bpred == y) & (pred != y)).mean())
     return out
 
 

@@ -1,0 +1,64 @@
+"""The population check of ``bench/guarantee_check.py``: it must pass a valid certificate and catch a broken
+one (synthetic cascades whose population is known), and its binomial helpers must be right."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy  # noqa: E402
+from bench.policies import above_delta_pvalue, population_violations, rate_interval  # noqa: E402
+
+
+def _table(n: int, seed: int) -> ExitTable:
+    """Two informative exits; labels agree with the backbone on 80 % of samples (so drop != disagreement)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, 10, generator=g) * 3
+    y = b.argmax(1).clone()
+    wrong = torch.rand(n, generator=g) < 0.2
+    y[wrong] = torch.randint(0, 10, (int(wrong.sum()),), generator=g)
+    z = [b + torch.randn(n, 10, generator=g) * s for s in (2.5, 1.2)]
+    return ExitTable(["e0", "e1"], z, b, y)
+
+
+@pytest.mark.parametrize("risk", ["disagreement", "drop"])
+def test_population_check_passes_a_valid_certificate_and_catches_a_broken_one(risk):
+    fit, cal, pool = _table(3000, 0), _table(1000, 1), _table(6000, 2)
+    costs = ExitCosts([1.0, 1.0], [30.0, 60.0], 100.0)
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, pool.n, 1000) for _ in range(200)]
+    valid = make_policy("max_softmax").fit(PolicyContext(fit, cal, costs, 2.0, 0.1, risk))
+    ok = population_violations(valid, pool, draws, costs, 2.0)
+    assert ok["draws"] == 200 and ok["risk"] == risk
+    assert ok["pop saving %"] > 5  # it does let samples exit, so the check is not vacuous
+    # at most delta up to binomial noise (3 standard errors of 200 draws)
+    assert ok["viol(pop)"] <= 0.1 + 3 * (0.1 * 0.9 / 200) ** 0.5
+    assert ok["pop risk % (mean)"] <= 2.0
+    # a certificate that accepts at p < 0.9 (delta 0.9) is not a 90 % guarantee: the check must see it fail
+    broken = make_policy("max_softmax").fit(PolicyContext(fit, cal, costs, 2.0, 0.9, risk))
+    bad = population_violations(broken, pool, draws, costs, 2.0)
+    assert bad["viol(pop)"] > 0.3 > ok["viol(pop)"]
+    # the drop is never above the disagreement, so a disagreement guarantee also bounds the drop
+    if risk == "disagreement":
+        assert ok["viol(pop, drop)"] <= ok["viol(pop)"]
+
+
+def test_rate_interval_and_pvalue_match_closed_forms():
+    lo, hi = rate_interval(0, 100)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 100), rel=1e-9)
+    lo, hi = rate_interval(100, 100)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 100), rel=1e-9)
+    lo, hi = rate_interval(10, 100)
+    assert lo < 0.1 < hi and 0.04 < lo < 0.06 and 0.17 < hi < 0.19
+    from math import comb
+
+    k, n, d = 14, 100, 0.1
+    direct = sum(comb(n, j) * d ** j * (1 - d) ** (n - j) for j in range(k, n + 1))
+    assert above_delta_pvalue(k, n, d) == pytest.approx(direct, rel=1e-9)
+    assert above_delta_pvalue(0, n, d) == pytest.approx(1.0)

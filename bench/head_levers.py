@@ -304,6 +304,18 @@ def subset_tables(rec, data: dict, sub: dict) -> tuple[dict, dict]:
     return preds, tables
 
 
+def cross_fitted_table(depth: int, rec, heads: dict, data: dict, temps, folds: int, log):
+    """The out-of-fold logits of the train split (:func:`out_of_fold`) and their ExitTable (temperatures
+    ``temps``, activation statistics from ``data``): what a cross-fitted policy is fitted on."""
+    from autoexit.calibrate import ExitPredictions
+    from autoexit.policies import ExitTable
+
+    oof = out_of_fold(depth, rec, heads, folds, log)
+    tr = data["train"][0]
+    return oof, ExitTable.from_predictions(ExitPredictions(tr.names, oof, tr.backbone_logits, tr.labels), temps,
+                                           data["train"][1])
+
+
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
     (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached."""
@@ -376,11 +388,9 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
 
     if "cross-fitted" in levers:
         t1 = time.perf_counter()
-        oof = out_of_fold(depth, rec, heads, folds, log)
+        oof, oof_table = cross_fitted_table(depth, rec, heads, data, temps, folds, log)
         secs["cross-fitted"] = time.perf_counter() - t1
         tr = data["train"][0]
-        oof_table = ExitTable.from_predictions(ExitPredictions(names, oof, tr.backbone_logits, tr.labels), temps,
-                                               data["train"][1])
         agree["out-of-fold (train)"] = [round(float(v), 4) for v in
                                         (oof.argmax(2) == tr.backbone_logits.argmax(1)[None]).float().mean(1)]
         agree["in-sample (train)"] = [round(float(v), 4) for v in tr.agree().float().mean(1)]

@@ -4,11 +4,12 @@ Each generated table sits between ``<!-- BEGIN <name> -->`` and ``<!-- END <name
 markers in ``docs/benchmarks.md``; this script replaces only those blocks, so the
 hand-written text (and other benchmarks' sections) stay as they are.
 
-Blocks from ``bench/results/policies.json`` and ``head_levers.json`` go to ``docs/policies.md`` and those from
+Blocks from ``bench/results/policies.json``, ``head_levers.json`` and ``guarantee_check.json`` go to ``docs/policies.md`` and those from
 ``bench/results/nni_heads.json`` to ``docs/nni.md`` (same marker convention).
 
 Usage: ``python bench/md_tables.py`` (after ``bench/peers.py``, ``bench/generality.py``,
-``bench/cifar10_resnet.py``, ``bench/policies.py``, ``bench/head_levers.py``, ``bench/nni_heads.py``); ``--print`` writes the
+``bench/cifar10_resnet.py``, ``bench/policies.py``, ``bench/head_levers.py``, ``bench/guarantee_check.py``,
+``bench/nni_heads.py``); ``--print`` writes the
 blocks to stdout instead.
 """
 
@@ -221,6 +222,40 @@ def levers_blocks() -> dict[str, str]:
                                f"(`bench/results/head_levers.json`).\n\n" + "\n\n".join(parts)}
 
 
+def guarantee_blocks() -> dict[str, str]:
+    """``guarantee-check``: violation rates over re-splits and over population draws
+    (``bench/guarantee_check.py``), per depth, head variant, tolerance and policy."""
+    res = _load("guarantee_check")
+    rows = res.get("rows", [])
+    if not rows:
+        return {}
+
+    def rate(r, what: str) -> str:
+        n = r["resplits"] if what == "re-split" else r["draws"]
+        lo, hi = r[f"{what} 95% CI"]
+        return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                f"p={r[f'{what} p(<=delta)']:.2g}")
+
+    out = []
+    for r in rows:
+        out.append({"model": r["model"], "variant": r["variant"], "T %": r["T %"], "policy": r["policy"],
+                    "risk": r["risk"], "saving %": r["saving %"], "rs": rate(r, "re-split"), "pop": rate(r, "pop"),
+                    "risk mean": r["pop risk % (mean)"], "risk p90": r["pop risk % (p90)"],
+                    "pop saving %": r["pop saving %"]})
+    runs = sorted({(r["run"]["date"], r["run"]["commit"], r["run"]["argv"]) for r in rows if r.get("run")})
+    head = (f"delta = {res.get('delta', 0.1)}. Rates: share of draws whose risk exceeded T, [95 % Clopper-Pearson "
+            "interval], p = one-sided p-value of \"the rate is at most delta\" (small: above delta beyond noise). "
+            "*re-split*: the policy's own risk on the 3,000-image test half of a random val/test re-split; "
+            "*population*: the deployed setting's risk on the whole 5,000-image pool, calibration drawn from it "
+            "with replacement. True risk: the population risk of the deployed settings (mean, 90th percentile). "
+            + " ".join(f"Run {d} at commit {c}: `{a}`." for d, c, a in runs))
+    cols = [("model", "model", 0), ("variant", "heads", 0), ("T %", "T %", 1), ("policy", "policy", 0),
+            ("risk", "risk", 0), ("saving %", "saved % (test)", 1), ("rs", "violations: re-split", 0),
+            ("pop", "violations: population", 0), ("risk mean", "true risk % (mean)", 2),
+            ("risk p90", "true risk % (p90)", 2), ("pop saving %", "saved % (population)", 1)]
+    return {"guarantee-check": head + "\n\n" + table(out, cols)}
+
+
 def nni_blocks() -> dict[str, str]:
     res = _load("nni_heads")
     if not res:
@@ -281,7 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--print", action="store_true", help="print the blocks instead of updating the page")
     args = ap.parse_args(argv)
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks()},
-             POLICIES_DOC: {**policies_blocks(), **levers_blocks()}, NNI_DOC: nni_blocks()}
+             POLICIES_DOC: {**policies_blocks(), **levers_blocks(), **guarantee_blocks()}, NNI_DOC: nni_blocks()}
     if args.print:
         for blocks in pages.values():
             for name, body in blocks.items():

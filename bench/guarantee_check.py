@@ -126,6 +126,12 @@ def check_variant(depth: int, variant: str, tables: dict, costs, tolerances, dra
     return rows
 
 
+def rows_not_redone(rows: list[dict], depths, variants, tolerances, policies=None) -> list[dict]:
+    """The ``rows`` a run of ``depths`` x ``variants`` x ``tolerances`` x ``policies`` (None: all) does not redo."""
+    return [r for r in rows if not (int(r["model"].removeprefix("resnet")) in depths and r["variant"] in variants
+                                    and r["T %"] in tolerances and (not policies or r["policy"] in policies))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=[20, 56])
@@ -160,12 +166,16 @@ def main(argv=None) -> int:
 
     from bench.common import RESULTS
 
-    kept = []
     prior = RESULTS / "guarantee_check.json"
-    if args.merge and prior.exists():  # rows not run again now, each with the run it came from
-        kept = [r for r in json.loads(prior.read_text()).get("rows", [])
-                if not (int(r["model"][6:]) in args.depths and r["variant"] in args.variants
-                        and r["T %"] in args.tolerances and (not args.policies or r["policy"] in args.policies))]
+
+    def kept() -> list[dict]:
+        """With ``--merge``, the rows of the output file this run does not redo, each with the run it came from;
+        read again before every write, so that runs of other depths or variants at the same time keep theirs."""
+        if not (args.merge and prior.exists()):
+            return []
+        return rows_not_redone(json.loads(prior.read_text()).get("rows", []), args.depths, args.variants,
+                               args.tolerances, args.policies)
+
     run = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": environment().get("commit"),
            "argv": "python bench/guarantee_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows = []
@@ -174,9 +184,9 @@ def main(argv=None) -> int:
             tables, costs = variant_tables(d, v, log)
             rows += [{**r, "run": run} for r in check_variant(d, v, tables, costs, args.tolerances, args.draws,
                                                               args.resplits, log, args.policies)]
-            write_results("guarantee_check", {"args": vars(args), "delta": DELTA, "rows": kept + rows,
+            write_results("guarantee_check", {"args": vars(args), "delta": DELTA, "rows": kept() + rows,
                                               "partial": True, "seconds": time.perf_counter() - t0})
-    rows = kept + rows
+    rows = kept() + rows
     print_table(rows, title=f"guarantee check: violation rates (delta = {DELTA}), {args.resplits} re-splits, "
                 f"{args.draws} population draws",
                 columns=["model", "variant", "T %", "policy", "saving %", "re-split viol", "re-split p(<=delta)",

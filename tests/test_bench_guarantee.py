@@ -62,3 +62,15 @@ def test_rate_interval_and_pvalue_match_closed_forms():
     direct = sum(comb(n, j) * d ** j * (1 - d) ** (n - j) for j in range(k, n + 1))
     assert above_delta_pvalue(k, n, d) == pytest.approx(direct, rel=1e-9)
     assert above_delta_pvalue(0, n, d) == pytest.approx(1.0)
+
+
+def test_merge_keeps_exactly_the_rows_a_run_does_not_redo():
+    from bench.guarantee_check import rows_not_redone
+
+    rows = [{"model": f"resnet{d}", "variant": v, "T %": t, "policy": p}
+            for d in (20, 56) for v in ("baseline", "1250") for t in (1.0, 2.0) for p in ("max_softmax", "gate+drop")]
+    left = rows_not_redone(rows, [56], ["1250"], [1.0, 2.0], ["gate+drop"])
+    assert len(left) == len(rows) - 2
+    assert not any(r["model"] == "resnet56" and r["variant"] == "1250" and r["policy"] == "gate+drop" for r in left)
+    assert rows_not_redone(rows, [20, 56], ["baseline", "1250"], [1.0, 2.0], None) == []
+    assert rows_not_redone(rows, [20], ["baseline"], [0.5], None) == rows  # another tolerance: nothing redone

@@ -236,8 +236,16 @@ def guarantee_blocks() -> dict[str, str]:
         return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
                 f"p={r[f'{what} p(<=delta)']:.2g}")
 
+    policy_order = ["max_softmax", "patience", "gate", "max_softmax+drop", "gate+drop"]
+
+    def order(r):  # by network, heads (baseline, cross-fitted, then train-subset sizes), tolerance, policy
+        v = r["variant"]
+        return (int(r["model"].removeprefix("resnet")), {"baseline": -2, "cross-fitted": -1}.get(v, 0),
+                int(v) if v.isdigit() else 0, r["T %"],
+                policy_order.index(r["policy"]) if r["policy"] in policy_order else len(policy_order))
+
     out = []
-    for r in rows:
+    for r in sorted(rows, key=order):
         out.append({"model": r["model"], "variant": r["variant"], "T %": r["T %"], "policy": r["policy"],
                     "risk": r["risk"], "saving %": r["saving %"], "rs": rate(r, "re-split"), "pop": rate(r, "pop"),
                     "risk mean": r["pop risk % (mean)"], "risk p90": r["pop risk % (p90)"],

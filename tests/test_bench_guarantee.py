@@ -74,3 +74,36 @@ def test_merge_keeps_exactly_the_rows_a_run_does_not_redo():
     assert not any(r["model"] == "resnet56" and r["variant"] == "1250" and r["policy"] == "gate+drop" for r in left)
     assert rows_not_redone(rows, [20, 56], ["baseline", "1250"], [1.0, 2.0], None) == []
     assert rows_not_redone(rows, [20], ["baseline"], [0.5], None) == rows  # another tolerance: nothing redone
+
+
+def test_docs_block_orders_rows_and_states_each_rate(monkeypatch):
+    """The docs block lists rows by network, heads, tolerance and policy whatever order runs wrote them in,
+    and prints each rate with its draws, interval and p-value (the numbers the docs' claims rest on)."""
+    import bench.md_tables as md
+
+    def row(model, variant, tol, policy, k):
+        return {"model": model, "variant": variant, "T %": tol, "policy": policy,
+                "risk": "drop" if "+drop" in policy else "disagreement", "saving %": 10.0,
+                "resplits": 1000, "draws": 1000, "re-split viol": k / 1000,
+                "re-split 95% CI": list(rate_interval(k, 1000)), "re-split p(<=delta)": above_delta_pvalue(k, 1000, 0.1),
+                "pop viol": k / 2000, "pop 95% CI": list(rate_interval(k // 2, 1000)),
+                "pop p(<=delta)": above_delta_pvalue(k // 2, 1000, 0.1), "pop risk % (mean)": 0.5,
+                "pop risk % (p90)": 0.8, "pop saving %": 9.0,
+                "run": {"date": "2026-12-02 16:00:00", "commit": "abc1234", "argv": "python bench/guarantee_check.py"}}
+
+    rows = [row("resnet56", "baseline", 1.0, "max_softmax", 50), row("resnet20", "2500", 1.0, "max_softmax", 60),
+            row("resnet20", "baseline", 2.0, "gate+drop", 70), row("resnet20", "baseline", 1.0, "gate+drop", 80),
+            row("resnet20", "cross-fitted", 1.0, "max_softmax", 90), row("resnet20", "1250", 1.0, "max_softmax", 120),
+            row("resnet20", "baseline", 1.0, "patience", 100)]
+    monkeypatch.setattr(md, "_load", lambda name: {"delta": 0.1, "rows": rows} if name == "guarantee_check" else {})
+    block = md.guarantee_blocks()["guarantee-check"]
+    body = [ln for ln in block.splitlines() if ln.startswith("| resnet")]
+    order = [tuple(c.strip() for c in ln.split("|")[1:5]) for ln in body]
+    assert order == [("resnet20", "baseline", "1.0", "patience"), ("resnet20", "baseline", "1.0", "gate+drop"),
+                     ("resnet20", "baseline", "2.0", "gate+drop"), ("resnet20", "cross-fitted", "1.0", "max_softmax"),
+                     ("resnet20", "1250", "1.0", "max_softmax"), ("resnet20", "2500", "1.0", "max_softmax"),
+                     ("resnet56", "baseline", "1.0", "max_softmax")]
+    lo, hi = rate_interval(120, 1000)
+    assert f"12.0 % of 1000 [{100 * lo:.1f}, {100 * hi:.1f}]" in body[4]  # 12 % is above delta: p small
+    assert f"p={above_delta_pvalue(120, 1000, 0.1):.2g}" in body[4] and above_delta_pvalue(120, 1000, 0.1) < 0.05
+    assert "at commit abc1234" in block

@@ -236,13 +236,14 @@ def guarantee_blocks() -> dict[str, str]:
         return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
                 f"p={r[f'{what} p(<=delta)']:.2g}")
 
-    policy_order = ["max_softmax", "patience", "gate", "max_softmax+drop", "gate+drop"]
+    from bench.head_levers import POLICIES
+
+    policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
 
     def order(r):  # by network, heads (baseline, cross-fitted, then train-subset sizes), tolerance, policy
         v = r["variant"]
-        return (int(r["model"].removeprefix("resnet")), {"baseline": -2, "cross-fitted": -1}.get(v, 0),
-                int(v) if v.isdigit() else 0, r["T %"],
-                policy_order.index(r["policy"]) if r["policy"] in policy_order else len(policy_order))
+        return (int(r["model"].removeprefix("resnet")), int(v) if v.isdigit() else {"baseline": -2}.get(v, -1),
+                r["T %"], policy_order.index(r["policy"]))
 
     out = []
     for r in sorted(rows, key=order):

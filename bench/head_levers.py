@@ -29,6 +29,13 @@ And a learning curve to tell whether data is what limits the heads: ``train-size
 with the default schedule on random subsets of the train split (``--train-sizes``, e.g. 1,250 and 2,500 of
 the 5,000 images) and fits, certifies and tests the policies exactly as the baseline does.
 
+4. **Heads that learn more from each image.** The learning curve says the heads need more from each image, and
+   matching logits gives 10 numbers per image. ``feature``: feature distillation (FitNets-style), still label-free.
+   Each head has the default body with a ``D``-wide output, followed by the backbone's own final linear layer,
+   frozen; it is trained on the backbone's ``D``-dimensional penultimate features of each image (MSE, scaled by
+   their variance and weighted ``--feature-weight``) as well as on its logits (KL, through the frozen layer), with the
+   default schedule. Same FLOPs as the default head plus one ``D x classes`` product.
+
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
@@ -53,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
-LEVERS = ("augmented", "cross-fitted", "joint", "train-size")
+LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature")
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
             ("gate+drop", "gate", "drop"))
@@ -249,6 +256,134 @@ def joint_finetune(depth: int, tb, rec, heads: dict, epochs: int, lr: float, fin
     return out
 
 
+def penultimate_features(model, x, batch: int = 500):
+    """The input of ``model.linear`` (the backbone's penultimate features, [n, D]) for images ``x``."""
+    import torch
+
+    out = []
+    hook = model.linear.register_forward_pre_hook(lambda _m, a: out.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                model(x[i:i + batch])
+    finally:
+        hook.remove()
+    return torch.cat(out)
+
+
+def feature_head(body, fc):
+    """``fc(body(h))``: a head whose ``body`` predicts the backbone's penultimate features and whose last layer is
+    ``fc``, the backbone's own final linear layer, frozen (its ``body`` and ``fc`` are attributes)."""
+    from torch import nn
+
+    class FeatureHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = body, fc.requires_grad_(False)
+
+        def forward(self, h):
+            return self.fc(self.body(h))
+
+    return FeatureHead()
+
+
+def train_feature_head(head, x, feats, t, x_val, t_val, weight: float, cfg=None):
+    """Train ``head`` (:func:`feature_head`) on activations ``x``: KL of ``head(x)`` to the backbone's logits ``t``
+    plus ``weight`` x the MSE of ``head.body(x)`` to the backbone's penultimate features ``feats``, divided by their
+    mean variance. The default schedule (``autoexit.distill.TrainConfig``: AdamW, one-cycle, best val-KL epoch,
+    early stop). Label-free: reads activations, features and backbone logits only. Returns the head and its best
+    epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    from autoexit.distill import TrainConfig, _predict, kd_loss
+
+    cfg = cfg or TrainConfig()
+    params = [q for q in head.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, pct_start=0.15,
+                                                total_steps=cfg.epochs * math.ceil(len(x) / cfg.batch_size))
+    scale = feats.var(0).mean().clamp_min(1e-12)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    best, bad = (math.inf, copy.deepcopy(head.state_dict()), 0), 0
+    for ep in range(cfg.epochs):
+        head.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            f = head.body(x[idx])
+            loss = kd_loss(head.fc(f), t[idx]) + weight * F.mse_loss(f, feats[idx]) / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        kl = float(kd_loss(_predict(head, x_val), t_val))
+        if kl < best[0] - 1e-6:
+            best, bad = (kl, copy.deepcopy(head.state_dict()), ep + 1), 0
+        else:
+            bad += 1
+            if cfg.patience and bad >= cfg.patience:
+                break
+    head.load_state_dict(best[1])
+    head.eval()
+    return head, best[2]
+
+
+def feature_heads(depth: int, rec, heads: dict, weight: float, log) -> dict:
+    """Heads of the default spec distilled on the backbone's penultimate features as well as its logits, through
+    its frozen final layer (:func:`train_feature_head`), cached. TrainedHeads with the FLOPs of the whole head."""
+    import torch
+
+    from autoexit.cost import count_flops, count_params, param_bytes
+    from autoexit.distill import TrainedHead, _predict, agreement, kd_loss
+    from autoexit.heads import build_head
+    from bench.common import cifar_resnet
+
+    model = cifar_resnet(depth).eval()
+    fc = copy.deepcopy(model.linear)
+    names = [p.name for p in rec.points]
+    path = _cache(depth, "feature", f"{rec.path}|{weight}|{_specs(heads)}")
+    dim = fc.in_features
+    mods = {}
+    for n in names:
+        torch.manual_seed(0)
+        mods[n] = feature_head(build_head(heads[n].spec, rec.point(n).shape, dim), copy.deepcopy(fc))
+    t_train, t_val = rec.logits("train"), rec.logits("val")
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        for n in names:
+            mods[n].load_state_dict(blob["state"][n])
+        epochs, seconds = blob["epoch"], blob["seconds"]
+    else:
+        feats = penultimate_features(model, rec.inputs("train"))
+        if not torch.allclose(fc(feats), t_train, atol=1e-4):
+            raise SystemExit(f"resnet{depth}: linear(penultimate features) is not the recorded logits; "
+                             "the feature lever needs a backbone whose last module is its `linear` layer")
+        epochs, t0 = {}, time.perf_counter()
+        from tqdm.auto import tqdm
+
+        for n in tqdm(names, desc="feature-distilled heads", unit="head"):
+            mods[n], epochs[n] = train_feature_head(mods[n], rec.activations(n, "train"), feats, t_train,
+                                                    rec.activations(n, "val"), t_val, weight)
+        seconds = time.perf_counter() - t0
+        _save(path, {"state": {n: mods[n].state_dict() for n in names}, "epoch": epochs, "seconds": seconds})
+        log(f"feature distillation: {len(names)} heads in {seconds:.0f} s")
+    out = {}
+    for n in names:
+        mods[n].eval()
+        x_val = rec.activations(n, "val")
+        pv = _predict(mods[n], x_val)
+        h = heads[n]
+        out[n] = TrainedHead(point=h.point, spec=h.spec, module=mods[n], flops=count_flops(mods[n], x_val[:1]),
+                             params=count_params(mods[n]), param_bytes=param_bytes(mods[n]),
+                             val_agreement=agreement(pv, t_val), val_kl=float(kd_loss(pv, t_val)),
+                             epochs=int(epochs[n]), seconds=seconds)
+    return out
+
+
 def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     """Default heads (same spec, schedule and seed as the baseline) trained on ``size`` random train images,
     cached: their logits on those images (``train``, with ``index`` into the train split), on val and on test."""
@@ -358,7 +493,8 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 
 
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
-              resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500)) -> dict:
+              resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500),
+              feature_weight: float = 1.0) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
@@ -375,6 +511,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
     rows = policy_rows("baseline (default heads, fitted in-sample)", tables["train"], tables, costs, depth, resplits)
     agree = {"baseline": [round(float(heads[n].val_agreement), 4) for n in names]}
     secs = {}
+    extra: dict = {}
 
     if "augmented" in levers:
         t1 = time.perf_counter()
@@ -386,6 +523,22 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         atables = {s: ExitTable.from_predictions(p, atemps, data[s][1]) for s, p in preds.items()}
         rows += policy_rows("augmented distillation", atables["train"], atables, costs, depth, resplits)
 
+    if "feature" in levers:
+        t1 = time.perf_counter()
+        fh = feature_heads(depth, rec, heads, feature_weight, log)
+        secs["feature"] = time.perf_counter() - t1
+        agree["feature distillation"] = [round(float(fh[n].val_agreement), 4) for n in names]
+        preds = {s: predictions_for(rec, fh, s) for s in ("train", "val", "test")}
+        ftemps = calibrate_temperatures(preds["val"])
+        ftables = {s: ExitTable.from_predictions(p, ftemps, data[s][1]) for s, p in preds.items()}
+        fcosts = ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
+                           float(tb.total_flops))
+        rows += policy_rows(f"feature distillation (penultimate features, weight {feature_weight:g})",
+                            ftables["train"], ftables, fcosts, depth, resplits)
+        extra["feature"] = {"weight": feature_weight,
+                            "oracle saving test (default heads)": oracle_saving(data["test"][0].agree().numpy(), costs),
+                            "oracle saving test (feature)": oracle_saving(preds["test"].agree().numpy(), fcosts)}
+
     if "cross-fitted" in levers:
         t1 = time.perf_counter()
         oof, oof_table = cross_fitted_table(depth, rec, heads, data, temps, folds, log)
@@ -395,7 +548,6 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                                         (oof.argmax(2) == tr.backbone_logits.argmax(1)[None]).float().mean(1)]
         agree["in-sample (train)"] = [round(float(v), 4) for v in tr.agree().float().mean(1)]
         rows += policy_rows(f"cross-fitted ({folds} folds)", oof_table, tables, costs, depth, resplits)
-    extra = {}
 
     def oracle(logits, split: str) -> float:
         """Test/val oracle saving of heads' ``logits`` [exits, n, classes] against the original backbone."""
@@ -489,6 +641,8 @@ def main(argv=None) -> int:
                     help="weight of the backbone output's distillation loss (each head's is 1)")
     ap.add_argument("--train-sizes", type=int, nargs="+", default=[1250, 2500],
                     help="train images for the train-size lever (fewer than the train split's)")
+    ap.add_argument("--feature-weight", type=float, default=1.0,
+                    help="weight of the penultimate-feature loss of the feature lever (the logits' KL has 1)")
     ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in the output file that this run does not redo: other depths, "
@@ -519,8 +673,10 @@ def main(argv=None) -> int:
     joint = (args.joint_epochs, args.joint_lr, args.joint_final_weight)
     if any(n < 100 for n in args.train_sizes):
         raise SystemExit(f"--train-sizes must be >= 100 images each, got {args.train_sizes}")
+    if not args.feature_weight >= 0:
+        raise SystemExit(f"--feature-weight must be >= 0, got {args.feature_weight}")
     results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits, joint,
-                         tuple(args.train_sizes)) for d in args.depths]
+                         tuple(args.train_sizes), args.feature_weight) for d in args.depths]
     env = environment()
     run = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
     for r in results:  # each lever says when and at which commit it ran (--merge keeps older runs)

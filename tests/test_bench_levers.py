@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.head_levers import _lever_of, merge_depth  # noqa: E402
+from bench.head_levers import _lever_of, feature_head, merge_depth, penultimate_features, train_feature_head  # noqa: E402,I001
 
 
 def _rows(variant: str, value: float) -> list[dict]:
@@ -41,6 +41,8 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("train size 1250 (default heads on 1250 train images)") == "train-size"
     assert _lever_of("train size 2500") == "train-size"
     assert _lever_of("train-size 2500") == "train-size"  # its training-time key
+    assert _lever_of("feature distillation (penultimate features, weight 1)") == "feature"
+    assert _lever_of("feature") == "feature"
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():
@@ -78,3 +80,47 @@ def test_merge_replaces_a_lever_run_again_and_no_prior_means_the_new_result():
     assert m["seconds"] == {"augmented": 400.0, "cross-fitted": 900.0}
     assert m["runs"]["cross-fitted"] == run and m["runs"]["augmented"] == OLD["run"]
     assert merge_depth(None, new) is new
+
+
+def test_feature_head_learns_the_features_through_the_frozen_final_layer_without_labels():
+    """The feature lever's head: fc(body(h)) with the backbone's own final layer kept frozen; trained on features
+    and logits only (the function takes no labels), it gets closer to both than the untrained head."""
+    import torch
+    from torch import nn
+
+    from autoexit.distill import TrainConfig, agreement
+    from autoexit.heads import HeadSpec, build_head
+
+    torch.manual_seed(0)
+
+    class Backbone(nn.Module):  # penultimate features are a fixed function of the exit's activation
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(4, 8, 3, padding=1)
+            self.linear = nn.Linear(8, 5)
+
+        def forward(self, h):
+            return self.linear(torch.relu(self.proj(h)).mean((2, 3)))
+
+    bb = Backbone().eval()
+    with torch.no_grad():
+        bb.linear.weight.mul_(20)  # classes that vary with the input, not one that dominates
+    x = torch.randn(600, 4, 6, 6)
+    feats = penultimate_features(bb, x, batch=128)
+    with torch.no_grad():
+        assert torch.allclose(bb.linear(feats), bb(x), atol=1e-5)
+        t = bb(x)
+    fc0 = {k: v.clone() for k, v in bb.linear.state_dict().items()}
+    torch.manual_seed(0)
+    head = feature_head(build_head(HeadSpec(conv="standard"), (4, 6, 6), 8), bb.linear)
+    assert not any(q.requires_grad for q in head.fc.parameters())
+    with torch.no_grad():
+        before = (agreement(head(x[400:]), t[400:]), float(((head.body(x[400:]) - feats[400:]) ** 2).mean()))
+    head, best = train_feature_head(head, x[:400], feats[:400], t[:400], x[400:], t[400:], weight=1.0,
+                                    cfg=TrainConfig(epochs=15, batch_size=64))
+    with torch.no_grad():
+        after = (agreement(head(x[400:]), t[400:]), float(((head.body(x[400:]) - feats[400:]) ** 2).mean()))
+        assert torch.equal(head(x[:3]), bb.linear(head.body(x[:3])))
+    assert 1 <= best <= 15
+    assert after[0] > before[0] + 0.3 and after[1] < 0.1 * before[1], (before, after)
+    assert all(torch.equal(v, fc0[k]) for k, v in head.fc.state_dict().items())  # the final layer never moved

@@ -16,7 +16,8 @@ above delta from that noise.
 For each depth, head variant (``baseline``: the default heads on the 5,000 train images; ``1250``/``2500``:
 the same heads trained on that many train images, ``bench/head_levers.py --levers train-size``;
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
-``--levers cross-fitted`` there), tolerance
+``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
+penultimate features, ``--levers feature`` there), tolerance
 and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
@@ -36,7 +37,7 @@ Run: ``python bench/guarantee_check.py`` (``--depths 20 56``, ``--variants basel
 Each row takes 10-70 s on 2 CPU cores with the defaults, so the default run (60 rows) takes about an hour once
 the heads are cached. A first run also records the backbone and trains heads: about 6 min for ResNet-20 and
 12 min for ResNet-56, plus per train-subset variant 2.5-3 min (ResNet-20) or 5.5-8 min (ResNet-56), and for
-``cross-fitted`` about 5 min (ResNet-20) or 18 min (ResNet-56).
+``cross-fitted`` about 5 min (ResNet-20) or 18 min (ResNet-56), for ``feature`` 4.5 or 10 min.
 Results: ``bench/results/guarantee_check.json``.
 """
 
@@ -62,7 +63,7 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     """ExitTables per split of ``variant``'s heads (temperatures fitted on val) and the exit costs."""
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.policies import ExitCosts, ExitTable
-    from bench.head_levers import cross_fitted_table, subset_logits, subset_tables
+    from bench.head_levers import cross_fitted_table, feature_heads, subset_logits, subset_tables
     from bench.policies import setup, split_data
 
     cfg, tb, points, rec, heads = setup(depth)
@@ -70,6 +71,15 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
+    if variant == "feature":  # as head_levers --levers feature (weight 1): their own FLOPs and temperatures
+        from autoexit.pipeline import predictions_for
+
+        fh = feature_heads(depth, rec, heads, 1.0, log)
+        preds = {s: predictions_for(rec, fh, s) for s in ("train", "val", "test")}
+        temps = calibrate_temperatures(preds["val"])
+        return ({s: ExitTable.from_predictions(p, temps, data[s][1]) for s, p in preds.items()},
+                ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
+                          float(tb.total_flops)))
     if variant in ("baseline", "cross-fitted"):
         temps = calibrate_temperatures(data["val"][0])
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -108,7 +118,7 @@ def check_variant(depth: int, variant: str, tables: dict, costs, tolerances, dra
             m = fp.evaluate(tables["test"], costs)
             rs = resplit_violations(fp, policy, pool, splits, n_val, costs, tol)
             k_rs = round(rs["viol(drop)" if risk == "drop" else "viol(disagree)"] * resplits)
-            pop = population_violations(fp, pool, boot, costs, tol)
+            pop = population_violations(fp, pool, boot, costs, tol, n_test=pool.n - n_val)
             k_pop = pop["violations"]
             row = {"model": f"resnet{depth}", "variant": variant, "T %": tol, "policy": name, "risk": risk,
                    "exits": len(fp.chain), "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
@@ -120,12 +130,13 @@ def check_variant(depth: int, variant: str, tables: dict, costs, tolerances, dra
                    "pop 95% CI": [round(v, 4) for v in rate_interval(k_pop, draws)],
                    "pop p(<=delta)": above_delta_pvalue(k_pop, draws, DELTA),
                    "pop viol (drop)": pop["viol(pop, drop)"],
+                   "independent-test viol": pop["viol(pop + test noise)"],
                    "pop risk % (mean)": pop["pop risk % (mean)"], "pop risk % (p90)": pop["pop risk % (p90)"],
                    "pop saving %": pop["pop saving %"], "seconds": time.perf_counter() - t0}
             rows.append(row)
             log(f"  resnet{depth} {variant} T={tol} {name:16s} re-split {k_rs}/{resplits} "
-                f"population {k_pop}/{draws} (true risk mean {pop['pop risk % (mean)']:.2f} %, "
-                f"p90 {pop['pop risk % (p90)']:.2f} %) {row['seconds']:.0f} s")
+                f"population {k_pop}/{draws}, independent test {100 * pop['viol(pop + test noise)']:.1f} % "
+                f"(true risk mean {pop['pop risk % (mean)']:.2f} %, p90 {pop['pop risk % (p90)']:.2f} %) {row['seconds']:.0f} s")
     return rows
 
 
@@ -140,7 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=[20, 56])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
                     help="baseline (default heads), cross-fitted (policies fitted on 2-fold out-of-fold "
-                         "predictions of train) and/or train-subset sizes (heads trained on that many images)")
+                         "predictions of train), feature (heads distilled on the penultimate features) and/or "
+                         "train-subset sizes (heads trained on that many images)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--policies", nargs="+", choices=[p[0] for p in POLICIES], default=None,
                     help="only these policies (default: all five)")
@@ -150,8 +162,8 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if v not in ("baseline", "cross-fitted") and not (v.isdigit() and 0 < int(v) < 5000):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted' or a train-subset size "
+        if v not in ("baseline", "cross-fitted", "feature") and not (v.isdigit() and 0 < int(v) < 5000):
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature' or a train-subset size "
                      "between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:

@@ -1,8 +1,9 @@
-"""Three levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint fine-tuning.
+"""Four levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint fine-tuning,
+feature distillation.
 
 ``bench/policies.py`` shows the guaranteed policies saving 6-10 % at T = 1 % on ResNet-20 where the
 oracle saves 67 %, and its hindsight columns show the heads and signals themselves allowing only
-~12-15 % even with thresholds picked on the test labels. Three causes were suspected and are tested
+~12-15 % even with thresholds picked on the test labels. Four causes were suspected and are tested
 here on the same recording and split (50/20/30, seed 0, exits after every block, default heads):
 
 1. **Too little distillation data.** Heads are distilled on the recorded activations of 5,000 train
@@ -40,8 +41,8 @@ For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs savin
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint]
-[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20). Heads are cached in ``~/.cache/autoexit/bench-levers``.
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature] [--feature-weight 1]
+[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56). Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
 

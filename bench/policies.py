@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -258,7 +259,23 @@ def resplit_violations(fp, policy: str, pool, splits, n_val: int, costs, tol: fl
             "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None}
 
 
-def population_violations(fp, pool, draws, costs, tol: float) -> dict:
+def independent_test_violation(risk: str, value: float, harm: float, n_test: int, tol: float) -> float:
+    """Chance that a deployed setting whose true risk is ``value`` (a fraction) shows a risk above ``tol`` % on an
+    independent test set of ``n_test`` samples drawn from the same population. The disagreement is a share of
+    samples: exact binomial. The drop is a mean of per-sample +1 (harm: backbone right, answer wrong), -1 (help)
+    and 0, with harm ``harm`` and help ``harm - value``: normal approximation with a continuity correction."""
+    from scipy.stats import binom, norm
+
+    limit = math.floor(tol / 100 * n_test + 1e-9)  # a violation is more than ``limit`` net errors
+    if risk == "disagreement":
+        return float(binom.sf(limit, n_test, min(max(value, 0.0), 1.0)))
+    var = harm + (harm - value) - value ** 2
+    if var <= 1e-15:
+        return float(value * n_test > limit)
+    return float(norm.sf((limit + 0.5 - n_test * value) / math.sqrt(n_test * var)))
+
+
+def population_violations(fp, pool, draws, costs, tol: float, n_test: int | None = None) -> dict:
     """Budget violations of a guaranteed policy measured against a population whose risk is known exactly:
     ``pool`` itself. Each of ``draws`` (index arrays into ``pool``, drawn with replacement: i.i.d. samples of
     the pool's distribution) re-certifies the policy (its exits, rules and family kept, as fitted on train);
@@ -266,10 +283,14 @@ def population_violations(fp, pool, draws, costs, tol: float) -> dict:
     what the guarantee promises - P(true risk > T) <= delta over calibration draws - for the population
     "pick a pool sample at random". A violation is a true risk above ``tol`` %: for the policy's own risk
     (``disagreement`` or ``drop``) and, for reference, the accuracy drop whatever the risk.
-    Also returns the mean true risk (in %) of the deployed settings: how far under T the guarantee lands."""
+    Also returns the mean true risk (in %) of the deployed settings: how far under T the guarantee lands, and with
+    ``n_test``, the expected violation rate had each deployed setting been tested on an independent test set of
+    ``n_test`` samples (:func:`independent_test_violation`): the population rate plus test noise, without the link
+    between the calibration and test halves that a re-split of one pool has."""
     s_pool = fp.full_scores(pool)
     own = fp.risk
     viol_own = viol_drop = 0
+    viol_test = 0.0
     risks, savings = [], []
     for idx in draws:
         fr = fp.recertify(pool.subset_rows(idx))
@@ -278,9 +299,11 @@ def population_violations(fp, pool, draws, costs, tol: float) -> dict:
         savings.append(m["saving"])
         viol_own += m[own] > tol / 100 + 1e-12
         viol_drop += m["drop"] > tol / 100 + 1e-12
+        if n_test:
+            viol_test += independent_test_violation(own, m[own], m.get("harm", 0.0), n_test, tol)
     n = max(len(draws), 1)
     return {"risk": own, "draws": len(draws), "violations": int(viol_own), "viol(pop)": viol_own / n,
-            "viol(pop, drop)": viol_drop / n,
+            "viol(pop, drop)": viol_drop / n, "viol(pop + test noise)": viol_test / n if n_test else None,
             "pop risk % (mean)": 100 * float(np.mean(risks)) if risks else None,
             "pop risk % (p90)": 100 * float(np.quantile(risks, 0.9)) if risks else None,
             "pop saving %": 100 * float(np.mean(savings)) if savings else None}

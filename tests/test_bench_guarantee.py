@@ -13,7 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy  # noqa: E402
-from bench.policies import above_delta_pvalue, population_violations, rate_interval  # noqa: E402
+from bench.policies import (  # noqa: E402
+    above_delta_pvalue,
+    independent_test_violation,
+    population_violations,
+    rate_interval,
+)
 
 
 def _table(n: int, seed: int) -> ExitTable:
@@ -44,6 +49,10 @@ def test_population_check_passes_a_valid_certificate_and_catches_a_broken_one(ri
     broken = make_policy("max_softmax").fit(PolicyContext(fit, cal, costs, 2.0, 0.9, risk))
     bad = population_violations(broken, pool, draws, costs, 2.0)
     assert bad["viol(pop)"] > 0.3 > ok["viol(pop)"]
+    # an independent test set adds noise: settings just under T show more than T on some test sets
+    ok_t = population_violations(valid, pool, draws, costs, 2.0, n_test=500)
+    assert ok_t["viol(pop)"] == ok["viol(pop)"] and ok["viol(pop + test noise)"] is None
+    assert ok["viol(pop)"] < ok_t["viol(pop + test noise)"] < 1
     # the drop is never above the disagreement, so a disagreement guarantee also bounds the drop
     if risk == "disagreement":
         assert ok["viol(pop, drop)"] <= ok["viol(pop)"]
@@ -94,16 +103,35 @@ def test_docs_block_orders_rows_and_states_each_rate(monkeypatch):
     rows = [row("resnet56", "baseline", 1.0, "max_softmax", 50), row("resnet20", "2500", 1.0, "max_softmax", 60),
             row("resnet20", "baseline", 2.0, "gate+drop", 70), row("resnet20", "baseline", 1.0, "gate+drop", 80),
             row("resnet20", "cross-fitted", 1.0, "max_softmax", 90), row("resnet20", "1250", 1.0, "max_softmax", 120),
-            row("resnet20", "baseline", 1.0, "patience", 100)]
+            row("resnet20", "baseline", 1.0, "patience", 100), row("resnet20", "feature", 1.0, "max_softmax", 30)]
+    rows[-1]["independent-test viol"] = 0.0734  # rows written before this column show "-"
     monkeypatch.setattr(md, "_load", lambda name: {"delta": 0.1, "rows": rows} if name == "guarantee_check" else {})
     block = md.guarantee_blocks()["guarantee-check"]
     body = [ln for ln in block.splitlines() if ln.startswith("| resnet")]
     order = [tuple(c.strip() for c in ln.split("|")[1:5]) for ln in body]
     assert order == [("resnet20", "baseline", "1.0", "patience"), ("resnet20", "baseline", "1.0", "gate+drop"),
                      ("resnet20", "baseline", "2.0", "gate+drop"), ("resnet20", "cross-fitted", "1.0", "max_softmax"),
-                     ("resnet20", "1250", "1.0", "max_softmax"), ("resnet20", "2500", "1.0", "max_softmax"),
+                     ("resnet20", "feature", "1.0", "max_softmax"), ("resnet20", "1250", "1.0", "max_softmax"), ("resnet20", "2500", "1.0", "max_softmax"),
                      ("resnet56", "baseline", "1.0", "max_softmax")]
     lo, hi = rate_interval(120, 1000)
-    assert f"12.0 % of 1000 [{100 * lo:.1f}, {100 * hi:.1f}]" in body[4]  # 12 % is above delta: p small
-    assert f"p={above_delta_pvalue(120, 1000, 0.1):.2g}" in body[4] and above_delta_pvalue(120, 1000, 0.1) < 0.05
+    assert f"12.0 % of 1000 [{100 * lo:.1f}, {100 * hi:.1f}]" in body[5]  # 12 % is above delta: p small
+    assert f"p={above_delta_pvalue(120, 1000, 0.1):.2g}" in body[5] and above_delta_pvalue(120, 1000, 0.1) < 0.05
+    assert "| 7.3 % |" in body[4] and "| - |" in body[5]  # the independent-test column
     assert "at commit abc1234" in block
+
+
+@pytest.mark.parametrize("risk,value,harm", [("disagreement", 0.018, 0.0), ("disagreement", 0.008, 0.0),
+                                             ("drop", 0.017, 0.03), ("drop", 0.009, 0.012), ("drop", 0.0, 0.0)])
+def test_independent_test_violation_matches_simulated_test_sets(risk, value, harm):
+    """The expected violation rate on an independent test set agrees with simulating 40,000 such test sets."""
+    n, tol, sims = 3000, 2.0 if value > 0.01 else 1.0, 40_000
+    rng = np.random.default_rng(7)
+    if risk == "disagreement":
+        seen = rng.binomial(n, value, sims) / n
+    else:  # per-sample +1 harm, -1 help, 0 otherwise
+        k = rng.multinomial(n, [harm, harm - value, 1 - 2 * harm + value], sims)
+        seen = (k[:, 0] - k[:, 1]) / n
+    simulated = float((seen > tol / 100 + 1e-12).mean())
+    got = independent_test_violation(risk, value, harm, n, tol)
+    assert abs(got - simulated) < 0.015, (got, simulated)
+    assert 0.0 <= got <= 1.0

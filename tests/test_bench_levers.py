@@ -12,7 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.head_levers import _lever_of, feature_head, merge_depth, penultimate_features, train_feature_head  # noqa: E402,I001
+from bench.head_levers import (  # noqa: E402
+    _lever_of,
+    feature_head,
+    merge_depth,
+    penultimate_features,
+    train_feature_head,
+)
 
 
 def _rows(variant: str, value: float) -> list[dict]:

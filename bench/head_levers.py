@@ -1,5 +1,5 @@
-"""Four levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint fine-tuning,
-feature distillation.
+"""Five levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint fine-tuning,
+feature distillation, mixup function matching.
 
 ``bench/policies.py`` shows the guaranteed policies saving 6-10 % at T = 1 % on ResNet-20 where the
 oracle saves 67 %, and its hindsight columns show the heads and signals themselves allowing only
@@ -37,12 +37,18 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
    their variance and weighted ``--feature-weight``) as well as on its logits (KL, through the frozen layer), with the
    default schedule. Same FLOPs as the default head plus one ``D x classes`` product.
 
+5. **Too short and too easy a schedule for distillation on little data.** Distillation from a fixed teacher on a
+   small set keeps improving with mixup and long schedules (function matching: Beyer et al., "Knowledge distillation:
+   A good teacher is patient and consistent", CVPR 2022). ``mixup``: the ``augmented`` lever's heads and training,
+   with each augmented batch mixed with a shuffled copy of itself (one uniform weight per image) and the backbone's
+   logits on the *mixed* image as the target, for ``--mixup-epochs`` (default 120, three times ``augmented``'s).
+
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature] [--feature-weight 1]
-[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56). Heads are cached in ``~/.cache/autoexit/bench-levers``.
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup] [--feature-weight 1] [--mixup-epochs 120]
+[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20). Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
 
@@ -61,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
-LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature")
+LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup")
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
             ("gate+drop", "gate", "drop"))
@@ -117,15 +123,25 @@ def augmented_batches(x, g, bs: int = 128):
             yield augment(x[idx], g)
 
 
-def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log) -> dict:
-    """Default heads trained jointly on the fly on augmented train images (see the module doc)."""
+def mix(x, g):
+    """Mixup of an NCHW batch with a shuffled copy of itself, one mixing weight per image drawn uniformly
+    (Beta(1, 1)): new images that lie between the train images, on which the teacher is asked afresh."""
+    import torch
+
+    lam = torch.rand(len(x), generator=g)[:, None, None, None]
+    return lam * x + (1 - lam) * x[torch.randperm(len(x), generator=g)]
+
+
+def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: bool = False) -> dict:
+    """Default heads trained jointly on the fly on augmented train images (see the module doc); with ``mixup``
+    each augmented batch is also :func:`mix`-ed (function matching, the ``mixup`` lever)."""
     import torch
 
     from autoexit.distill import TrainedHead, _predict, agreement, kd_loss
     from autoexit.heads import build_head
 
     names = [p.name for p in rec.points]
-    path = _cache(depth, "augmented", f"{rec.path}|{epochs}|{_specs(heads)}")
+    path = _cache(depth, "mixup" if mixup else "augmented", f"{rec.path}|{epochs}|{_specs(heads)}")
     mods = {}
     for n in names:
         torch.manual_seed(0)
@@ -150,10 +166,13 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log) -> dict:
         t0 = time.perf_counter()
         from tqdm.auto import tqdm
 
-        for ep in tqdm(range(epochs), desc="augmented distillation", unit="epoch"):
+        for ep in tqdm(range(epochs), desc="mixup function matching" if mixup else "augmented distillation",
+                       unit="epoch"):
             for m in mods.values():
                 m.train()
             for a in augmented_batches(x_train, g, bs):
+                if mixup:
+                    a = mix(a, g)
                 with torch.no_grad():
                     acts = []
                     for s in stages[:-1]:
@@ -174,7 +193,8 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log) -> dict:
             mods[n].load_state_dict(best[n][1])
         best_epoch = {n: best[n][2] for n in names}
         _save(path, {"state": {n: mods[n].state_dict() for n in names}, "epoch": best_epoch, "seconds": seconds})
-        log(f"augmented distillation: {len(names)} heads, {epochs} epochs in {seconds:.0f} s")
+        log(f"{'mixup function matching' if mixup else 'augmented distillation'}: {len(names)} heads, {epochs} "
+            f"epochs in {seconds:.0f} s")
     out = {}
     for n in names:
         mods[n].eval()
@@ -495,7 +515,7 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
               resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500),
-              feature_weight: float = 1.0) -> dict:
+              feature_weight: float = 1.0, mixup_epochs: int = 120) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
@@ -523,6 +543,20 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         atemps = calibrate_temperatures(preds["val"])
         atables = {s: ExitTable.from_predictions(p, atemps, data[s][1]) for s, p in preds.items()}
         rows += policy_rows("augmented distillation", atables["train"], atables, costs, depth, resplits)
+
+    if "mixup" in levers:
+        t1 = time.perf_counter()
+        mx = augmented_heads(depth, tb, rec, heads, mixup_epochs, log, mixup=True)
+        secs["mixup"] = time.perf_counter() - t1
+        agree["mixup function matching"] = [round(float(mx[n].val_agreement), 4) for n in names]
+        preds = {s: predictions_for(rec, mx, s) for s in ("train", "val", "test")}
+        mtemps = calibrate_temperatures(preds["val"])
+        mtables = {s: ExitTable.from_predictions(p, mtemps, data[s][1]) for s, p in preds.items()}
+        rows += policy_rows(f"mixup function matching (augmented + mixup, {mixup_epochs} epochs)", mtables["train"],
+                            mtables, costs, depth, resplits)
+        extra["mixup"] = {"epochs": mixup_epochs,
+                          "oracle saving test (default heads)": oracle_saving(data["test"][0].agree().numpy(), costs),
+                          "oracle saving test (mixup)": oracle_saving(preds["test"].agree().numpy(), costs)}
 
     if "feature" in levers:
         t1 = time.perf_counter()
@@ -644,6 +678,8 @@ def main(argv=None) -> int:
                     help="train images for the train-size lever (fewer than the train split's)")
     ap.add_argument("--feature-weight", type=float, default=1.0,
                     help="weight of the penultimate-feature loss of the feature lever (the logits' KL has 1)")
+    ap.add_argument("--mixup-epochs", type=int, default=120,
+                    help="epochs of the mixup lever (function matching wants long schedules; augmented uses --epochs)")
     ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in the output file that this run does not redo: other depths, "
@@ -674,10 +710,12 @@ def main(argv=None) -> int:
     joint = (args.joint_epochs, args.joint_lr, args.joint_final_weight)
     if any(n < 100 for n in args.train_sizes):
         raise SystemExit(f"--train-sizes must be >= 100 images each, got {args.train_sizes}")
+    if args.mixup_epochs < 1:
+        raise SystemExit(f"--mixup-epochs must be >= 1, got {args.mixup_epochs}")
     if not args.feature_weight >= 0:
         raise SystemExit(f"--feature-weight must be >= 0, got {args.feature_weight}")
     results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits, joint,
-                         tuple(args.train_sizes), args.feature_weight) for d in args.depths]
+                         tuple(args.train_sizes), args.feature_weight, args.mixup_epochs) for d in args.depths]
     env = environment()
     run = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
     for r in results:  # each lever says when and at which commit it ran (--merge keeps older runs)

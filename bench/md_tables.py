@@ -189,7 +189,8 @@ def levers_blocks() -> dict[str, str]:
         names = r["candidates"]
         arows = [{"variant": k, **{n: v for n, v in zip(names, a)}} for k, a in r["val_agreement"].items()]
         acols = [("variant", "agreement with the backbone", 0)] + [(n, n, 3) for n in names]
-        what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads"}
+        what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
+                        "mixup": "mixup function-matching heads"}
         secs = ", ".join(f"{what_trained.get(k, k + ' heads')} {v / 60:.1f} min" if v >= 60
                          else f"{what_trained.get(k, k + ' heads')} from cache" for k, v in r.get("seconds", {}).items())
         note = (" Violations: share of 100 random val/test re-splits whose test drop exceeds T (delta = 0.1)."
@@ -216,6 +217,11 @@ def levers_blocks() -> dict[str, str]:
                  f"\n\nFeature distillation (penultimate-feature loss weight {fe['weight']:g}): the oracle with its "
                  f"heads saves {100 * fe['oracle saving test (feature)']:.1f} % (test) against "
                  f"{100 * fe['oracle saving test (default heads)']:.1f} % with the default heads.")
+        mx = r.get("mixup")
+        jtxt += ("" if not mx else
+                 f"\n\nMixup function matching ({mx['epochs']} epochs): the oracle with its heads saves "
+                 f"{100 * mx['oracle saving test (mixup)']:.1f} % (test) against "
+                 f"{100 * mx['oracle saving test (default heads)']:.1f} % with the default heads.")
         curve = r.get("train_size")
         ctxt = ("" if not curve else "\n\nLearning curve (default heads and schedule on random subsets of the train "
                 "split): " + "; ".join(f"{c['train images']:,} images: mean val agreement "

@@ -16,6 +16,7 @@ from bench.head_levers import (  # noqa: E402
     _lever_of,
     feature_head,
     merge_depth,
+    mix,
     penultimate_features,
     train_feature_head,
 )
@@ -49,6 +50,24 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("train-size 2500") == "train-size"  # its training-time key
     assert _lever_of("feature distillation (penultimate features, weight 1)") == "feature"
     assert _lever_of("feature") == "feature"
+    assert _lever_of("mixup function matching (augmented + mixup, 120 epochs)") == "mixup"
+    assert _lever_of("mixup") == "mixup"
+
+
+def test_mix_blends_each_image_with_another_of_the_batch():
+    """The mixup lever's inputs: every mixed image lies on the segment between its own image and one other image
+    of the batch (a permutation), with weights that vary per image; the same generator state gives the same batch."""
+    import torch
+
+    x = torch.randn(64, 3, 4, 4)
+    out = mix(x, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and torch.equal(out, mix(x, torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    lam = torch.rand(64, generator=g)
+    perm = torch.randperm(64, generator=g)
+    assert sorted(perm.tolist()) == list(range(64)) and lam.std() > 0.1
+    assert torch.allclose(out, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm], atol=1e-6)
+    assert not torch.allclose(out, x)
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():

@@ -17,7 +17,8 @@ For each depth, head variant (``baseline``: the default heads on the 5,000 train
 the same heads trained on that many train images, ``bench/head_levers.py --levers train-size``;
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
 ``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
-penultimate features, ``--levers feature`` there), tolerance
+penultimate features, ``--levers feature`` there; ``mixup``, not run by default: the heads trained by mixup function
+matching for 120 epochs, ``--levers mixup`` there), tolerance
 and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
@@ -37,7 +38,8 @@ Run: ``python bench/guarantee_check.py`` (``--depths 20 56``, ``--variants basel
 Each row takes 10-70 s on 2 CPU cores with the defaults, so the default run (60 rows) takes about an hour once
 the heads are cached. A first run also records the backbone and trains heads: about 6 min for ResNet-20 and
 12 min for ResNet-56, plus per train-subset variant 2.5-3 min (ResNet-20) or 5.5-8 min (ResNet-56), and for
-``cross-fitted`` about 5 min (ResNet-20) or 18 min (ResNet-56), for ``feature`` 4.5 or 10 min.
+``cross-fitted`` about 5 min (ResNet-20) or 18 min (ResNet-56), for ``feature`` 4.5 or 10 min, for ``mixup``
+19 min (ResNet-20) or about 50 min (ResNet-56).
 Results: ``bench/results/guarantee_check.json``.
 """
 
@@ -63,7 +65,13 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     """ExitTables per split of ``variant``'s heads (temperatures fitted on val) and the exit costs."""
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.policies import ExitCosts, ExitTable
-    from bench.head_levers import cross_fitted_table, feature_heads, subset_logits, subset_tables
+    from bench.head_levers import (
+        augmented_heads,
+        cross_fitted_table,
+        feature_heads,
+        subset_logits,
+        subset_tables,
+    )
     from bench.policies import setup, split_data
 
     cfg, tb, points, rec, heads = setup(depth)
@@ -80,6 +88,13 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return ({s: ExitTable.from_predictions(p, temps, data[s][1]) for s, p in preds.items()},
                 ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                           float(tb.total_flops)))
+    if variant == "mixup":  # as head_levers --levers mixup (120 epochs): the default heads' FLOPs, own temperatures
+        from autoexit.pipeline import predictions_for
+
+        mx = augmented_heads(depth, tb, rec, heads, 120, log, mixup=True)
+        preds = {s: predictions_for(rec, mx, s) for s in ("train", "val", "test")}
+        temps = calibrate_temperatures(preds["val"])
+        return {s: ExitTable.from_predictions(p, temps, data[s][1]) for s, p in preds.items()}, costs
     if variant in ("baseline", "cross-fitted"):
         temps = calibrate_temperatures(data["val"][0])
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -151,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=[20, 56])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
                     help="baseline (default heads), cross-fitted (policies fitted on 2-fold out-of-fold "
-                         "predictions of train), feature (heads distilled on the penultimate features) and/or "
+                         "predictions of train), feature (heads distilled on the penultimate features), mixup "
+                         "(heads trained by mixup function matching) and/or "
                          "train-subset sizes (heads trained on that many images)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--policies", nargs="+", choices=[p[0] for p in POLICIES], default=None,
@@ -162,8 +178,8 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if v not in ("baseline", "cross-fitted", "feature") and not (v.isdigit() and 0 < int(v) < 5000):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature' or a train-subset size "
+        if v not in ("baseline", "cross-fitted", "feature", "mixup") and not (v.isdigit() and 0 < int(v) < 5000):
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup' or a train-subset size "
                      "between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:

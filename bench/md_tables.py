@@ -251,10 +251,10 @@ def guarantee_blocks() -> dict[str, str]:
 
     policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
 
-    def order(r):  # by network, heads (baseline, cross-fitted, feature, then train-subset sizes), tolerance, policy
+    def order(r):  # by network, heads (baseline, cross-fitted, feature, mixup, then train-subset sizes), T, policy
         v = r["variant"]
         return (int(r["model"].removeprefix("resnet")),
-                int(v) if v.isdigit() else {"baseline": -3, "cross-fitted": -2}.get(v, -1),
+                int(v) if v.isdigit() else {"baseline": -4, "cross-fitted": -3, "feature": -2}.get(v, -1),
                 r["T %"], policy_order.index(r["policy"]))
 
     out = []

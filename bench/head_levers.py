@@ -48,7 +48,7 @@ label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled o
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
 Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup] [--feature-weight 1] [--mixup-epochs 120]
-[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20). Heads are cached in ``~/.cache/autoexit/bench-levers``.
+[--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56). Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
 

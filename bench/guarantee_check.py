@@ -66,11 +66,14 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.policies import ExitCosts, ExitTable
     from bench.head_levers import (
+        FEATURE_WEIGHT,
+        MIXUP_EPOCHS,
         augmented_heads,
         cross_fitted_table,
         feature_heads,
         subset_logits,
         subset_tables,
+        trained_tables,
     )
     from bench.policies import setup, split_data
 
@@ -79,22 +82,13 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
-    if variant == "feature":  # as head_levers --levers feature (weight 1): their own FLOPs and temperatures
-        from autoexit.pipeline import predictions_for
-
-        fh = feature_heads(depth, rec, heads, 1.0, log)
-        preds = {s: predictions_for(rec, fh, s) for s in ("train", "val", "test")}
-        temps = calibrate_temperatures(preds["val"])
-        return ({s: ExitTable.from_predictions(p, temps, data[s][1]) for s, p in preds.items()},
+    if variant == "feature":  # as head_levers --levers feature (default weight): their own FLOPs and temperatures
+        fh = feature_heads(depth, rec, heads, FEATURE_WEIGHT, log)
+        return (trained_tables(rec, fh, data)[1],
                 ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                           float(tb.total_flops)))
-    if variant == "mixup":  # as head_levers --levers mixup (120 epochs): the default heads' FLOPs, own temperatures
-        from autoexit.pipeline import predictions_for
-
-        mx = augmented_heads(depth, tb, rec, heads, 120, log, mixup=True)
-        preds = {s: predictions_for(rec, mx, s) for s in ("train", "val", "test")}
-        temps = calibrate_temperatures(preds["val"])
-        return {s: ExitTable.from_predictions(p, temps, data[s][1]) for s, p in preds.items()}, costs
+    if variant == "mixup":  # as head_levers --levers mixup (default epochs): the default heads' FLOPs, own temperatures
+        return trained_tables(rec, augmented_heads(depth, tb, rec, heads, MIXUP_EPOCHS, log, mixup=True), data)[1], costs
     if variant in ("baseline", "cross-fitted"):
         temps = calibrate_temperatures(data["val"][0])
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}

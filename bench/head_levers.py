@@ -67,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
+MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also what guarantee_check's `mixup` reads
+FEATURE_WEIGHT = 1.0  # the feature lever's default loss weight (--feature-weight), also guarantee_check's `feature`
 LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup")
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
@@ -140,6 +142,7 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: b
     from autoexit.distill import TrainedHead, _predict, agreement, kd_loss
     from autoexit.heads import build_head
 
+    what = "mixup function matching" if mixup else "augmented distillation"
     names = [p.name for p in rec.points]
     path = _cache(depth, "mixup" if mixup else "augmented", f"{rec.path}|{epochs}|{_specs(heads)}")
     mods = {}
@@ -166,8 +169,7 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: b
         t0 = time.perf_counter()
         from tqdm.auto import tqdm
 
-        for ep in tqdm(range(epochs), desc="mixup function matching" if mixup else "augmented distillation",
-                       unit="epoch"):
+        for ep in tqdm(range(epochs), desc=what, unit="epoch"):
             for m in mods.values():
                 m.train()
             for a in augmented_batches(x_train, g, bs):
@@ -193,8 +195,7 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: b
             mods[n].load_state_dict(best[n][1])
         best_epoch = {n: best[n][2] for n in names}
         _save(path, {"state": {n: mods[n].state_dict() for n in names}, "epoch": best_epoch, "seconds": seconds})
-        log(f"{'mixup function matching' if mixup else 'augmented distillation'}: {len(names)} heads, {epochs} "
-            f"epochs in {seconds:.0f} s")
+        log(f"{what}: {len(names)} heads, {epochs} epochs in {seconds:.0f} s")
     out = {}
     for n in names:
         mods[n].eval()
@@ -443,6 +444,18 @@ def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     return out
 
 
+def trained_tables(rec, trained: dict, data: dict) -> tuple[dict, dict]:
+    """Per split, the ExitPredictions and ExitTables (temperatures fitted on val) of ``trained`` heads (a lever's
+    ``TrainedHead`` dict) on the recording; activation statistics from ``data`` (``bench.policies.split_data``)."""
+    from autoexit.calibrate import calibrate_temperatures
+    from autoexit.pipeline import predictions_for
+    from autoexit.policies import ExitTable
+
+    preds = {s: predictions_for(rec, trained, s) for s in ("train", "val", "test")}
+    temps = calibrate_temperatures(preds["val"])
+    return preds, {s: ExitTable.from_predictions(p, temps, data[s][1]) for s, p in preds.items()}
+
+
 def subset_tables(rec, data: dict, sub: dict) -> tuple[dict, dict]:
     """Per split, the ExitPredictions and ExitTables (temperatures fitted on val) of heads trained on a train
     subset (``subset_logits``): train rows are the subset's, val and test whole; activation statistics from
@@ -515,9 +528,8 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
               resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500),
-              feature_weight: float = 1.0, mixup_epochs: int = 120) -> dict:
+              feature_weight: float = FEATURE_WEIGHT, mixup_epochs: int = MIXUP_EPOCHS) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
-    from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
     from bench.policies import oracle_saving, setup, split_data
 
@@ -533,15 +545,14 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
     agree = {"baseline": [round(float(heads[n].val_agreement), 4) for n in names]}
     secs = {}
     extra: dict = {}
+    base_oracle = oracle_saving(data["test"][0].agree().numpy(), costs)  # the default heads' test oracle
 
     if "augmented" in levers:
         t1 = time.perf_counter()
         aug = augmented_heads(depth, tb, rec, heads, epochs, log)
         secs["augmented"] = time.perf_counter() - t1
         agree["augmented"] = [round(float(aug[n].val_agreement), 4) for n in names]
-        preds = {s: predictions_for(rec, aug, s) for s in ("train", "val", "test")}
-        atemps = calibrate_temperatures(preds["val"])
-        atables = {s: ExitTable.from_predictions(p, atemps, data[s][1]) for s, p in preds.items()}
+        atables = trained_tables(rec, aug, data)[1]
         rows += policy_rows("augmented distillation", atables["train"], atables, costs, depth, resplits)
 
     if "mixup" in levers:
@@ -549,13 +560,11 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         mx = augmented_heads(depth, tb, rec, heads, mixup_epochs, log, mixup=True)
         secs["mixup"] = time.perf_counter() - t1
         agree["mixup function matching"] = [round(float(mx[n].val_agreement), 4) for n in names]
-        preds = {s: predictions_for(rec, mx, s) for s in ("train", "val", "test")}
-        mtemps = calibrate_temperatures(preds["val"])
-        mtables = {s: ExitTable.from_predictions(p, mtemps, data[s][1]) for s, p in preds.items()}
+        preds, mtables = trained_tables(rec, mx, data)
         rows += policy_rows(f"mixup function matching (augmented + mixup, {mixup_epochs} epochs)", mtables["train"],
                             mtables, costs, depth, resplits)
         extra["mixup"] = {"epochs": mixup_epochs,
-                          "oracle saving test (default heads)": oracle_saving(data["test"][0].agree().numpy(), costs),
+                          "oracle saving test (default heads)": base_oracle,
                           "oracle saving test (mixup)": oracle_saving(preds["test"].agree().numpy(), costs)}
 
     if "feature" in levers:
@@ -563,15 +572,13 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         fh = feature_heads(depth, rec, heads, feature_weight, log)
         secs["feature"] = time.perf_counter() - t1
         agree["feature distillation"] = [round(float(fh[n].val_agreement), 4) for n in names]
-        preds = {s: predictions_for(rec, fh, s) for s in ("train", "val", "test")}
-        ftemps = calibrate_temperatures(preds["val"])
-        ftables = {s: ExitTable.from_predictions(p, ftemps, data[s][1]) for s, p in preds.items()}
+        preds, ftables = trained_tables(rec, fh, data)
         fcosts = ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                            float(tb.total_flops))
         rows += policy_rows(f"feature distillation (penultimate features, weight {feature_weight:g})",
                             ftables["train"], ftables, fcosts, depth, resplits)
         extra["feature"] = {"weight": feature_weight,
-                            "oracle saving test (default heads)": oracle_saving(data["test"][0].agree().numpy(), costs),
+                            "oracle saving test (default heads)": base_oracle,
                             "oracle saving test (feature)": oracle_saving(preds["test"].agree().numpy(), fcosts)}
 
     if "cross-fitted" in levers:
@@ -676,9 +683,9 @@ def main(argv=None) -> int:
                     help="weight of the backbone output's distillation loss (each head's is 1)")
     ap.add_argument("--train-sizes", type=int, nargs="+", default=[1250, 2500],
                     help="train images for the train-size lever (fewer than the train split's)")
-    ap.add_argument("--feature-weight", type=float, default=1.0,
+    ap.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
                     help="weight of the penultimate-feature loss of the feature lever (the logits' KL has 1)")
-    ap.add_argument("--mixup-epochs", type=int, default=120,
+    ap.add_argument("--mixup-epochs", type=int, default=MIXUP_EPOCHS,
                     help="epochs of the mixup lever (function matching wants long schedules; augmented uses --epochs)")
     ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
     ap.add_argument("--merge", action="store_true",

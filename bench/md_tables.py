@@ -212,16 +212,11 @@ def levers_blocks() -> dict[str, str]:
                 f"{100 * j['backbone accuracy test']:.2f} % on test); the oracle with its heads saves "
                 f"{100 * j['oracle saving test (joint)']:.1f} % (test) against "
                 f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
-        fe = r.get("feature")
-        jtxt += ("" if not fe else
-                 f"\n\nFeature distillation (penultimate-feature loss weight {fe['weight']:g}): the oracle with its "
-                 f"heads saves {100 * fe['oracle saving test (feature)']:.1f} % (test) against "
-                 f"{100 * fe['oracle saving test (default heads)']:.1f} % with the default heads.")
-        mx = r.get("mixup")
-        jtxt += ("" if not mx else
-                 f"\n\nMixup function matching ({mx['epochs']} epochs): the oracle with its heads saves "
-                 f"{100 * mx['oracle saving test (mixup)']:.1f} % (test) against "
-                 f"{100 * mx['oracle saving test (default heads)']:.1f} % with the default heads.")
+        for key, label in (("feature", lambda e: f"Feature distillation (penultimate-feature loss weight {e['weight']:g})"),
+                           ("mixup", lambda e: f"Mixup function matching ({e['epochs']} epochs)")):
+            if e := r.get(key):
+                jtxt += (f"\n\n{label(e)}: the oracle with its heads saves {100 * e[f'oracle saving test ({key})']:.1f} % "
+                         f"(test) against {100 * e['oracle saving test (default heads)']:.1f} % with the default heads.")
         curve = r.get("train_size")
         ctxt = ("" if not curve else "\n\nLearning curve (default heads and schedule on random subsets of the train "
                 "split): " + "; ".join(f"{c['train images']:,} images: mean val agreement "

@@ -42,6 +42,8 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
    A good teacher is patient and consistent", CVPR 2022). ``mixup``: the ``augmented`` lever's heads and training,
    with each augmented batch mixed with a shuffled copy of itself (one uniform weight per image) and the backbone's
    logits on the *mixed* image as the target, for ``--mixup-epochs`` (default 120, three times ``augmented``'s).
+   A run with another schedule is kept beside the default one (``mixup@N`` in the results; ``--merge``), so runs of
+   several lengths make a schedule-length curve.
 
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
@@ -58,6 +60,7 @@ import argparse
 import copy
 import hashlib
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +73,14 @@ TOLERANCES = (1.0, 2.0)
 MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also what guarantee_check's `mixup` reads
 FEATURE_WEIGHT = 1.0  # the feature lever's default loss weight (--feature-weight), also guarantee_check's `feature`
 LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup")
+
+
+def mixup_key(epochs: int) -> str:
+    """The result key of a mixup run: ``mixup`` for the default schedule, ``mixup@N`` for an ``N``-epoch one, so runs
+    of several schedules are kept side by side (``--merge``) as a schedule-length curve."""
+    return "mixup" if epochs == MIXUP_EPOCHS else f"mixup@{epochs}"
+
+
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
             ("gate+drop", "gate", "drop"))
@@ -558,12 +569,14 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
     if "mixup" in levers:
         t1 = time.perf_counter()
         mx = augmented_heads(depth, tb, rec, heads, mixup_epochs, log, mixup=True)
-        secs["mixup"] = time.perf_counter() - t1
-        agree["mixup function matching"] = [round(float(mx[n].val_agreement), 4) for n in names]
+        mkey = mixup_key(mixup_epochs)
+        secs[mkey] = time.perf_counter() - t1
+        akey = "mixup function matching" + ("" if mkey == "mixup" else f" ({mixup_epochs} epochs)")
+        agree[akey] = [round(float(mx[n].val_agreement), 4) for n in names]
         preds, mtables = trained_tables(rec, mx, data)
         rows += policy_rows(f"mixup function matching (augmented + mixup, {mixup_epochs} epochs)", mtables["train"],
                             mtables, costs, depth, resplits)
-        extra["mixup"] = {"epochs": mixup_epochs,
+        extra[mkey] = {"epochs": mixup_epochs,
                           "oracle saving test (default heads)": base_oracle,
                           "oracle saving test (mixup)": oracle_saving(preds["test"].agree().numpy(), costs)}
 
@@ -645,6 +658,9 @@ def _lever_of(variant: str) -> str:
     """The lever a policy-row variant or an agreement row belongs to ("baseline" for the default heads)."""
     if variant.startswith(("out-of-fold", "in-sample")):
         return "cross-fitted"
+    if variant.startswith("mixup"):  # each schedule is its own lever; the only number in its names is the epochs
+        m = re.search(r"\d+", variant)
+        return mixup_key(int(m.group()) if m else MIXUP_EPOCHS)
     return next((lv for lv in LEVERS if variant.startswith(lv.split("-")[0])), "baseline")
 
 
@@ -726,7 +742,8 @@ def main(argv=None) -> int:
     env = environment()
     run = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}
     for r in results:  # each lever says when and at which commit it ran (--merge keeps older runs)
-        r["runs"] = {lever: run for lever in ("baseline", *args.levers)}
+        r["runs"] = {lever: run for lever in ("baseline", *(mixup_key(args.mixup_epochs) if lv == "mixup" else lv
+                                                           for lv in args.levers))}
     results = [merge_depth(prior_results.pop(r["depth"], None), r) for r in results]
     for r in results:
         print_table([{"variant": k, **{n: v for n, v in zip(r["candidates"], a)}}

@@ -175,9 +175,19 @@ def levers_blocks() -> dict[str, str]:
         return {}
     env = res.get("environment", {})
     parts = []
+    what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
+                    "mixup": "mixup function-matching heads"}
+
+    def trained(k: str) -> str:  # a training-time key (lever, or mixup@N for a non-default schedule) in words
+        lever, _, epochs = k.partition("@")
+        return what_trained.get(lever, lever + " heads") + (f" ({epochs} epochs)" if epochs else "")
+
     for r in res.get("results", []):
         variants = list(dict.fromkeys(x["variant"] for x in r["rows"]))
         short = {v: v.split(" (")[0] for v in variants}
+        for v in variants:  # two runs of one lever (mixup schedules) keep their whole names apart
+            if sum(s == short[v] for s in short.values()) > 1:
+                short[v] = v
         rows: dict[tuple, dict] = {}
         for x in r["rows"]:
             row = rows.setdefault((x["T %"], x["policy"]), {"T %": x["T %"], "policy": x["policy"]})
@@ -189,10 +199,8 @@ def levers_blocks() -> dict[str, str]:
         names = r["candidates"]
         arows = [{"variant": k, **{n: v for n, v in zip(names, a)}} for k, a in r["val_agreement"].items()]
         acols = [("variant", "agreement with the backbone", 0)] + [(n, n, 3) for n in names]
-        what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
-                        "mixup": "mixup function-matching heads"}
-        secs = ", ".join(f"{what_trained.get(k, k + ' heads')} {v / 60:.1f} min" if v >= 60
-                         else f"{what_trained.get(k, k + ' heads')} from cache" for k, v in r.get("seconds", {}).items())
+        secs = ", ".join(f"{trained(k)} {v / 60:.1f} min" if v >= 60 else f"{trained(k)} from cache"
+                         for k, v in r.get("seconds", {}).items())
         note = (" Violations: share of 100 random val/test re-splits whose test drop exceeds T (delta = 0.1)."
                 if has_viol else "")
         runs = r.get("runs") or ({"all": r["run"]} if r.get("run") else {})
@@ -212,11 +220,15 @@ def levers_blocks() -> dict[str, str]:
                 f"{100 * j['backbone accuracy test']:.2f} % on test); the oracle with its heads saves "
                 f"{100 * j['oracle saving test (joint)']:.1f} % (test) against "
                 f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
-        for key, label in (("feature", lambda e: f"Feature distillation (penultimate-feature loss weight {e['weight']:g})"),
-                           ("mixup", lambda e: f"Mixup function matching ({e['epochs']} epochs)")):
+        labels = {"feature": lambda e: f"Feature distillation (penultimate-feature loss weight {e['weight']:g})",
+                  "mixup": lambda e: f"Mixup function matching ({e['epochs']} epochs)"}
+        mixups = sorted((k for k in r if k.startswith("mixup")), key=lambda k: r[k]["epochs"])
+        for key in ["feature", *mixups]:  # mixup schedules (mixup, mixup@N) shortest first
             if e := r.get(key):
-                jtxt += (f"\n\n{label(e)}: the oracle with its heads saves {100 * e[f'oracle saving test ({key})']:.1f} % "
-                         f"(test) against {100 * e['oracle saving test (default heads)']:.1f} % with the default heads.")
+                lever = key.split("@")[0]
+                jtxt += (f"\n\n{labels[lever](e)}: the oracle with its heads saves "
+                         f"{100 * e[f'oracle saving test ({lever})']:.1f} % (test) against "
+                         f"{100 * e['oracle saving test (default heads)']:.1f} % with the default heads.")
         curve = r.get("train_size")
         ctxt = ("" if not curve else "\n\nLearning curve (default heads and schedule on random subsets of the train "
                 "split): " + "; ".join(f"{c['train images']:,} images: mean val agreement "

@@ -13,10 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.head_levers import (  # noqa: E402
+    MIXUP_EPOCHS,
     _lever_of,
     feature_head,
     merge_depth,
     mix,
+    mixup_key,
     penultimate_features,
     train_feature_head,
 )
@@ -52,6 +54,11 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("feature") == "feature"
     assert _lever_of("mixup function matching (augmented + mixup, 120 epochs)") == "mixup"
     assert _lever_of("mixup") == "mixup"
+    # another schedule is a lever of its own, so --merge keeps both (a schedule-length curve)
+    assert _lever_of("mixup function matching (augmented + mixup, 360 epochs)") == "mixup@360"
+    assert _lever_of("mixup function matching (360 epochs)") == _lever_of("mixup@360") == "mixup@360"
+    assert _lever_of(f"mixup function matching (augmented + mixup, {MIXUP_EPOCHS} epochs)") == "mixup"
+    assert mixup_key(MIXUP_EPOCHS) == "mixup" and mixup_key(360) == "mixup@360"
 
 
 def test_mix_blends_each_image_with_another_of_the_batch():
@@ -105,6 +112,56 @@ def test_merge_replaces_a_lever_run_again_and_no_prior_means_the_new_result():
     assert m["seconds"] == {"augmented": 400.0, "cross-fitted": 900.0}
     assert m["runs"]["cross-fitted"] == run and m["runs"]["augmented"] == OLD["run"]
     assert merge_depth(None, new) is new
+
+
+def test_merge_keeps_mixup_schedules_side_by_side_and_replaces_one_run_again():
+    def mixup_run(epochs: int, saving: float, date: str) -> dict:
+        run = {"date": date, "commit": "c", "argv": ["--mixup-epochs", str(epochs)]}
+        key = mixup_key(epochs)
+        akey = "mixup function matching" + ("" if key == "mixup" else f" ({epochs} epochs)")
+        return {"depth": 20, "candidates": ["a", "b"],
+                "rows": _rows("baseline (default heads, fitted in-sample)", 6.0)
+                + _rows(f"mixup function matching (augmented + mixup, {epochs} epochs)", saving),
+                "val_agreement": {"baseline": [0.4, 0.5], akey: [0.5, 0.6]}, "seconds": {key: 60.0 * epochs},
+                "runs": {"baseline": run, key: run}, key: {"epochs": epochs}}
+
+    short = merge_depth(OLD, mixup_run(MIXUP_EPOCHS, 9.0, "d1"))
+    both = merge_depth(short, mixup_run(360, 11.0, "d2"))
+    saving = {r["variant"]: r["saving %"] for r in both["rows"]}
+    assert saving[f"mixup function matching (augmented + mixup, {MIXUP_EPOCHS} epochs)"] == 9.0
+    assert saving["mixup function matching (augmented + mixup, 360 epochs)"] == 11.0
+    assert both["mixup"] == {"epochs": MIXUP_EPOCHS} and both["mixup@360"] == {"epochs": 360}
+    assert both["runs"]["mixup"]["date"] == "d1" and both["runs"]["mixup@360"]["date"] == "d2"
+    assert set(both["seconds"]) == {"augmented", "cross-fitted", "mixup", "mixup@360"}
+    assert "mixup function matching" in both["val_agreement"]
+    assert "mixup function matching (360 epochs)" in both["val_agreement"]
+    again = merge_depth(both, mixup_run(360, 12.0, "d3"))  # the same schedule run again replaces only itself
+    saving = [r["saving %"] for r in again["rows"] if r["variant"].endswith("360 epochs)")]
+    assert saving == [12.0, 12.0] and again["runs"]["mixup"]["date"] == "d1"
+
+
+def test_docs_block_shows_each_mixup_schedule_in_its_own_column_and_oracle_line(monkeypatch):
+    import bench.md_tables as md
+
+    def run(epochs: int, saving: float) -> dict:
+        key = mixup_key(epochs)
+        return {"depth": 20, "candidates": ["a", "b"], "runs": {"baseline": {}, key: {}},
+                "rows": [{**x, "drop %": 0.5} for x in _rows("baseline (default heads, fitted in-sample)", 6.0)
+                         + _rows(f"mixup function matching (augmented + mixup, {epochs} epochs)", saving)],
+                "val_agreement": {"baseline": [0.4, 0.5]}, "seconds": {key: 60.0 * epochs},
+                key: {"epochs": epochs, "oracle saving test (default heads)": 0.67, "oracle saving test (mixup)":
+                      0.6 + epochs / 10_000}}
+
+    merged = merge_depth(run(MIXUP_EPOCHS, 9.0), run(360, 11.0))
+    monkeypatch.setattr(md, "_load", lambda name: {"results": [merged]} if name == "head_levers" else {})
+    block = md.levers_blocks()["policies-levers"]
+    header = next(ln for ln in block.splitlines() if ln.startswith("| T %"))
+    assert f"mixup function matching (augmented + mixup, {MIXUP_EPOCHS} epochs): saved" in header
+    assert "mixup function matching (augmented + mixup, 360 epochs): saved" in header
+    assert "| 6.0 (0.50) | 9.0 (0.50) | 11.0 (0.50) |" in block  # each schedule's own savings, in run order
+    assert block.index(f"Mixup function matching ({MIXUP_EPOCHS} epochs): the oracle") < block.index(  # shortest first
+        "Mixup function matching (360 epochs): the oracle with its heads saves 63.6 %")
+    assert "mixup function-matching heads (360 epochs) 360.0 min" in block
 
 
 def test_feature_head_learns_the_features_through_the_frozen_final_layer_without_labels():

@@ -18,7 +18,7 @@ the same heads trained on that many train images, ``bench/head_levers.py --lever
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
 ``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
 penultimate features, ``--levers feature`` there; ``mixup``, not run by default: the heads trained by mixup function
-matching for 120 epochs, ``--levers mixup`` there), tolerance
+matching for 120 epochs, ``--levers mixup`` there; ``mixup@N``: for ``N`` epochs, ``--mixup-epochs N`` there), tolerance
 and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
@@ -87,8 +87,9 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return (trained_tables(rec, fh, data)[1],
                 ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                           float(tb.total_flops)))
-    if variant == "mixup":  # as head_levers --levers mixup (default epochs): the default heads' FLOPs, own temperatures
-        return trained_tables(rec, augmented_heads(depth, tb, rec, heads, MIXUP_EPOCHS, log, mixup=True), data)[1], costs
+    if variant.startswith("mixup"):  # as head_levers --levers mixup [--mixup-epochs N for mixup@N]: the default
+        epochs = int(variant.partition("@")[2] or MIXUP_EPOCHS)  # heads' FLOPs, their own temperatures
+        return trained_tables(rec, augmented_heads(depth, tb, rec, heads, epochs, log, mixup=True), data)[1], costs
     if variant in ("baseline", "cross-fitted"):
         temps = calibrate_temperatures(data["val"][0])
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
                     help="baseline (default heads), cross-fitted (policies fitted on 2-fold out-of-fold "
                          "predictions of train), feature (heads distilled on the penultimate features), mixup "
-                         "(heads trained by mixup function matching) and/or "
+                         "(heads trained by mixup function matching; mixup@N: for N epochs) and/or "
                          "train-subset sizes (heads trained on that many images)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--policies", nargs="+", choices=[p[0] for p in POLICIES], default=None,
@@ -172,9 +173,11 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if v not in ("baseline", "cross-fitted", "feature", "mixup") and not (v.isdigit() and 0 < int(v) < 5000):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup' or a train-subset size "
-                     "between 1 and 4999")
+        mixup_n = v.removeprefix("mixup@")
+        if (v not in ("baseline", "cross-fitted", "feature", "mixup") and not (v.isdigit() and 0 < int(v) < 5000)
+                and not (v.startswith("mixup@") and mixup_n.isdigit() and int(mixup_n) > 0)):
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs) "
+                     "or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:
             ap.error(f"--{what} must be at least 1, got {getattr(args, what)}")

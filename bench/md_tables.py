@@ -254,15 +254,19 @@ def guarantee_blocks() -> dict[str, str]:
         return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
                 f"p={r[f'{what} p(<=delta)']:.2g}")
 
-    from bench.head_levers import POLICIES
+    from bench.head_levers import MIXUP_EPOCHS, POLICIES
 
     policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
 
-    def order(r):  # by network, heads (baseline, cross-fitted, feature, mixup, then train-subset sizes), T, policy
-        v = r["variant"]
-        return (int(r["model"].removeprefix("resnet")),
-                int(v) if v.isdigit() else {"baseline": -4, "cross-fitted": -3, "feature": -2}.get(v, -1),
-                r["T %"], policy_order.index(r["policy"]))
+    def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, train-subset sizes
+        if v.isdigit():
+            return 0, int(v)
+        if v.startswith("mixup"):
+            return -1, int(v.partition("@")[2] or MIXUP_EPOCHS)
+        return {"baseline": -4, "cross-fitted": -3, "feature": -2}.get(v, -1), 0
+
+    def order(r):  # by network, heads, T, policy
+        return int(r["model"].removeprefix("resnet")), heads(r["variant"]), r["T %"], policy_order.index(r["policy"])
 
     out = []
     for r in sorted(rows, key=order):

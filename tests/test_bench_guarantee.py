@@ -103,7 +103,7 @@ def test_docs_block_orders_rows_and_states_each_rate(monkeypatch):
     rows = [row("resnet56", "baseline", 1.0, "max_softmax", 50), row("resnet20", "2500", 1.0, "max_softmax", 60),
             row("resnet20", "baseline", 2.0, "gate+drop", 70), row("resnet20", "baseline", 1.0, "gate+drop", 80),
             row("resnet20", "cross-fitted", 1.0, "max_softmax", 90), row("resnet20", "1250", 1.0, "max_softmax", 120),
-            row("resnet20", "mixup", 1.0, "max_softmax", 40),
+            row("resnet20", "mixup@360", 1.0, "max_softmax", 45), row("resnet20", "mixup", 1.0, "max_softmax", 40),
             row("resnet20", "baseline", 1.0, "patience", 100), row("resnet20", "feature", 1.0, "max_softmax", 30)]
     rows[-1]["independent-test viol"] = 0.0734  # rows written before this column show "-"
     monkeypatch.setattr(md, "_load", lambda name: {"delta": 0.1, "rows": rows} if name == "guarantee_check" else {})
@@ -113,12 +113,13 @@ def test_docs_block_orders_rows_and_states_each_rate(monkeypatch):
     assert order == [("resnet20", "baseline", "1.0", "patience"), ("resnet20", "baseline", "1.0", "gate+drop"),
                      ("resnet20", "baseline", "2.0", "gate+drop"), ("resnet20", "cross-fitted", "1.0", "max_softmax"),
                      ("resnet20", "feature", "1.0", "max_softmax"), ("resnet20", "mixup", "1.0", "max_softmax"),
+                     ("resnet20", "mixup@360", "1.0", "max_softmax"),
                      ("resnet20", "1250", "1.0", "max_softmax"), ("resnet20", "2500", "1.0", "max_softmax"),
                      ("resnet56", "baseline", "1.0", "max_softmax")]
     lo, hi = rate_interval(120, 1000)
-    assert f"12.0 % of 1000 [{100 * lo:.1f}, {100 * hi:.1f}]" in body[6]  # 12 % is above delta: p small
-    assert f"p={above_delta_pvalue(120, 1000, 0.1):.2g}" in body[6] and above_delta_pvalue(120, 1000, 0.1) < 0.05
-    assert "| 7.3 % |" in body[4] and "| - |" in body[6]  # the independent-test column
+    assert f"12.0 % of 1000 [{100 * lo:.1f}, {100 * hi:.1f}]" in body[7]  # 12 % is above delta: p small
+    assert f"p={above_delta_pvalue(120, 1000, 0.1):.2g}" in body[7] and above_delta_pvalue(120, 1000, 0.1) < 0.05
+    assert "| 7.3 % |" in body[4] and "| - |" in body[7]  # the independent-test column
     assert "at commit abc1234" in block
 
 

@@ -184,6 +184,11 @@ def levers_blocks() -> dict[str, str]:
 
     for r in res.get("results", []):
         variants = list(dict.fromkeys(x["variant"] for x in r["rows"]))
+        mixups = [v for v in variants if v.startswith("mixup")]  # schedules side by side, shortest first
+        if mixups:
+            at = variants.index(mixups[0])
+            rest = [v for v in variants if v not in mixups]
+            variants = rest[:at] + sorted(mixups, key=lambda v: int(re.search(r"(\d+) epochs", v).group(1))) + rest[at:]
         short = {v: v.split(" (")[0] for v in variants}
         for v in variants:  # two runs of one lever (mixup schedules) keep their whole names apart
             if sum(s == short[v] for s in short.values()) > 1:

@@ -152,13 +152,13 @@ def test_docs_block_shows_each_mixup_schedule_in_its_own_column_and_oracle_line(
                 key: {"epochs": epochs, "oracle saving test (default heads)": 0.67, "oracle saving test (mixup)":
                       0.6 + epochs / 10_000}}
 
-    merged = merge_depth(run(MIXUP_EPOCHS, 9.0), run(360, 11.0))
+    merged = merge_depth(merge_depth(run(MIXUP_EPOCHS, 9.0), run(360, 11.0)), run(40, 7.0))
     monkeypatch.setattr(md, "_load", lambda name: {"results": [merged]} if name == "head_levers" else {})
     block = md.levers_blocks()["policies-levers"]
     header = next(ln for ln in block.splitlines() if ln.startswith("| T %"))
     assert f"mixup function matching (augmented + mixup, {MIXUP_EPOCHS} epochs): saved" in header
     assert "mixup function matching (augmented + mixup, 360 epochs): saved" in header
-    assert "| 6.0 (0.50) | 9.0 (0.50) | 11.0 (0.50) |" in block  # each schedule's own savings, in run order
+    assert "| 6.0 (0.50) | 7.0 (0.50) | 9.0 (0.50) | 11.0 (0.50) |" in block  # each schedule's savings, shortest first
     assert block.index(f"Mixup function matching ({MIXUP_EPOCHS} epochs): the oracle") < block.index(  # shortest first
         "Mixup function matching (360 epochs): the oracle with its heads saves 63.6 %")
     assert "mixup function-matching heads (360 epochs) 360.0 min" in block

@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
-from bench.head_levers import POLICIES  # noqa: E402
+from bench.head_levers import POLICIES, mixup_epochs  # noqa: E402
 
 DELTA = 0.1
 TOLERANCES = (1.0, 2.0)
@@ -67,7 +67,6 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     from autoexit.policies import ExitCosts, ExitTable
     from bench.head_levers import (
         FEATURE_WEIGHT,
-        MIXUP_EPOCHS,
         augmented_heads,
         cross_fitted_table,
         feature_heads,
@@ -88,8 +87,8 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
                 ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                           float(tb.total_flops)))
     if variant.startswith("mixup"):  # as head_levers --levers mixup [--mixup-epochs N for mixup@N]: the default
-        epochs = int(variant.partition("@")[2] or MIXUP_EPOCHS)  # heads' FLOPs, their own temperatures
-        return trained_tables(rec, augmented_heads(depth, tb, rec, heads, epochs, log, mixup=True), data)[1], costs
+        mx = augmented_heads(depth, tb, rec, heads, mixup_epochs(variant), log, mixup=True)  # heads' FLOPs, own temps
+        return trained_tables(rec, mx, data)[1], costs
     if variant in ("baseline", "cross-fitted"):
         temps = calibrate_temperatures(data["val"][0])
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -173,9 +172,8 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        mixup_n = v.removeprefix("mixup@")
         if (v not in ("baseline", "cross-fitted", "feature", "mixup") and not (v.isdigit() and 0 < int(v) < 5000)
-                and not (v.startswith("mixup@") and mixup_n.isdigit() and int(mixup_n) > 0)):
+                and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
             ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs) "
                      "or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):

@@ -81,6 +81,13 @@ def mixup_key(epochs: int) -> str:
     return "mixup" if epochs == MIXUP_EPOCHS else f"mixup@{epochs}"
 
 
+def mixup_epochs(name: str) -> int:
+    """The schedule that a mixup result key (``mixup``, ``mixup@N``), variant or agreement label names: the only
+    number in it, else the default - the inverse of :func:`mixup_key`."""
+    m = re.search(r"\d+", name)
+    return int(m.group()) if m else MIXUP_EPOCHS
+
+
 POLICIES = (("max_softmax", "max_softmax", "disagreement"), ("patience", "patience", "disagreement"),
             ("gate", "gate", "disagreement"), ("max_softmax+drop", "max_softmax", "drop"),
             ("gate+drop", "gate", "drop"))
@@ -658,9 +665,8 @@ def _lever_of(variant: str) -> str:
     """The lever a policy-row variant or an agreement row belongs to ("baseline" for the default heads)."""
     if variant.startswith(("out-of-fold", "in-sample")):
         return "cross-fitted"
-    if variant.startswith("mixup"):  # each schedule is its own lever; the only number in its names is the epochs
-        m = re.search(r"\d+", variant)
-        return mixup_key(int(m.group()) if m else MIXUP_EPOCHS)
+    if variant.startswith("mixup"):  # each schedule is its own lever
+        return mixup_key(mixup_epochs(variant))
     return next((lv for lv in LEVERS if variant.startswith(lv.split("-")[0])), "baseline")
 
 

@@ -173,6 +173,8 @@ def levers_blocks() -> dict[str, str]:
     res = _load("head_levers")
     if not res:
         return {}
+    from bench.head_levers import mixup_epochs
+
     env = res.get("environment", {})
     parts = []
     what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
@@ -188,7 +190,7 @@ def levers_blocks() -> dict[str, str]:
         if mixups:
             at = variants.index(mixups[0])
             rest = [v for v in variants if v not in mixups]
-            variants = rest[:at] + sorted(mixups, key=lambda v: int(re.search(r"(\d+) epochs", v).group(1))) + rest[at:]
+            variants = rest[:at] + sorted(mixups, key=mixup_epochs) + rest[at:]
         short = {v: v.split(" (")[0] for v in variants}
         for v in variants:  # two runs of one lever (mixup schedules) keep their whole names apart
             if sum(s == short[v] for s in short.values()) > 1:
@@ -227,8 +229,7 @@ def levers_blocks() -> dict[str, str]:
                 f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
         labels = {"feature": lambda e: f"Feature distillation (penultimate-feature loss weight {e['weight']:g})",
                   "mixup": lambda e: f"Mixup function matching ({e['epochs']} epochs)"}
-        mixups = sorted((k for k in r if k.startswith("mixup")), key=lambda k: r[k]["epochs"])
-        for key in ["feature", *mixups]:  # mixup schedules (mixup, mixup@N) shortest first
+        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs)]:  # mixup shortest first
             if e := r.get(key):
                 lever = key.split("@")[0]
                 jtxt += (f"\n\n{labels[lever](e)}: the oracle with its heads saves "
@@ -259,7 +260,7 @@ def guarantee_blocks() -> dict[str, str]:
         return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
                 f"p={r[f'{what} p(<=delta)']:.2g}")
 
-    from bench.head_levers import MIXUP_EPOCHS, POLICIES
+    from bench.head_levers import POLICIES, mixup_epochs
 
     policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
 
@@ -267,7 +268,7 @@ def guarantee_blocks() -> dict[str, str]:
         if v.isdigit():
             return 0, int(v)
         if v.startswith("mixup"):
-            return -1, int(v.partition("@")[2] or MIXUP_EPOCHS)
+            return -1, mixup_epochs(v)
         return {"baseline": -4, "cross-fitted": -3, "feature": -2}.get(v, -1), 0
 
     def order(r):  # by network, heads, T, policy

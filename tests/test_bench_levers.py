@@ -18,6 +18,7 @@ from bench.head_levers import (  # noqa: E402
     feature_head,
     merge_depth,
     mix,
+    mixup_epochs,
     mixup_key,
     penultimate_features,
     train_feature_head,
@@ -59,6 +60,8 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("mixup function matching (360 epochs)") == _lever_of("mixup@360") == "mixup@360"
     assert _lever_of(f"mixup function matching (augmented + mixup, {MIXUP_EPOCHS} epochs)") == "mixup"
     assert mixup_key(MIXUP_EPOCHS) == "mixup" and mixup_key(360) == "mixup@360"
+    assert mixup_epochs("mixup") == MIXUP_EPOCHS and mixup_epochs("mixup@360") == 360
+    assert mixup_epochs("mixup function matching (augmented + mixup, 40 epochs)") == 40
 
 
 def test_mix_blends_each_image_with_another_of_the_batch():

@@ -178,7 +178,7 @@ def levers_blocks() -> dict[str, str]:
     env = res.get("environment", {})
     parts = []
     what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
-                    "mixup": "mixup function-matching heads"}
+                    "mixup": "mixup function-matching heads", "skip": "skip heads and their out-of-fold copies"}
 
     def trained(k: str) -> str:  # a training-time key (lever, or mixup@N for a non-default schedule) in words
         lever, _, epochs = k.partition("@")
@@ -228,13 +228,23 @@ def levers_blocks() -> dict[str, str]:
                 f"{100 * j['oracle saving test (joint)']:.1f} % (test) against "
                 f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
         labels = {"feature": lambda e: f"Feature distillation (penultimate-feature loss weight {e['weight']:g})",
-                  "mixup": lambda e: f"Mixup function matching ({e['epochs']} epochs)"}
-        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs)]:  # mixup shortest first
+                  "mixup": lambda e: f"Mixup function matching ({e['epochs']} epochs)",
+                  "skip": lambda e: f"Skip heads (peak learning rate {e['lr']:g})"}
+        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs), "skip"]:
             if e := r.get(key):
                 lever = key.split("@")[0]
                 jtxt += (f"\n\n{labels[lever](e)}: the oracle with its heads saves "
                          f"{100 * e[f'oracle saving test ({lever})']:.1f} % (test) against "
                          f"{100 * e['oracle saving test (default heads)']:.1f} % with the default heads.")
+        if (e := r.get("skip")) and "confident share val (skip)" in e:
+            flops = e["head flops"]
+            cs = [(n, a, b) for n, a, b in zip(names, e["confident share val (default)"],
+                                               e["confident share val (skip)"]) if flops.get(n) and a != b]
+            jtxt += ("\n\nSkip heads, share of val an exit could answer alone at <= 1 % disagreement (max-softmax "
+                     "order, hindsight), default head -> skip head (the skip head's FLOPs as a share of the "
+                     "backbone's): " + "; ".join(f"{n} {100 * a:.1f} -> {100 * b:.1f} % "
+                                                 f"({100 * flops[n] / e['backbone flops']:.1f} %)" for n, a, b in cs)
+                     + ".")
         curve = r.get("train_size")
         ctxt = ("" if not curve else "\n\nLearning curve (default heads and schedule on random subsets of the train "
                 "split): " + "; ".join(f"{c['train images']:,} images: mean val agreement "

@@ -15,12 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.head_levers import (  # noqa: E402
     MIXUP_EPOCHS,
     _lever_of,
+    confident_share,
     feature_head,
     merge_depth,
     mix,
     mixup_epochs,
     mixup_key,
     penultimate_features,
+    skip_head,
     train_feature_head,
 )
 
@@ -62,6 +64,9 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert mixup_key(MIXUP_EPOCHS) == "mixup" and mixup_key(360) == "mixup@360"
     assert mixup_epochs("mixup") == MIXUP_EPOCHS and mixup_epochs("mixup@360") == 360
     assert mixup_epochs("mixup function matching (augmented + mixup, 40 epochs)") == 40
+    assert _lever_of("skip heads (backbone's stage-entry blocks + its linear layer, fine-tuned; fitted "
+                     "out-of-fold, 2 folds)") == "skip"
+    assert _lever_of("skip heads out-of-fold (train)") == _lever_of("skip heads") == _lever_of("skip") == "skip"
 
 
 def test_mix_blends_each_image_with_another_of_the_batch():
@@ -209,3 +214,79 @@ def test_feature_head_learns_the_features_through_the_frozen_final_layer_without
     assert 1 <= best <= 15
     assert after[0] > before[0] + 0.3 and after[1] < 0.1 * before[1], (before, after)
     assert all(torch.equal(v, fc0[k]) for k, v in head.fc.state_dict().items())  # the final layer never moved
+
+
+def _resnet_with_identity_blocks(depth: int = 20):
+    """A random CIFAR ResNet whose blocks other than the stage-entry ones are identities on their (non-negative)
+    input: their last batch norm outputs 0, so the block gives relu(0 + x) = x."""
+    import torch
+
+    from autoexit.zoo import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(depth).eval()
+    with torch.no_grad():
+        for s in (1, 2, 3):
+            for i, block in enumerate(getattr(model, f"layer{s}")):
+                if s == 1 or i > 0:
+                    block.bn2.weight.zero_()
+                    block.bn2.bias.zero_()
+    return model
+
+
+def test_skip_head_is_the_backbone_without_its_shape_keeping_blocks():
+    """A skip head keeps exactly the later stages' shape-changing first blocks and the final layer: on a backbone
+    whose other blocks are identities it gives the backbone's own logits from the exit's activation, at the stem
+    and at every exit of the first two stages; an exit in the last stage has no skip head."""
+    import torch
+
+    model = _resnet_with_identity_blocks()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        stem = torch.relu(model.bn1(model.conv1(x)))
+        acts = {"relu": stem}
+        h = stem
+        for s in (1, 2, 3):
+            for i, block in enumerate(getattr(model, f"layer{s}")):
+                h = block(h)
+                acts[f"layer{s}.{i}"] = h
+        for name, a in acts.items():
+            head = skip_head(model, name, tuple(a.shape[1:]))
+            if name.startswith("layer3"):
+                assert head is None, name
+                continue
+            # the stem's first stage keeps the shape, so its block is skipped like any other
+            assert len(head.blocks) == (1 if name.startswith("layer2") else 2), name
+            assert torch.allclose(head.eval()(a), want, atol=1e-5), name
+    # copies: training a skip head never moves the backbone
+    head = skip_head(model, "layer2.0", tuple(acts["layer2.0"].shape[1:]))
+    with torch.no_grad():
+        head.linear.weight.add_(1.0)
+        head.blocks[0].conv1.weight.add_(1.0)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_confident_share_is_the_largest_top_confidence_prefix_within_the_disagreement_budget():
+    """Brute force: for every prefix of the samples sorted by top softmax probability, count its disagreements
+    with the backbone; the share is the longest prefix whose rate is within the budget."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        n = 50 + trial * 7
+        teacher = torch.randn(n, 4, generator=g)
+        head = teacher + 1.5 * torch.randn(n, 4, generator=g)
+        conf = head.softmax(1).max(1).values
+        wrong = head.argmax(1) != teacher.argmax(1)
+        order = sorted(range(n), key=lambda i: -float(conf[i]))
+        for budget in (0.0, 0.05, 0.2):
+            best = 0
+            for k in range(1, n + 1):
+                if sum(bool(wrong[i]) for i in order[:k]) <= budget * k + 1e-9:
+                    best = k
+            assert confident_share(head, teacher, budget) == best / n, (trial, budget)
+    agree = torch.eye(3)[torch.tensor([0, 1, 2, 0])] * 5
+    assert confident_share(agree, agree, 0.0) == 1.0
+    assert confident_share(-agree, agree, 0.0) == 0.0  # every answer disagrees

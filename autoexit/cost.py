@@ -215,6 +215,16 @@ def reseeded(evaluator, settings=None, offset: int = 0):
 
 
 LATENCY_STATS = ("median_ms", "min_ms", "mean_ms")
+
+
+def check_latency_stat(stat, name: str = "stat") -> str:
+    """``stat`` if it names a timing's statistic (:data:`LATENCY_STATS`), else a one-line error naming the
+    parameter ``name`` it came from."""
+    from .errors import AutoExitError
+
+    if not isinstance(stat, str) or stat not in LATENCY_STATS:
+        raise AutoExitError(f"{name} must be one of {', '.join(LATENCY_STATS)} (a timing's statistic), got {stat!r}")
+    return stat
 """The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
@@ -308,8 +318,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         raise AutoExitError(f"rounds must be an integer >= 1 (anchor timings per model), got {rounds!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AutoExitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if stat not in LATENCY_STATS:
-        raise AutoExitError(f"stat must be 'median_ms', 'min_ms' or 'mean_ms' (a timing's statistic), got {stat!r}")
+    check_latency_stat(stat)
     if len(heads) != len(temperatures):
         raise AutoExitError(f"give one temperature per head: {len(heads)} heads, {len(temperatures)} temperatures")
     from .evaluator import LocalEvaluator, segment_profile

@@ -143,11 +143,9 @@ class EnableConfig:
         if isinstance(self.cost_batch_size, bool) or not isinstance(self.cost_batch_size, int) \
                 or self.cost_batch_size < 1:
             raise AutoExitError(f"cost_batch_size must be an integer >= 1, got {self.cost_batch_size!r}")
-        from .cost import LATENCY_STATS
+        from .cost import check_latency_stat
 
-        if self.cost_stat not in LATENCY_STATS:
-            raise AutoExitError(f"cost_stat must be one of {', '.join(LATENCY_STATS)} (a timing's statistic), "
-                                f"got {self.cost_stat!r}")
+        check_latency_stat(self.cost_stat, "cost_stat")
         if not isinstance(self.policy_options, Mapping):
             raise AutoExitError(f"policy_options must be a mapping of option names to values, got "
                                 f"{type(self.policy_options).__name__}")

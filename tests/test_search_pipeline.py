@@ -271,7 +271,7 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
                                 for seed in range(3)]))
 
     assert timed_min(none) == pytest.approx(cm["no_exit_ms"]) and mn.base == pytest.approx(cm["no_exit_ms"])
-    with pytest.raises(AutoExitError, match="stat must be 'median_ms', 'min_ms' or 'mean_ms'"):
+    with pytest.raises(AutoExitError, match="stat must be one of median_ms, min_ms, mean_ms"):
         latency_costs(res, ev, settings=s, stat="p99_ms")
 
 

@@ -374,10 +374,9 @@ class OuterSettings:
             raise AutoExitError(f"objective must be 'multi' or 'scalar', got {self.objective!r}")
         if self.cost not in ("flops", "latency"):
             raise AutoExitError(f"cost must be 'flops' or 'latency', got {self.cost!r}")
-        from ..cost import LATENCY_STATS
+        from ..cost import check_latency_stat
 
-        if self.latency_stat not in LATENCY_STATS:
-            raise AutoExitError(f"latency_stat must be one of {', '.join(LATENCY_STATS)}, got {self.latency_stat!r}")
+        check_latency_stat(self.latency_stat, "latency_stat")
         if self.accuracy not in ("auto", "gt", "agreement"):
             raise AutoExitError(f"accuracy must be 'auto', 'gt' or 'agreement', got {self.accuracy!r}")
         if self.basis not in ("total", "reaching"):

@@ -750,7 +750,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         rows += policy_rows(f"skip heads (backbone's stage-entry blocks + its linear layer, fine-tuned; "
                             f"fitted out-of-fold, {folds} folds)", fit, stables, scosts, depth, resplits)
         val_logits = {"default": data["val"][0].logits, "skip": preds["val"].logits}
-        extra["skip"] = {"lr": skip_lr, "head flops": {n: int(sk[n].flops) for n in names},
+        extra["skip"] = {"lr": skip_lr, "exits": list(sk_oof), "head flops": {n: int(sk[n].flops) for n in names},
                          "backbone flops": float(tb.total_flops),
                          **{f"confident share val ({k})": [round(confident_share(lg[j], rec.logits("val")), 4)
                                                            for j in range(len(names))]

@@ -239,7 +239,7 @@ def levers_blocks() -> dict[str, str]:
         if (e := r.get("skip")) and "confident share val (skip)" in e:
             flops = e["head flops"]
             cs = [(n, a, b) for n, a, b in zip(names, e["confident share val (default)"],
-                                               e["confident share val (skip)"]) if flops.get(n) and a != b]
+                                               e["confident share val (skip)"]) if n in e["exits"]]
             jtxt += ("\n\nSkip heads, share of val an exit could answer alone at <= 1 % disagreement (max-softmax "
                      "order, hindsight), default head -> skip head (the skip head's FLOPs as a share of the "
                      "backbone's): " + "; ".join(f"{n} {100 * a:.1f} -> {100 * b:.1f} % "

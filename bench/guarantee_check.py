@@ -18,7 +18,9 @@ the same heads trained on that many train images, ``bench/head_levers.py --lever
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
 ``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
 penultimate features, ``--levers feature`` there; ``mixup``, not run by default: the heads trained by mixup function
-matching for 120 epochs, ``--levers mixup`` there; ``mixup@N``: for ``N`` epochs, ``--mixup-epochs N`` there), tolerance
+matching for 120 epochs, ``--levers mixup`` there; ``mixup@N``: for ``N`` epochs, ``--mixup-epochs N`` there; ``skip``:
+the heads built from the backbone's own stage-entry blocks, with the policies fitted out-of-fold, ``--levers skip``
+there), tolerance
 and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
@@ -67,9 +69,11 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     from autoexit.policies import ExitCosts, ExitTable
     from bench.head_levers import (
         FEATURE_WEIGHT,
+        SKIP_LR,
         augmented_heads,
         cross_fitted_table,
         feature_heads,
+        skip_tables,
         subset_logits,
         subset_tables,
         trained_tables,
@@ -89,6 +93,8 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     if variant.startswith("mixup"):  # as head_levers --levers mixup [--mixup-epochs N for mixup@N]: the default
         mx = augmented_heads(depth, tb, rec, heads, mixup_epochs(variant), log, mixup=True)  # heads' FLOPs, own temps
         return trained_tables(rec, mx, data)[1], costs
+    if variant == "skip":  # as head_levers --levers skip: their own FLOPs and temperatures, fitted out-of-fold
+        return skip_tables(depth, tb, rec, heads, data, SKIP_LR, 2, log)[3:]
     if variant in ("baseline", "cross-fitted"):
         temps = calibrate_temperatures(data["val"][0])
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -161,7 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
                     help="baseline (default heads), cross-fitted (policies fitted on 2-fold out-of-fold "
                          "predictions of train), feature (heads distilled on the penultimate features), mixup "
-                         "(heads trained by mixup function matching; mixup@N: for N epochs) and/or "
+                         "(heads trained by mixup function matching; mixup@N: for N epochs), skip (heads built from "
+                         "the backbone's stage-entry blocks, fitted out-of-fold) and/or "
                          "train-subset sizes (heads trained on that many images)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--policies", nargs="+", choices=[p[0] for p in POLICIES], default=None,
@@ -172,10 +179,11 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if (v not in ("baseline", "cross-fitted", "feature", "mixup") and not (v.isdigit() and 0 < int(v) < 5000)
+        if (v not in ("baseline", "cross-fitted", "feature", "mixup", "skip")
+                and not (v.isdigit() and 0 < int(v) < 5000)
                 and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs) "
-                     "or a train-subset size between 1 and 4999")
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs), "
+                     "'skip' or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:
             ap.error(f"--{what} must be at least 1, got {getattr(args, what)}")

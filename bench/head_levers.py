@@ -551,6 +551,28 @@ def skip_heads(depth: int, rec, heads: dict, lr: float, log, folds: int = 2) -> 
     return out, oof
 
 
+def skip_tables(depth: int, tb, rec, heads: dict, data: dict, lr: float, folds: int, log):
+    """The skip lever's heads (:func:`skip_heads`), their ExitTables per split (temperatures fitted on val) with
+    ``train`` the table the policies are fitted on - out-of-fold predictions of the train split: the skip exits'
+    own, the default heads' (:func:`out_of_fold`, the cross-fitted lever's) at the last stage - and their costs.
+    Returns (heads, their out-of-fold logits, predictions per split, tables, costs)."""
+    import torch
+
+    from autoexit.calibrate import ExitPredictions, calibrate_temperatures
+    from autoexit.policies import ExitCosts, ExitTable
+
+    names = [p.name for p in rec.points]
+    sk, sk_oof = skip_heads(depth, rec, heads, lr, log, folds)
+    preds, tables = trained_tables(rec, sk, data)
+    costs = ExitCosts([sk[n].flops for n in names], [sk[n].point.flops_before for n in names], float(tb.total_flops))
+    base_oof = out_of_fold(depth, rec, heads, folds, log)
+    fit_logits = torch.stack([sk_oof[n] if n in sk_oof else base_oof[j] for j, n in enumerate(names)])
+    tr = data["train"][0]
+    tables["train"] = ExitTable.from_predictions(ExitPredictions(names, fit_logits, tr.backbone_logits, tr.labels),
+                                                 calibrate_temperatures(preds["val"]), data["train"][1])
+    return sk, sk_oof, preds, tables, costs
+
+
 def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     """Default heads (same spec, schedule and seed as the baseline) trained on ``size`` random train images,
     cached: their logits on those images (``train``, with ``index`` into the train split), on val and on test."""
@@ -674,8 +696,6 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
               resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500),
               feature_weight: float = FEATURE_WEIGHT, mixup_epochs: int = MIXUP_EPOCHS, skip_lr: float = SKIP_LR) -> dict:
-    import torch
-
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.policies import ExitCosts, ExitTable
     from bench.policies import oracle_saving, setup, split_data
@@ -732,23 +752,14 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
 
     if "skip" in levers:
         t1 = time.perf_counter()
-        sk, sk_oof = skip_heads(depth, rec, heads, skip_lr, log, folds)
+        sk, sk_oof, preds, stables, scosts = skip_tables(depth, tb, rec, heads, data, skip_lr, folds, log)
         secs["skip"] = time.perf_counter() - t1
         agree["skip heads"] = [round(float(sk[n].val_agreement), 4) for n in names]
-        preds, stables = trained_tables(rec, sk, data)
-        scosts = ExitCosts([sk[n].flops for n in names], [sk[n].point.flops_before for n in names],
-                           float(tb.total_flops))
-        # fitted out-of-fold: the skip exits' own out-of-fold logits, the default heads' (cross-fitted lever) elsewhere
-        base_oof = out_of_fold(depth, rec, heads, folds, log)
-        fit_logits = torch.stack([sk_oof[n] if n in sk_oof else base_oof[j] for j, n in enumerate(names)])
-        tr = data["train"][0]
-        fit = ExitTable.from_predictions(ExitPredictions(names, fit_logits, tr.backbone_logits, tr.labels),
-                                         calibrate_temperatures(preds["val"]), data["train"][1])
-        agree["skip heads out-of-fold (train)"] = [round(float(v), 4) for v in
-                                                   (fit_logits.argmax(2) == tr.backbone_logits.argmax(1)[None])
-                                                   .float().mean(1)]
+        fit = stables["train"]
+        agree["skip heads out-of-fold (train)"] = [round(float((z.argmax(1) == fit.backbone_logits.argmax(1))
+                                                               .float().mean()), 4) for z in fit.z]
         rows += policy_rows(f"skip heads (backbone's stage-entry blocks + its linear layer, fine-tuned; "
-                            f"fitted out-of-fold, {folds} folds)", fit, stables, scosts, depth, resplits)
+                            f"fitted out-of-fold, {folds} folds)", stables["train"], stables, scosts, depth, resplits)
         val_logits = {"default": data["val"][0].logits, "skip": preds["val"].logits}
         extra["skip"] = {"lr": skip_lr, "exits": list(sk_oof), "head flops": {n: int(sk[n].flops) for n in names},
                          "backbone flops": float(tb.total_flops),

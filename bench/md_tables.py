@@ -274,12 +274,12 @@ def guarantee_blocks() -> dict[str, str]:
 
     policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
 
-    def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, train-subset sizes
+    def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, skip, train-subset sizes
         if v.isdigit():
-            return 0, int(v)
+            return 1, int(v)
         if v.startswith("mixup"):
             return -1, mixup_epochs(v)
-        return {"baseline": -4, "cross-fitted": -3, "feature": -2}.get(v, -1), 0
+        return {"baseline": -4, "cross-fitted": -3, "feature": -2, "skip": 0}.get(v, -1), 0
 
     def order(r):  # by network, heads, T, policy
         return int(r["model"].removeprefix("resnet")), heads(r["variant"]), r["T %"], policy_order.index(r["policy"])

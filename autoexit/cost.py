@@ -215,17 +215,15 @@ def reseeded(evaluator, settings=None, offset: int = 0):
 
 
 LATENCY_STATS = ("median_ms", "min_ms", "mean_ms")
+"""The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
-def check_latency_stat(stat, name: str = "stat") -> str:
-    """``stat`` if it names a timing's statistic (:data:`LATENCY_STATS`), else a one-line error naming the
-    parameter ``name`` it came from."""
+def check_latency_stat(stat, name: str = "stat") -> None:
+    """A one-line error naming the parameter ``name`` unless ``stat`` is one of :data:`LATENCY_STATS`."""
     from .errors import AutoExitError
 
     if not isinstance(stat, str) or stat not in LATENCY_STATS:
         raise AutoExitError(f"{name} must be one of {', '.join(LATENCY_STATS)} (a timing's statistic), got {stat!r}")
-    return stat
-"""The statistics of one timing (its groups of runs) a latency profile may be built from."""
 
 
 def one_exit_anchors(n: int) -> list[int]:

@@ -236,7 +236,7 @@ def levers_blocks() -> dict[str, str]:
                 jtxt += (f"\n\n{labels[lever](e)}: the oracle with its heads saves "
                          f"{100 * e[f'oracle saving test ({lever})']:.1f} % (test) against "
                          f"{100 * e['oracle saving test (default heads)']:.1f} % with the default heads.")
-        if (e := r.get("skip")) and "confident share val (skip)" in e:
+        if e := r.get("skip"):
             flops = e["head flops"]
             cs = [(n, a, b) for n, a, b in zip(names, e["confident share val (default)"],
                                                e["confident share val (skip)"]) if n in e["exits"]]

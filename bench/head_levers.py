@@ -84,7 +84,7 @@ TOLERANCES = (1.0, 2.0)
 MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also what guarantee_check's `mixup` reads
 FEATURE_WEIGHT = 1.0  # the feature lever's default loss weight (--feature-weight), also guarantee_check's `feature`
 SKIP_LR = 1e-3  # the skip lever's peak learning rate (--skip-lr): a third of the default, the heads start pretrained
-LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup", "skip")
+LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup", "skip", "two-stage")
 
 
 def mixup_key(epochs: int) -> str:
@@ -582,6 +582,200 @@ def skip_tables(depth: int, tb, rec, heads: dict, data: dict, lr: float, folds: 
     return sk, sk_oof, preds, tables, costs
 
 
+TRY_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)  # two-stage lever: shares of inputs that may run a skip head (1: every input)
+TWO_STAGE_POLICIES = (("max_softmax", "disagreement"), ("gate", "disagreement"), ("max_softmax", "drop"),
+                      ("gate", "drop"))  # rules that read no earlier exit: a skip head not run has no logits
+
+
+class TwoStage:
+    """Two-stage exits on recorded predictions: at an exit with a skip head, the exit's cheap default head runs
+    first, and only an input whose default head's top softmax probability reaches the exit's *try threshold* runs
+    the skip head (which then decides the exit as usual); the others go on without paying for it. Exits without a
+    skip head (the last stage) are plain exits.
+
+    ``conf[split]`` [exits, n]: the default heads' top probability (the fit split's from out-of-fold heads, like
+    its skip logits); ``c_try``/``c_head`` per exit: the default head's and the exit head's FLOPs; ``costs``: the
+    skip lever's (``c1`` = each exit's head, ``before``, ``base``). Try thresholds come from a try share ``q`` as
+    the ``1 - q`` quantile of each exit's fit-split confidence, so everything is fixed before calibration."""
+
+    def __init__(self, conf: dict, gated, c_try, costs):
+        import numpy as np
+
+        self.conf, self.gated = conf, np.asarray(gated, dtype=bool)
+        self.c_try = np.asarray(c_try, dtype=np.float64)
+        self.costs = costs
+
+    def thresholds(self, q: float):
+        import numpy as np
+
+        if q >= 1:  # no try gate: every input runs the skip head, and nobody pays for a default head
+            return np.full(len(self.gated), -np.inf)
+        return np.where(self.gated, np.quantile(self.conf["train"], 1 - q, axis=1), -np.inf)
+
+    def tried(self, split: str, tau, rows=None):
+        """[exits, n] whether each input runs each exit's head."""
+        c = self.conf[split] if rows is None else self.conf[split][:, rows]
+        return c >= tau[:, None]
+
+    def sample_costs(self, chain, tried, q: float):
+        """[k + 1, n] FLOPs of each input answered at each chain position (last: the backbone): the backbone up to
+        the exit, and at every exit passed the default head (if gated and ``q`` < 1) plus the exit's head if run."""
+        import numpy as np
+
+        c = self.costs
+        chain = list(chain)
+        n = tried.shape[1]
+        if not chain:
+            return np.full((1, n), c.base)
+        pre = np.where(self.gated[chain] & (q < 1), self.c_try[chain], 0.0)
+        paid = pre[:, None] + c.c1[chain][:, None] * tried[chain]
+        cum = np.cumsum(paid, 0)
+        return np.vstack([c.before[chain][:, None] + cum, c.base + cum[-1:]])
+
+
+def _masked(scores, tried, chain):
+    """Scores with -inf where the exit's head was not run (such an input cannot leave there)."""
+    import numpy as np
+
+    return np.where(tried[list(chain)], scores, -np.inf)
+
+
+def fit_two_stage(ts: TwoStage, tables: dict, policy: str, risk: str, tol: float, q: float, delta: float = 0.1):
+    """One two-stage policy at try share ``q``: exit set (``select_chain``) and threshold family (``greedy_path``
+    with per-input costs) on the fit split (out-of-fold), as ``RiskControlledPolicy.fit`` does with plain exits.
+    Returns (chain, rules, family, fit FLOPs at the target risk)."""
+    import numpy as np
+
+    from autoexit.policies import make_policy
+    from autoexit.policies.cascade import chain_scores, greedy_path, loss_matrix, select_chain, target_risk
+
+    fit = tables["train"]
+    pol = make_policy(policy, **({"history": 0} if policy == "gate" else {}))
+    alpha, n = tol / 100, fit.n
+    r_star = target_risk(alpha, tables["val"].n, delta, risk)
+    tau = ts.thresholds(q)
+    tried = ts.tried("train", tau)
+    solo: dict = {}
+
+    def scores(chain, rules):
+        for r, e in zip(rules, chain):
+            if e not in solo:
+                solo[e] = chain_scores([r], [e], fit)[0]
+        return _masked(np.stack([solo[e] for e in chain]), tried, chain)
+
+    def evaluate(chain):
+        if not chain:
+            return ts.costs.base
+        path = greedy_path(scores(chain, pol.rules_for(chain, fit, final=False)), loss_matrix(fit, chain, risk),
+                           ts.sample_costs(chain, tried, q), chunk=max(1, n // 100), max_risk=2 * r_star + 1e-9)
+        return path.flops_at(r_star)
+
+    chain, fit_flops, _ = select_chain(list(range(len(fit.names))), evaluate)
+    rules = pol.rules_for(chain, fit, final=True)
+    solo.clear()
+    path = greedy_path(_masked(chain_scores(rules, chain, fit), tried, chain), loss_matrix(fit, chain, risk),
+                       ts.sample_costs(chain, tried, q), chunk=max(1, n // 400), max_risk=max(4 * alpha, alpha + 0.02))
+    return chain, rules, path.thresholds, fit_flops
+
+
+def _deploy(ts: TwoStage, chain, family, scores_cal, cal, tried_cal, q: float, risk: str, tol: float,
+            delta: float = 0.1):
+    """Learn-then-Test over ``family`` on calibration rows, then the certified row cheapest on them once the heads
+    it never uses are left out (``finalise``'s rule, per-input costs). Returns (kept positions, thresholds,
+    certified)."""
+    import numpy as np
+
+    from autoexit.policies import _kept_positions
+    from autoexit.policies.cascade import certify, loss_matrix
+
+    res, exit_of = certify(scores_cal, loss_matrix(cal, chain, risk), family, tol / 100, delta, risk)
+    best = None
+    for r in range(res.index + 1) if res.index >= 0 else range(1):
+        keep = _kept_positions(family[r], False)
+        where = np.full(len(chain) + 1, len(keep), dtype=np.int64)
+        where[keep] = np.arange(len(keep))
+        cost = ts.sample_costs([chain[j] for j in keep], tried_cal, q)
+        f = float(cost[where[exit_of[r]], np.arange(cal.n)].mean())
+        if best is None or f < best[0] - 1e-9 * ts.costs.base:
+            best = (f, keep, family[r][keep])
+    if best[0] >= ts.costs.base:
+        return [], np.zeros(0), res.index >= 0
+    return best[1], np.asarray(best[2], dtype=float), res.index >= 0
+
+
+def _outcome(ts: TwoStage, chain, thr, scores, table, tried, q: float) -> dict:
+    """Saving, disagreement and drop of deployed two-stage exits on ``table`` (``scores`` masked, kept chain)."""
+    import numpy as np
+
+    from autoexit.policies.cascade import simulate
+
+    n = table.n
+    pos = simulate(scores, thr) if len(chain) else np.zeros(n, dtype=np.int64)
+    pred = np.vstack([table.pred(chain), table.bpred[None, :]])[pos, np.arange(n)]
+    flops = ts.sample_costs(chain, tried, q)[pos, np.arange(n)]
+    y = table.labels.numpy()
+    ch = list(chain)
+    run = (pos[None, :] >= np.arange(len(ch))[:, None]) & tried[ch] & ts.gated[ch][:, None]  # skip heads run
+    return {"saving": float(1 - flops.mean() / ts.costs.base), "disagreement": float((pred != table.bpred).mean()),
+            "drop": float((table.bpred == y).mean() - (pred == y).mean()),
+            "skip heads run": float(run.sum(0).mean()) if ch else 0.0,
+            "skip heads reached": float(((pos[None, :] >= np.arange(len(ch))[:, None]) & ts.gated[ch][:, None])
+                                        .sum(0).mean()) if ch else 0.0}
+
+
+def two_stage_rows(label: str, ts: TwoStage, tables: dict, depth: int, resplits: int, log) -> tuple[list, dict]:
+    """Every two-stage policy at every tolerance, its try share chosen on the fit split among ``TRY_SHARES``
+    (lowest fit FLOPs at the target risk), certified on val, tested on test and over ``resplits`` re-splits of
+    val + test (same seed and draws as ``policy_rows``)."""
+    import numpy as np
+
+    from autoexit.policies.cascade import chain_scores
+    from bench.policies import _pool
+
+    pool = _pool(tables["val"], tables["test"])
+    conf_pool = np.concatenate([ts.conf["val"], ts.conf["test"]], 1)
+    rng = np.random.default_rng(12345)
+    splits = [rng.permutation(pool.n) for _ in range(resplits)]
+    n_val = tables["val"].n
+    rows, chosen = [], {}
+    for tol in TOLERANCES:
+        for policy, risk in TWO_STAGE_POLICIES:
+            name = policy + ("+drop" if risk == "drop" else "")
+            fits = {q: fit_two_stage(ts, tables, policy, risk, tol, q) for q in TRY_SHARES}
+            q = min(fits, key=lambda k: (fits[k][3], -k))
+            chain, rules, family, _ = fits[q]
+            tau = ts.thresholds(q)
+            full = {s: _masked(chain_scores(rules, chain, tables[s]), ts.tried(s, tau), chain) for s in ("val", "test")}
+            keep, thr, ok = _deploy(ts, chain, family, full["val"], tables["val"], ts.tried("val", tau), q, risk, tol)
+            kept = [chain[j] for j in keep]
+            m = _outcome(ts, kept, thr, full["test"][keep], tables["test"], ts.tried("test", tau), q)
+            ts_pool = TwoStage({"pool": conf_pool, "train": ts.conf["train"]}, ts.gated, ts.c_try, ts.costs)
+            s_pool = _masked(chain_scores(rules, chain, pool), ts_pool.tried("pool", tau), chain)
+            sav, drops, viol_drop, viol_dis = [], [], 0, 0
+            for perm in splits:
+                cal, test = perm[:n_val], perm[n_val:]
+                k2, t2, _ = _deploy(ts, chain, family, s_pool[:, cal], pool.subset_rows(cal),
+                                    ts_pool.tried("pool", tau, cal), q, risk, tol)
+                r = _outcome(ts, [chain[j] for j in k2], t2, s_pool[k2][:, test], pool.subset_rows(test),
+                             ts_pool.tried("pool", tau, test), q)
+                sav.append(r["saving"])
+                drops.append(r["drop"])
+                viol_drop += r["drop"] > tol / 100
+                viol_dis += r["disagreement"] > tol / 100
+            rows.append({"model": f"resnet{depth}", "variant": label, "T %": tol, "policy": name,
+                         "exits": len(kept), "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
+                         "certified": ok, "viol(drop)": viol_drop / len(splits),
+                         "viol(disagree)": viol_dis / len(splits),
+                         "resplit saving %": 100 * float(np.mean(sav)),
+                         "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)),
+                         "try share": q, "skip heads run per input (test)": m["skip heads run"],
+                         "skip heads reached per input (test)": m["skip heads reached"]})
+            chosen[f"{tol:g}|{name}"] = q
+            log(f"two-stage resnet{depth} T={tol:g} {name}: try share {q:g}, saved {100 * m['saving']:.1f} % "
+                f"(re-splits {100 * np.mean(sav):.1f} %), drop {100 * m['drop']:.2f}")
+    return rows, chosen
+
+
 def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     """Default heads (same spec, schedule and seed as the baseline) trained on ``size`` random train images,
     cached: their logits on those images (``train``, with ``index`` into the train split), on val and on test."""
@@ -759,10 +953,12 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                             "oracle saving test (default heads)": base_oracle,
                             "oracle saving test (feature)": oracle_saving(preds["test"].agree().numpy(), fcosts)}
 
-    if "skip" in levers:
+    if "skip" in levers or "two-stage" in levers:
         t1 = time.perf_counter()
         sk, sk_oof, preds, stables, scosts = skip_tables(depth, tb, rec, heads, data, skip_lr, folds, log)
-        secs["skip"] = time.perf_counter() - t1
+        skip_s = time.perf_counter() - t1
+    if "skip" in levers:
+        secs["skip"] = skip_s
         agree["skip heads"] = [round(float(sk[n].val_agreement), 4) for n in names]
         fit = stables["train"]
         agree["skip heads out-of-fold (train)"] = [round(float((z.argmax(1) == fit.backbone_logits.argmax(1))
@@ -777,6 +973,19 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                             for k, lg in val_logits.items()},
                          "oracle saving test (default heads)": base_oracle,
                          "oracle saving test (skip)": oracle_saving(preds["test"].agree().numpy(), scosts)}
+
+    if "two-stage" in levers:
+        t1 = time.perf_counter()
+        base_oof = out_of_fold(depth, rec, heads, folds, log)
+        conf = {"train": base_oof.softmax(2).amax(2).numpy(),
+                **{s: data[s][0].logits.float().softmax(2).amax(2).numpy() for s in ("val", "test")}}
+        ts = TwoStage(conf, [n in sk_oof for n in names], [heads[n].flops for n in names], scosts)
+        trows, shares = two_stage_rows(f"two-stage exits (skip head run only where the default head is confident; "
+                                       f"fitted out-of-fold, {folds} folds)", ts, stables, depth, resplits, log)
+        rows += trows
+        secs["two-stage"] = skip_s + time.perf_counter() - t1
+        extra["two-stage"] = {"try shares": list(TRY_SHARES), "chosen try share": shares,
+                              "oracle saving test (default heads)": base_oracle}
 
     if "cross-fitted" in levers:
         t1 = time.perf_counter()

@@ -10,11 +10,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.head_levers import (  # noqa: E402
     MIXUP_EPOCHS,
+    TwoStage,
+    _deploy,
     _lever_of,
+    _masked,
+    _outcome,
     confident_share,
     feature_head,
     merge_depth,
@@ -67,6 +73,8 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("skip heads (backbone's stage-entry blocks + its linear layer, fine-tuned; fitted "
                      "out-of-fold, 2 folds)") == "skip"
     assert _lever_of("skip heads out-of-fold (train)") == _lever_of("skip heads") == _lever_of("skip") == "skip"
+    assert _lever_of("two-stage exits (skip head run only where the default head is confident; fitted "
+                     "out-of-fold, 2 folds)") == _lever_of("two-stage") == "two-stage"
 
 
 def test_mix_blends_each_image_with_another_of_the_batch():
@@ -290,3 +298,96 @@ def test_confident_share_is_the_largest_top_confidence_prefix_within_the_disagre
     agree = torch.eye(3)[torch.tensor([0, 1, 2, 0])] * 5
     assert confident_share(agree, agree, 0.0) == 1.0
     assert confident_share(-agree, agree, 0.0) == 0.0  # every answer disagrees
+
+
+def _two_stage(seed: int = 0, n: int = 400):
+    """A synthetic 4-exit two-stage setup: exits 0-2 gated (a default head tries, a skip head decides), exit 3
+    plain; per split the default heads' confidence and a table of the exit heads' logits."""
+    import numpy as np
+    import torch
+
+    from autoexit.policies import ExitCosts, ExitTable
+
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    costs = ExitCosts(np.array([5.0, 5.0, 3.0, 1.0]), np.array([10.0, 30.0, 50.0, 80.0]), 100.0)
+    conf, tables = {}, {}
+    for split in ("train", "val", "test"):
+        y = torch.randint(0, 4, (n,), generator=g)
+        bb = torch.nn.functional.one_hot(y, 4).float() * 3 + torch.randn(n, 4, generator=g)
+        z = [bb + s * torch.randn(n, 4, generator=g) for s in (3.0, 2.0, 1.5, 1.0)]
+        tables[split] = ExitTable([f"e{j}" for j in range(4)], z, bb, y)
+        conf[split] = rng.uniform(0.2, 1.0, size=(4, n))
+    return TwoStage(conf, [True, True, True, False], [1.0, 1.0, 0.5, 0.0], costs), tables
+
+
+def test_two_stage_costs_charge_a_skip_head_only_to_the_inputs_that_run_it():
+    """Per-input path costs against a brute-force walk: the backbone up to the exit, at every exit passed (and the
+    one answering) the default head when gated, plus the exit's head only where it ran; no try gate (q = 1) is
+    the plain skip lever's cost."""
+    import numpy as np
+
+    from autoexit.policies.cascade import chain_costs
+
+    ts, _ = _two_stage()
+    tau = ts.thresholds(0.3)
+    assert np.isinf(tau[3]) and np.all(np.isfinite(tau[:3]))
+    tried = ts.tried("test", tau)
+    assert abs(tried[:3].mean() - 0.3) < 0.1 and tried[3].all()  # about the try share on new data
+    chain = [0, 2, 3]
+    cost = ts.sample_costs(chain, tried, 0.3)
+    c = ts.costs
+    for i in range(tried.shape[1]):
+        for j in range(len(chain) + 1):
+            paid = 0.0
+            for e in chain[: j + 1]:
+                paid += (ts.c_try[e] if ts.gated[e] else 0.0) + (c.c1[e] if tried[e, i] else 0.0)
+            want = (c.before[chain[j]] if j < len(chain) else c.base) + paid
+            assert cost[j, i] == pytest.approx(want)
+    plain = ts.sample_costs(chain, ts.tried("test", ts.thresholds(1.0)), 1.0)
+    assert np.allclose(plain, chain_costs(c, chain)[:, None])
+    assert np.all(ts.sample_costs([], tried, 0.3) == c.base)
+
+
+def test_two_stage_inputs_leave_only_where_the_skip_head_ran_and_the_outcome_is_recomputed_exactly():
+    """Masked scores let no input leave at a gated exit whose head it did not run; the deployed policy's saving,
+    disagreement and drop are the brute-force ones, and certification on calibration rows gives thresholds that
+    only go as low as the family allows."""
+    import numpy as np
+
+    from autoexit.policies.cascade import chain_scores, greedy_path, loss_matrix
+    from autoexit.policies.rules import ConfidenceRule
+
+    ts, tables = _two_stage(1, 1500)
+    q, chain = 0.3, [0, 1, 2, 3]
+    tau = ts.thresholds(q)
+    rules = [ConfidenceRule(0) for _ in chain]
+    tried = {s: ts.tried(s, tau) for s in tables}
+    sc = {s: _masked(chain_scores(rules, chain, tables[s]), tried[s], chain) for s in tables}
+    assert np.all(np.isneginf(sc["val"][~tried["val"][chain]]))
+    family = greedy_path(sc["train"], loss_matrix(tables["train"], chain, "disagreement"),
+                         ts.sample_costs(chain, tried["train"], q), max_risk=0.3).thresholds
+    keep, thr, ok = _deploy(ts, chain, family, sc["val"], tables["val"], tried["val"], q, "disagreement", 10.0)
+    assert ok and keep and len(thr) == len(keep)
+    kept = [chain[j] for j in keep]
+    m = _outcome(ts, kept, thr, sc["test"][keep], tables["test"], tried["test"], q)
+    t = tables["test"]
+    flops, agree, right = [], [], []
+    y, b = t.labels.numpy(), t.bpred
+    for i in range(t.n):
+        paid, out = 0.0, None
+        for e, th in zip(kept, thr):
+            paid += (ts.c_try[e] if ts.gated[e] else 0.0) + (ts.costs.c1[e] if tried["test"][e, i] else 0.0)
+            p = t.z[e][i].softmax(0)
+            if tried["test"][e, i] and float(p.max()) >= th:
+                out = (ts.costs.before[e] + paid, int(p.argmax()))
+                break
+        if out is None:
+            out = (ts.costs.base + paid, int(b[i]))
+        flops.append(out[0])
+        agree.append(out[1] == b[i])
+        right.append(out[1] == y[i])
+    assert m["saving"] == pytest.approx(1 - np.mean(flops) / ts.costs.base)
+    assert m["disagreement"] == pytest.approx(1 - np.mean(agree))
+    assert m["drop"] == pytest.approx(np.mean(b == y) - np.mean(right))
+    assert 0 < m["skip heads run"] <= m["skip heads reached"]

@@ -119,3 +119,24 @@ def test_cascade_guarantee_holds_over_calibration_draws():
         violations += true_risk[j] > alpha
     assert violations / draws <= delta + 3 * _se(delta, draws)
     assert np.mean(chosen) > 0  # and it does let samples exit
+
+
+def test_greedy_path_per_sample_costs():
+    """A [k + 1, n] cost (what each sample pays depends on the sample) builds the same family as the [k + 1]
+    cost it broadcasts from, and each row's fit cost is the brute-force mean of the per-sample costs of the
+    exits the row's thresholds give; a cost of the wrong shape is refused."""
+    rng = np.random.default_rng(5)
+    s, loss = _population(rng, 1500)
+    cost = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    flat = greedy_path(s, loss, cost, max_risk=0.1)
+    wide = greedy_path(s, loss, np.repeat(cost[:, None], s.shape[1], 1), max_risk=0.1)
+    assert np.array_equal(flat.thresholds, wide.thresholds) and np.allclose(flat.fit_flops, wide.fit_flops)
+    per = cost[:, None] + rng.uniform(0, 3, size=(5, s.shape[1]))  # sample-dependent
+    path = greedy_path(s, loss, per, max_risk=0.1)
+    assert len(path.fit_flops) > 3 and not np.array_equal(path.thresholds, flat.thresholds)
+    for row, f, r in zip(path.thresholds, path.fit_flops, path.fit_risk):
+        pos = simulate(s, row)
+        cols = np.arange(s.shape[1])
+        assert f == pytest.approx(per[pos, cols].mean()) and r == pytest.approx(loss[pos, cols].mean())
+    with pytest.raises(AutoExitError, match=r"exit costs must be \[5\] or \[5, 1500\]"):
+        greedy_path(s, loss, per[:, :10])

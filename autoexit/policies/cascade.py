@@ -247,13 +247,21 @@ class Path:
 
 def greedy_path(scores: np.ndarray, losses: np.ndarray, exit_cost: np.ndarray, chunk: int | None = None,
                 max_risk: float = 0.05, lookahead: Sequence[int] = (1, 2, 4, 8, 16)) -> Path:
-    """The ordered family on fit data (see the module doc). ``losses`` [k + 1, n], ``exit_cost`` [k + 1]."""
+    """The ordered family on fit data (see the module doc). ``losses`` [k + 1, n]; ``exit_cost`` [k + 1] (what a
+    sample exiting at each position costs, :func:`chain_costs`) or [k + 1, n] (per sample, when what a sample pays
+    depends on the sample, e.g. a head that runs only on some inputs)."""
     s = np.asarray(scores, dtype=np.float64)
     k, n = s.shape
     loss = np.asarray(losses, dtype=np.float64)
     cost = np.asarray(exit_cost, dtype=np.float64)
+    if cost.shape not in ((k + 1,), (k + 1, n)):
+        raise AutoExitError(f"exit costs must be [{k + 1}] or [{k + 1}, {n}] for {k} exits and {n} samples, "
+                            f"got {list(cost.shape)}")
+    first = float(cost[k]) if cost.ndim == 1 else (float(cost[k].mean()) if n else 0.0)
+    if cost.ndim == 1:
+        cost = np.broadcast_to(cost[:, None], (k + 1, n))
     thr = np.full(k, np.inf)
-    rows, risks, flops = [thr.copy()], [0.0], [float(cost[k])]
+    rows, risks, flops = [thr.copy()], [0.0], [first]
     if k == 0 or n == 0:
         return Path(np.array(rows).reshape(1, k), np.array(risks), np.array(flops))
     order = np.argsort(-s, axis=1, kind="stable")
@@ -262,7 +270,7 @@ def greedy_path(scores: np.ndarray, losses: np.ndarray, exit_cost: np.ndarray, c
     ptr = np.zeros(k, dtype=np.int64)
     b = int(chunk) if chunk else max(1, n // 400)
     total_loss = 0.0
-    total_cost = float(cost[k]) * n
+    total_cost = float(cost[k].sum())
     while True:
         best = None
         for j in range(k):
@@ -286,7 +294,7 @@ def greedy_path(scores: np.ndarray, losses: np.ndarray, exit_cost: np.ndarray, c
                 seen_end = end
                 members = seq[: end - p0][reach[: end - p0]]
                 old = exit_of[members]
-                d_cost = float((cost[j] - cost[old]).sum())
+                d_cost = float((cost[j, members] - cost[old, members]).sum())
                 d_loss = float((loss[j, members] - loss[old, members]).sum())
                 saving = -d_cost
                 if saving <= 0:

@@ -1,5 +1,5 @@
-"""Six levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint fine-tuning,
-feature distillation, mixup function matching, skip heads.
+"""Seven levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint
+fine-tuning, feature distillation, mixup function matching, skip heads, two-stage exits.
 
 ``bench/policies.py`` shows the guaranteed policies saving 6-10 % at T = 1 % on ResNet-20 where the
 oracle saves 67 %, and its hindsight columns show the heads and signals themselves allowing only
@@ -55,13 +55,24 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
    also say, per exit, what share of val each head could answer alone within 1 % disagreement
    (:func:`confident_share`).
 
+7. **Every input paying for a costly head.** A skip head costs a block, and every input that reaches its exit pays
+   for it, though few leave there. ``two-stage``: at an exit with a skip head, the exit's default head (under 1 % of
+   the FLOPs) runs first and only the inputs it is most confident about - a try share ``q`` of them, the ``1 - q``
+   quantile of its top probability on the fit split - run the skip head, which then decides the exit as usual; the
+   others go on without paying for it (:class:`TwoStage`). ``q`` is chosen per policy and tolerance among
+   ``TRY_SHARES`` by the fit split's expected FLOPs at the target risk (1: no try gate, the ``skip`` lever), and the
+   exit set and threshold family are fitted with per-input costs, all on the out-of-fold fit split, so calibration
+   on val is untouched. Only rules that read no earlier exit can be used (an input that did not run an earlier
+   exit's skip head has no logits there): ``max_softmax`` and gates without history, with both risks.
+
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip] [--feature-weight 1] [--mixup-epochs 120]
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage] [--feature-weight 1] [--mixup-epochs 120]
 [--skip-lr 1e-3] [--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56; ``skip``: about 20 min on ResNet-20 with
-its out-of-fold copies). Heads are cached in ``~/.cache/autoexit/bench-levers``.
+its out-of-fold copies; ``two-stage``: the skip heads from cache plus about 2 min on ResNet-20 and 20 on ResNet-56).
+Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
 
@@ -587,6 +598,21 @@ TWO_STAGE_POLICIES = (("max_softmax", "disagreement"), ("gate", "disagreement"),
                       ("gate", "drop"))  # rules that read no earlier exit: a skip head not run has no logits
 
 
+def try_recall(skip_logits, default_logits, teacher_logits, share: float, max_disagreement: float = 0.01) -> float:
+    """Of the inputs a skip head could let out alone at ``max_disagreement`` (its :func:`confident_share`, most
+    confident first), the share that are among the ``share`` of inputs its exit's default head is most confident
+    about: what a try gate letting that share run the skip head keeps (in hindsight). 1 when there are none."""
+    import torch
+
+    m = round(confident_share(skip_logits, teacher_logits, max_disagreement) * len(teacher_logits))
+    if m == 0:
+        return 1.0
+    top = torch.argsort(skip_logits.softmax(1).max(1).values, descending=True, stable=True)[:m]
+    conf = default_logits.softmax(1).max(1).values
+    tried = conf >= torch.quantile(conf, 1 - share)
+    return float(tried[top].float().mean())
+
+
 class TwoStage:
     """Two-stage exits on recorded predictions: at an exit with a skip head, the exit's cheap default head runs
     first, and only an input whose default head's top softmax probability reaches the exit's *try threshold* runs
@@ -689,13 +715,14 @@ def _deploy(ts: TwoStage, chain, family, scores_cal, cal, tried_cal, q: float, r
     from autoexit.policies.cascade import certify, loss_matrix
 
     res, exit_of = certify(scores_cal, loss_matrix(cal, chain, risk), family, tol / 100, delta, risk)
-    best = None
+    best, cols, costs = None, np.arange(cal.n), {}
     for r in range(res.index + 1) if res.index >= 0 else range(1):
         keep = _kept_positions(family[r], False)
         where = np.full(len(chain) + 1, len(keep), dtype=np.int64)
         where[keep] = np.arange(len(keep))
-        cost = ts.sample_costs([chain[j] for j in keep], tried_cal, q)
-        f = float(cost[where[exit_of[r]], np.arange(cal.n)].mean())
+        if tuple(keep) not in costs:  # the kept heads change only a few times along the family
+            costs[tuple(keep)] = ts.sample_costs([chain[j] for j in keep], tried_cal, q)
+        f = float(costs[tuple(keep)][where[exit_of[r]], cols].mean())
         if best is None or f < best[0] - 1e-9 * ts.costs.base:
             best = (f, keep, family[r][keep])
     if best[0] >= ts.costs.base:
@@ -984,7 +1011,12 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                                        f"fitted out-of-fold, {folds} folds)", ts, stables, depth, resplits, log)
         rows += trows
         secs["two-stage"] = skip_s + time.perf_counter() - t1
-        extra["two-stage"] = {"try shares": list(TRY_SHARES), "chosen try share": shares,
+        extra["two-stage"] = {"try shares": list(TRY_SHARES), "chosen try share": shares, "exits": list(sk_oof),
+                              "try recall val": {f"{q:g}": [round(try_recall(preds["val"].logits[j],
+                                                                            data["val"][0].logits[j],
+                                                                            rec.logits("val"), q), 4)
+                                                            for j, n in enumerate(names) if n in sk_oof]
+                                                 for q in TRY_SHARES if q < 1},
                               "oracle saving test (default heads)": base_oracle}
 
     if "cross-fitted" in levers:

@@ -178,7 +178,8 @@ def levers_blocks() -> dict[str, str]:
     env = res.get("environment", {})
     parts = []
     what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
-                    "mixup": "mixup function-matching heads", "skip": "skip heads and their out-of-fold copies"}
+                    "mixup": "mixup function-matching heads", "skip": "skip heads and their out-of-fold copies",
+                    "two-stage": "two-stage exits (skip heads loaded, policies fitted)"}
 
     def trained(k: str) -> str:  # a training-time key (lever, or mixup@N for a non-default schedule) in words
         lever, _, epochs = k.partition("@")
@@ -245,6 +246,19 @@ def levers_blocks() -> dict[str, str]:
                      "backbone's): " + "; ".join(f"{n} {100 * a:.1f} -> {100 * b:.1f} % "
                                                  f"({100 * flops[n] / e['backbone flops']:.1f} %)" for n, a, b in cs)
                      + ".")
+        two = [x for x in r["rows"] if "try share" in x]
+        if two:
+            jtxt += ("\n\nTwo-stage exits, per T and policy: the try share chosen on the fit split, and on test the "
+                     "skip heads run per input against those an input reached: " + "; ".join(
+                         f"T = {x['T %']:g} % {x['policy']}: {x['try share']:g}, "
+                         f"{x['skip heads run per input (test)']:.2f} of {x['skip heads reached per input (test)']:.2f}"
+                         for x in two) + ".")
+            rec = (r.get("two-stage") or {}).get("try recall val")
+            if rec:
+                jtxt += (" Of what a skip head could let out alone at <= 1 % disagreement (val, hindsight), the share "
+                         "held by the default head's most confident inputs, lowest to highest over the skip exits: "
+                         + "; ".join(f"top {100 * float(q):.0f} %: {100 * min(v):.0f}-{100 * max(v):.0f} %"
+                                     for q, v in rec.items()) + ".")
         curve = r.get("train_size")
         ctxt = ("" if not curve else "\n\nLearning curve (default heads and schedule on random subsets of the train "
                 "split): " + "; ".join(f"{c['train images']:,} images: mean val agreement "

@@ -30,6 +30,7 @@ from bench.head_levers import (  # noqa: E402
     penultimate_features,
     skip_head,
     train_feature_head,
+    try_recall,
 )
 
 
@@ -391,3 +392,30 @@ def test_two_stage_inputs_leave_only_where_the_skip_head_ran_and_the_outcome_is_
     assert m["disagreement"] == pytest.approx(1 - np.mean(agree))
     assert m["drop"] == pytest.approx(np.mean(b == y) - np.mean(right))
     assert 0 < m["skip heads run"] <= m["skip heads reached"]
+
+
+def test_try_recall_against_brute_force():
+    """The share of a skip head's confident set (most confident first, within the disagreement budget) that falls in
+    the default head's top ``share`` of inputs, counted by hand."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        n = 300
+        teacher = torch.randn(n, 5, generator=g)
+        skip = teacher + 0.8 * torch.randn(n, 5, generator=g)
+        default = 0.5 * skip + torch.randn(n, 5, generator=g)
+        for share in (0.2, 0.5):
+            got = try_recall(skip, default, teacher, share, 0.05)
+            p = skip.softmax(1).max(1).values
+            order = sorted(range(n), key=lambda i: -float(p[i]))
+            wrong, m = 0, 0
+            for k, i in enumerate(order, 1):
+                wrong += int(skip[i].argmax() != teacher[i].argmax())
+                if wrong / k <= 0.05:
+                    m = k
+            c = default.softmax(1).max(1).values
+            cut = torch.quantile(c, 1 - share)
+            want = sum(bool(c[i] >= cut) for i in order[:m]) / m if m else 1.0
+            assert got == pytest.approx(want)
+    assert try_recall(skip, default, teacher, 1.0, 0.05) == 1.0  # every input tries

@@ -71,7 +71,7 @@ beside the baseline (default heads, fitted in-sample) from the same process run.
 
 Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage] [--feature-weight 1] [--mixup-epochs 120]
 [--skip-lr 1e-3] [--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56; ``skip``: about 20 min on ResNet-20 with
-its out-of-fold copies; ``two-stage``: the skip heads from cache plus about 2 min on ResNet-20 and 20 on ResNet-56).
+its out-of-fold copies; ``two-stage``: with the skip heads cached, about 2 min on ResNet-20 and 25 on ResNet-56).
 Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
@@ -620,8 +620,9 @@ class TwoStage:
     skip head (the last stage) are plain exits.
 
     ``conf[split]`` [exits, n]: the default heads' top probability (the fit split's from out-of-fold heads, like
-    its skip logits); ``c_try``/``c_head`` per exit: the default head's and the exit head's FLOPs; ``costs``: the
-    skip lever's (``c1`` = each exit's head, ``before``, ``base``). Try thresholds come from a try share ``q`` as
+    its skip logits); ``gated`` per exit: whether it has a skip head; ``c_try`` per exit: the default head's FLOPs,
+    paid at a gated exit by every input that reaches it; ``costs``: the skip lever's ``ExitCosts`` (``c1``: each
+    exit's own head, paid only where it runs; ``before``; ``base``). Try thresholds come from a try share ``q`` as
     the ``1 - q`` quantile of each exit's fit-split confidence, so everything is fixed before calibration."""
 
     def __init__(self, conf: dict, gated, c_try, costs):
@@ -764,6 +765,7 @@ def two_stage_rows(label: str, ts: TwoStage, tables: dict, depth: int, resplits:
     rng = np.random.default_rng(12345)
     splits = [rng.permutation(pool.n) for _ in range(resplits)]
     n_val = tables["val"].n
+    ts_pool = TwoStage({"pool": conf_pool, "train": ts.conf["train"]}, ts.gated, ts.c_try, ts.costs)
     rows, chosen = [], {}
     for tol in TOLERANCES:
         for policy, risk in TWO_STAGE_POLICIES:
@@ -776,7 +778,6 @@ def two_stage_rows(label: str, ts: TwoStage, tables: dict, depth: int, resplits:
             keep, thr, ok = _deploy(ts, chain, family, full["val"], tables["val"], ts.tried("val", tau), q, risk, tol)
             kept = [chain[j] for j in keep]
             m = _outcome(ts, kept, thr, full["test"][keep], tables["test"], ts.tried("test", tau), q)
-            ts_pool = TwoStage({"pool": conf_pool, "train": ts.conf["train"]}, ts.gated, ts.c_try, ts.costs)
             s_pool = _masked(chain_scores(rules, chain, pool), ts_pool.tried("pool", tau), chain)
             sav, drops, viol_drop, viol_dis = [], [], 0, 0
             for perm in splits:

@@ -316,10 +316,11 @@ def path_costs(c1, flops_before, base_flops, fixed: float = 0.0) -> np.ndarray:
     backbone up to the exit and every kept head up to and including it; ``fixed`` is paid by every path that
     goes on past the first kept exit (``ExitCosts.fixed``: measured latency's cost of resuming the backbone
     after an exit; 0 for FLOPs). No exit kept: the backbone alone. The one definition of a path's cost, for
-    the outer search's simulation and the policies' chains alike."""
+    the outer search's simulation and the policies' chains alike. With ``c1`` [k, n] (what each of n samples
+    pays for each head, e.g. a head that runs only on some inputs): [k + 1, n], one column per sample."""
     c1 = np.asarray(c1, dtype=np.float64)
-    spent = np.cumsum(c1)
-    out = np.r_[np.asarray(flops_before, dtype=np.float64) + spent, float(base_flops) + float(c1.sum())]
+    before = np.asarray(flops_before, dtype=np.float64).reshape(-1, *([1] * (c1.ndim - 1)))
+    out = np.concatenate([before + np.cumsum(c1, axis=0), (float(base_flops) + c1.sum(0))[None]])
     out[1:] += float(fixed)
     return out
 

@@ -594,8 +594,8 @@ def skip_tables(depth: int, tb, rec, heads: dict, data: dict, lr: float, folds: 
 
 
 TRY_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)  # two-stage lever: shares of inputs that may run a skip head (1: every input)
-TWO_STAGE_POLICIES = (("max_softmax", "disagreement"), ("gate", "disagreement"), ("max_softmax", "drop"),
-                      ("gate", "drop"))  # rules that read no earlier exit: a skip head not run has no logits
+TWO_STAGE_POLICIES = tuple(p for p in POLICIES if p[1] != "patience")  # rules that read no earlier exit (gates
+# with history 0): a skip head that was not run has no logits
 
 
 def try_recall(skip_logits, default_logits, teacher_logits, share: float, max_disagreement: float = 0.01) -> float:
@@ -639,25 +639,20 @@ class TwoStage:
             return np.full(len(self.gated), -np.inf)
         return np.where(self.gated, np.quantile(self.conf["train"], 1 - q, axis=1), -np.inf)
 
-    def tried(self, split: str, tau, rows=None):
+    def tried(self, split: str, tau):
         """[exits, n] whether each input runs each exit's head."""
-        c = self.conf[split] if rows is None else self.conf[split][:, rows]
-        return c >= tau[:, None]
+        return self.conf[split] >= tau[:, None]
 
     def sample_costs(self, chain, tried, q: float):
         """[k + 1, n] FLOPs of each input answered at each chain position (last: the backbone): the backbone up to
         the exit, and at every exit passed the default head (if gated and ``q`` < 1) plus the exit's head if run."""
         import numpy as np
 
-        c = self.costs
-        chain = list(chain)
-        n = tried.shape[1]
-        if not chain:
-            return np.full((1, n), c.base)
+        from autoexit.subset import path_costs
+
+        c, chain = self.costs, list(chain)
         pre = np.where(self.gated[chain] & (q < 1), self.c_try[chain], 0.0)
-        paid = pre[:, None] + c.c1[chain][:, None] * tried[chain]
-        cum = np.cumsum(paid, 0)
-        return np.vstack([c.before[chain][:, None] + cum, c.base + cum[-1:]])
+        return path_costs(pre[:, None] + c.c1[chain][:, None] * tried[chain], c.before[chain], c.base)
 
 
 def _masked(scores, tried, chain):
@@ -735,20 +730,23 @@ def _outcome(ts: TwoStage, chain, thr, scores, table, tried, q: float) -> dict:
     """Saving, disagreement and drop of deployed two-stage exits on ``table`` (``scores`` masked, kept chain)."""
     import numpy as np
 
+    from autoexit.policies import evaluate_thresholds
     from autoexit.policies.cascade import simulate
 
-    n = table.n
-    pos = simulate(scores, thr) if len(chain) else np.zeros(n, dtype=np.int64)
-    pred = np.vstack([table.pred(chain), table.bpred[None, :]])[pos, np.arange(n)]
-    flops = ts.sample_costs(chain, tried, q)[pos, np.arange(n)]
-    y = table.labels.numpy()
     ch = list(chain)
-    run = (pos[None, :] >= np.arange(len(ch))[:, None]) & tried[ch] & ts.gated[ch][:, None]  # skip heads run
-    return {"saving": float(1 - flops.mean() / ts.costs.base), "disagreement": float((pred != table.bpred).mean()),
-            "drop": float((table.bpred == y).mean() - (pred == y).mean()),
-            "skip heads run": float(run.sum(0).mean()) if ch else 0.0,
-            "skip heads reached": float(((pos[None, :] >= np.arange(len(ch))[:, None]) & ts.gated[ch][:, None])
-                                        .sum(0).mean()) if ch else 0.0}
+    m = evaluate_thresholds(ch, scores, thr, table, ts.costs, ts.sample_costs(ch, tried, q))
+    pos = simulate(scores, thr) if ch else np.zeros(table.n, dtype=np.int64)
+    reached = (pos[None, :] >= np.arange(len(ch))[:, None]) & ts.gated[ch][:, None]  # skip exits each input reaches
+    return {**m, "skip heads run": float((reached & tried[ch]).sum(0).mean()) if ch else 0.0,
+            "skip heads reached": float(reached.sum(0).mean()) if ch else 0.0}
+
+
+def _certified_outcome(ts: TwoStage, chain, family, scores, pool, tried, q: float, risk: str, tol: float, cal, test):
+    """Certify ``family`` on the rows ``cal`` of ``pool`` (``scores`` masked and ``tried`` for all its rows), then
+    the deployed exits' outcome on its rows ``test``. Returns (kept exits, certified, outcome)."""
+    keep, thr, ok = _deploy(ts, chain, family, scores[:, cal], pool.subset_rows(cal), tried[:, cal], q, risk, tol)
+    return len(keep), ok, _outcome(ts, [chain[j] for j in keep], thr, scores[keep][:, test], pool.subset_rows(test),
+                                   tried[:, test], q)
 
 
 def two_stage_rows(label: str, ts: TwoStage, tables: dict, depth: int, resplits: int, log) -> tuple[list, dict]:
@@ -760,38 +758,31 @@ def two_stage_rows(label: str, ts: TwoStage, tables: dict, depth: int, resplits:
     from autoexit.policies.cascade import chain_scores
     from bench.policies import _pool
 
-    pool = _pool(tables["val"], tables["test"])
-    conf_pool = np.concatenate([ts.conf["val"], ts.conf["test"]], 1)
+    pool = _pool(tables["val"], tables["test"])  # val rows first, then test
     rng = np.random.default_rng(12345)
     splits = [rng.permutation(pool.n) for _ in range(resplits)]
     n_val = tables["val"].n
-    ts_pool = TwoStage({"pool": conf_pool, "train": ts.conf["train"]}, ts.gated, ts.c_try, ts.costs)
+    val, test = np.arange(n_val), np.arange(n_val, pool.n)
     rows, chosen = [], {}
     for tol in TOLERANCES:
-        for policy, risk in TWO_STAGE_POLICIES:
-            name = policy + ("+drop" if risk == "drop" else "")
+        for name, policy, risk in TWO_STAGE_POLICIES:
             fits = {q: fit_two_stage(ts, tables, policy, risk, tol, q) for q in TRY_SHARES}
             q = min(fits, key=lambda k: (fits[k][3], -k))
             chain, rules, family, _ = fits[q]
             tau = ts.thresholds(q)
-            full = {s: _masked(chain_scores(rules, chain, tables[s]), ts.tried(s, tau), chain) for s in ("val", "test")}
-            keep, thr, ok = _deploy(ts, chain, family, full["val"], tables["val"], ts.tried("val", tau), q, risk, tol)
-            kept = [chain[j] for j in keep]
-            m = _outcome(ts, kept, thr, full["test"][keep], tables["test"], ts.tried("test", tau), q)
-            s_pool = _masked(chain_scores(rules, chain, pool), ts_pool.tried("pool", tau), chain)
+            tried = np.concatenate([ts.tried("val", tau), ts.tried("test", tau)], 1)
+            s_pool = _masked(chain_scores(rules, chain, pool), tried, chain)
+            args = (ts, chain, family, s_pool, pool, tried, q, risk, tol)
+            n_kept, ok, m = _certified_outcome(*args, val, test)
             sav, drops, viol_drop, viol_dis = [], [], 0, 0
             for perm in splits:
-                cal, test = perm[:n_val], perm[n_val:]
-                k2, t2, _ = _deploy(ts, chain, family, s_pool[:, cal], pool.subset_rows(cal),
-                                    ts_pool.tried("pool", tau, cal), q, risk, tol)
-                r = _outcome(ts, [chain[j] for j in k2], t2, s_pool[k2][:, test], pool.subset_rows(test),
-                             ts_pool.tried("pool", tau, test), q)
+                _, _, r = _certified_outcome(*args, perm[:n_val], perm[n_val:])
                 sav.append(r["saving"])
                 drops.append(r["drop"])
                 viol_drop += r["drop"] > tol / 100
                 viol_dis += r["disagreement"] > tol / 100
             rows.append({"model": f"resnet{depth}", "variant": label, "T %": tol, "policy": name,
-                         "exits": len(kept), "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
+                         "exits": n_kept, "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
                          "certified": ok, "viol(drop)": viol_drop / len(splits),
                          "viol(disagree)": viol_dis / len(splits),
                          "resplit saving %": 100 * float(np.mean(sav)),

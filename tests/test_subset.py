@@ -14,6 +14,7 @@ from autoexit.subset import (
     best_subset,
     evaluate_subset,
     k_score,
+    path_costs,
     simulate_exits,
 )
 
@@ -102,3 +103,16 @@ def test_k_score_from_records_equals_executing_the_model(digits_result):
         executed_k = len(idx) * base - spent.sum()
         assert executed_k == pytest.approx(r.k, rel=1e-9, abs=1e-3), sub
         assert np.bincount(idx, minlength=len(sub) + 1)[: len(sub)].tolist() == r.thresholds.hits.tolist()
+
+
+def test_path_costs_per_sample_head_costs_are_per_column_paths():
+    """With head costs per sample ([k, n]) each column is the path cost of that sample's heads, as the [k] form
+    gives it (fixed cost included), and no exit is the backbone alone."""
+    rng = np.random.default_rng(0)
+    c1 = rng.random((4, 30)) * 5
+    before = np.array([10.0, 20.0, 35.0, 60.0])
+    got = path_costs(c1, before, 100.0, fixed=2.0)
+    assert got.shape == (5, 30)
+    for i in range(30):
+        assert np.allclose(got[:, i], path_costs(c1[:, i], before, 100.0, fixed=2.0))
+    assert np.allclose(path_costs(np.zeros((0, 3)), [], 100.0), 100.0)

@@ -289,13 +289,14 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
 
 
 def evaluate_thresholds(chain: Sequence[int], scores: np.ndarray, thresholds: np.ndarray, table: ExitTable,
-                        costs: ExitCosts) -> dict:
+                        costs: ExitCosts, sample_costs: np.ndarray | None = None) -> dict:
     """FLOPs saving, disagreement with the backbone, accuracy drop and harm (backbone right, answer wrong; both
-    when labelled) and exit rates: every risk a policy can certify (``RISKS``)."""
+    when labelled) and exit rates: every risk a policy can certify (``RISKS``). ``sample_costs`` [k + 1, n]: what
+    each sample pays at each chain position, when that depends on the sample (default: :func:`chain_costs`)."""
     k, n = len(chain), table.n
     pos = simulate(scores, thresholds) if k else np.zeros(n, dtype=np.int64)
     pred = np.vstack([table.pred(chain), table.bpred[None, :]])[pos, np.arange(n)]
-    flops = chain_costs(costs, chain)[pos]
+    flops = chain_costs(costs, chain)[pos] if sample_costs is None else np.asarray(sample_costs)[pos, np.arange(n)]
     out = {"n": n, "saving": float(1 - flops.mean() / costs.base), "flops": float(flops.mean()),
            "disagreement": float((pred != table.bpred).mean()),
            "exit_rates": np.bincount(pos, minlength=k + 1).astype(float) / max(n, 1)}

@@ -20,6 +20,13 @@ def _policy_flags(p) -> None:
     p.add_argument("--cross-fit", type=int, default=0, metavar="K",
                    help="fit the policy on out-of-fold head predictions of the train split, K >= 2 folds "
                    "(about one more head training; default 0: off)")
+    p.add_argument("--teacher", choices=["recorded", "augmented", "mixup"], default="recorded",
+                   help="what the heads learn from: the recorded activations (default, fast), or the backbone run "
+                   "on new inputs, flipped and shifted (augmented) and also mixed (mixup: function matching, the "
+                   "best label-free heads measured; wants --head-epochs/--epochs around 120)")
+    p.add_argument("--teacher-shift", type=int, default=None, metavar="PX",
+                   help="largest random shift in pixels of the on-the-fly teachers' images (default 4; 1 for "
+                   "quickstart's 8x8 digits)")
     p.add_argument("--cost", choices=["flops", "latency"], default="flops",
                    help="what the policy minimises: counted FLOPs (default) or latency timed on a device "
                    "evaluator (this CPU unless --evaluator-url; heads that cost more time than they save are "
@@ -125,7 +132,9 @@ def _quickstart(args: argparse.Namespace) -> int:
     train_classifier(model, x, y, epochs=args.epochs, seed=args.seed, augment_shift=1, progress=progress)
     data = load_digits("inference", seed=args.seed, shifts=True)
     cfg = EnableConfig(tolerance=args.tolerance, seed=args.seed, cache_dir=str(out / "cache"),
-                       train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed),
+                       train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed,
+                                         teacher=args.teacher,
+                                         shift=1 if args.teacher_shift is None else args.teacher_shift),
                        policy=args.policy, delta=args.delta, risk=args.risk, **_policy_settings(args))
     result = enable(model, data, config=cfg, progress=progress)
     artifact = result.emit(out / "artifact", overwrite=True, latency=not args.no_latency)
@@ -158,7 +167,8 @@ def _enable(args: argparse.Namespace) -> int:
         **_policy_settings(args),
         points=tuple(p.strip() for p in args.points.split(",")) if args.points else None,
         cache_dir=args.cache_dir,
-        train=TrainConfig(epochs=args.epochs),
+        train=TrainConfig(epochs=args.epochs, teacher=args.teacher,
+                          shift=4 if args.teacher_shift is None else args.teacher_shift),
     )
     result = enable(model, data, config=cfg, progress=not args.quiet)
     artifact = result.emit(args.out, overwrite=args.overwrite, onnx=args.onnx, latency=not args.no_latency)

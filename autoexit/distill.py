@@ -5,6 +5,27 @@ the backbone's output distribution with the KL divergence. The backbone is
 frozen by construction (it is never run: training reads the cache) and each
 head is trained alone, so no other head changes. When labels are given and
 ``supervised=True``, a cross-entropy term on the labels is added.
+
+``TrainConfig(teacher=...)`` picks what the heads learn from:
+
+- ``"recorded"`` (default): the recorded activations and the backbone's recorded
+  answers, as above. Fast; every later step reads only the cache.
+- ``"augmented"``: new inputs every epoch. Each train batch of the recorded
+  *inputs* is randomly flipped and shifted (image batches ``[N, C, H, W]`` only),
+  run through the frozen backbone, and every head learns the backbone's answer
+  on that new input from its activation there.
+- ``"mixup"``: function matching (Beyer et al., "Knowledge distillation: a good
+  teacher is patient and consistent", CVPR 2022): as ``"augmented"``, with each
+  batch also mixed with a shuffled copy of itself (one uniform weight per input),
+  so the heads learn the backbone's function between the inputs too. Wants a long
+  schedule (``epochs=120``); on the CIFAR-10 fixture it is the strongest
+  label-free head training measured (``docs/policies.md``).
+
+Both on-the-fly teachers need the backbone (``backbone=`` the ``TracedBackbone``
+the recording was made with) and a recording with its inputs stored; they never
+read labels, and they train all requested heads together, one backbone pass
+per batch. A head's weights do not depend on which other heads were trained
+with it (each head's loss and optimiser state are its own).
 """
 
 from __future__ import annotations
@@ -25,13 +46,21 @@ from .errors import AutoExitError, DataError
 from .heads import HeadSpec, build_head, default_head_spec
 from .points import ExitPoint
 
-__all__ = ["TrainConfig", "TrainedHead", "train_head", "train_heads", "kd_loss", "agreement",
-           "train_cascade_heads", "build_cascade_head", "out_of_fold_logits"]
+__all__ = ["TEACHERS", "TrainConfig", "TrainedHead", "train_head", "train_heads", "train_heads_matching",
+           "kd_loss", "agreement", "train_cascade_heads", "build_cascade_head", "out_of_fold_logits",
+           "augment_batch", "mix_batch", "matching_batches"]
+
+TEACHERS = ("recorded", "augmented", "mixup")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How heads are trained. ``patience`` epochs without a better val KL stop training early."""
+    """How heads are trained. ``patience`` epochs without a better val KL stop training early (0: never).
+
+    ``teacher``: ``"recorded"``, ``"augmented"`` or ``"mixup"`` (see the module doc); the last two run the
+    backbone on new inputs and need ``backbone=`` where heads are trained. ``shift``: the largest random shift in
+    pixels of the on-the-fly teachers' image augmentation (0: flips only).
+    """
 
     epochs: int = 40
     batch_size: int = 128
@@ -43,6 +72,8 @@ class TrainConfig:
     supervised: bool = False
     ce_weight: float = 0.5
     threads: int | None = None
+    teacher: str = "recorded"
+    shift: int = 4
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -53,9 +84,24 @@ class TrainConfig:
             raise AutoExitError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not self.kd_temperature > 0:
             raise AutoExitError(f"TrainConfig.kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.teacher not in TEACHERS:
+            raise AutoExitError(f"TrainConfig.teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
+        if self.teacher != "recorded" and self.supervised:
+            raise AutoExitError(f"teacher {self.teacher!r} is label-free (the backbone answers every new input); "
+                                "use supervised=False, or teacher='recorded' to add a label loss")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
+            raise AutoExitError(f"TrainConfig.shift must be an integer >= 0 (pixels), got {self.shift!r}")
+
+    @property
+    def on_the_fly(self) -> bool:
+        """Whether the heads learn from the backbone run on new inputs (``teacher`` is not ``"recorded"``)."""
+        return self.teacher != "recorded"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.teacher == "recorded":  # the on-the-fly fields are left out at their defaults, so the keys of
+            del d["teacher"], d["shift"]  # caches made before they existed stay valid
+        return d
 
 
 @dataclass
@@ -204,12 +250,17 @@ def train_heads(
     config: TrainConfig = TrainConfig(),
     points: Sequence[str] | None = None,
     progress: bool = True,
+    backbone=None,
 ) -> dict[str, TrainedHead]:
     """Train one head per exit point of ``recording`` (default spec where ``specs`` gives none).
 
     Training reads only the cached activations and backbone logits of the train
-    split; the val split selects the best epoch.
+    split; the val split selects the best epoch. With an on-the-fly ``config.teacher``
+    (``"augmented"``, ``"mixup"``) the heads are trained together on new inputs by
+    :func:`train_heads_matching`, which needs ``backbone`` (the recording's ``TracedBackbone``).
     """
+    if config.on_the_fly:
+        return train_heads_matching(recording, backbone, specs, config, points, progress)
     specs = dict(specs or {})
     names = list(points) if points is not None else [p.name for p in recording.points]
     unknown = sorted(set(specs) - {p.name for p in recording.points})
@@ -253,19 +304,186 @@ def train_heads(
     return out
 
 
+def augment_batch(x: torch.Tensor, g: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Random horizontal flip and random shift by up to ``shift`` pixels (zero padding) of an image batch
+    ``[N, C, H, W]``, drawn from ``g``; any other batch comes back unchanged (nothing is drawn)."""
+    if x.dim() != 4:
+        return x
+    flip = torch.rand(len(x), generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if shift <= 0:
+        return x
+    h, w = x.shape[2:]
+    pad = F.pad(x, (shift, shift, shift, shift))
+    dx, dy = torch.randint(0, 2 * shift + 1, (2, len(x)), generator=g)
+    rows = dy[:, None] + torch.arange(h)[None]
+    cols = dx[:, None] + torch.arange(w)[None]
+    n, c = x.shape[:2]
+    return pad[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def mix_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mixup of a batch with a shuffled copy of itself, one weight per input drawn uniformly (Beta(1, 1)) from
+    ``g``: new inputs between the given ones, on which the backbone is asked afresh."""
+    lam = torch.rand(len(x), generator=g).reshape(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[torch.randperm(len(x), generator=g)]
+
+
+def matching_batches(x: torch.Tensor, g: torch.Generator, config: TrainConfig):
+    """One epoch of new inputs made from ``x`` for an on-the-fly teacher: random order, batches of
+    ``config.batch_size`` (a last batch under 2 is skipped, batch norm cannot train on it), augmented, and mixed
+    for ``teacher="mixup"``."""
+    perm = torch.randperm(len(x), generator=g)
+    for i in range(0, len(perm), config.batch_size):
+        idx = perm[i : i + config.batch_size]
+        if len(idx) >= 2:
+            a = augment_batch(x[idx], g, config.shift)
+            yield mix_batch(a, g) if config.teacher == "mixup" else a
+
+
+def train_heads_matching(
+    recording: Recording,
+    backbone,
+    specs: Mapping[str, HeadSpec] | None = None,
+    config: TrainConfig = TrainConfig(teacher="mixup", epochs=120),
+    points: Sequence[str] | None = None,
+    progress: bool = True,
+    train_index: torch.Tensor | None = None,
+) -> dict[str, TrainedHead]:
+    """Heads trained on new inputs answered by the backbone (``config.teacher`` ``"augmented"`` or ``"mixup"``;
+    see the module doc), all together: each batch of the recorded train inputs (``train_index``: a subset of
+    them, positions in the train split) is augmented (and mixed), run once through the frozen ``backbone`` (the
+    :class:`~autoexit.points.TracedBackbone` the recording was made with), and every head learns the backbone's
+    answer from its activation (KL). Label-free. Each head keeps the weights of its best val-KL epoch; training
+    stops early once no head has improved for ``config.patience`` epochs (0: every epoch runs).
+    """
+    if not config.on_the_fly:
+        raise AutoExitError("train_heads_matching trains with an on-the-fly teacher; use "
+                            "TrainConfig(teacher='mixup') or 'augmented' (or train_heads for recorded activations)")
+    if backbone is None or not hasattr(backbone, "split"):
+        raise AutoExitError(f"teacher {config.teacher!r} runs the backbone on new inputs: pass backbone= the "
+                            "TracedBackbone the recording was made with (autoexit.pipeline.prepare returns it)")
+    specs = dict(specs or {})
+    order = [p.name for p in recording.points]
+    names = [n for n in order if n in set(points)] if points is not None else order
+    unknown = sorted((set(points or ()) | set(specs)) - set(order))
+    if unknown:
+        raise AutoExitError(f"unknown exit point(s) {', '.join(unknown)}; points are: {', '.join(order)}")
+    if not names:
+        return {}
+    try:
+        x_train = recording.inputs("train")
+    except DataError:
+        raise DataError(f"teacher {config.teacher!r} makes new inputs from the recorded ones, but this recording "
+                        "holds none; record with store_inputs=True") from None
+    if train_index is not None:
+        x_train = x_train[train_index]
+    if len(x_train) < 2:
+        raise DataError(f"teacher {config.teacher!r} needs at least 2 train inputs, got {len(x_train)}")
+    pts = [recording.point(n) for n in names]
+    try:
+        stages = [s.eval() for s in backbone.split([p.node for p in pts])]
+    except AutoExitError as e:
+        raise AutoExitError(f"the backbone given does not match the recording (its exit points cannot be cut): "
+                            f"{e}") from None
+    for s in stages:
+        s.requires_grad_(False)
+    mods: dict[str, nn.Module] = {}
+    for p in pts:
+        torch.manual_seed(config.seed)
+        mods[p.name] = build_head(specs.get(p.name) or default_head_spec(p.shape, recording.num_classes), p.shape,
+                                  recording.num_classes)
+    t_val = recording.logits("val")
+    x_val = {n: recording.activations(n, "val") for n in names}
+    old_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        opt = torch.optim.AdamW([q for m in mods.values() for q in m.parameters()], lr=config.lr,
+                                weight_decay=config.weight_decay)
+        steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+        g = torch.Generator().manual_seed(config.seed)
+        best = {n: (math.inf, copy.deepcopy(mods[n].state_dict())) for n in names}
+        history: dict[str, list[dict]] = {n: [] for n in names}
+        stale = 0
+        epochs = range(config.epochs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            epochs = tqdm(epochs, desc=f"training heads ({config.teacher})", unit="epoch")
+        t0 = time.perf_counter()
+        ran = 0
+        for ep in epochs:
+            for m in mods.values():
+                m.train()
+            total, seen = dict.fromkeys(names, 0.0), 0
+            for a in matching_batches(x_train, g, config):
+                with torch.no_grad():
+                    acts = []
+                    for s in stages[:-1]:
+                        a = s(a)
+                        acts.append(a)
+                    teacher = stages[-1](a)
+                losses = [kd_loss(mods[n](acts[j]), teacher, config.kd_temperature) for j, n in enumerate(names)]
+                loss = sum(losses)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                for n, part in zip(names, losses):
+                    total[n] += float(part.detach()) * len(teacher)
+                seen += len(teacher)
+            ran = ep + 1
+            improved = False
+            for n in names:
+                pv = _predict(mods[n], x_val[n])
+                kl = float(kd_loss(pv, t_val))
+                history[n].append({"epoch": ep + 1, "train_loss": total[n] / max(seen, 1), "val_kl": kl,
+                                   "val_agreement": agreement(pv, t_val)})
+                if kl < best[n][0]:
+                    best[n] = (kl, copy.deepcopy(mods[n].state_dict()))
+                    improved = True
+            stale = 0 if improved else stale + 1
+            if progress:
+                epochs.set_postfix(val_agreement=round(sum(h[-1]["val_agreement"] for h in history.values())
+                                                       / len(names), 4))
+            if config.patience and stale >= config.patience:
+                break
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old_threads)
+    out: dict[str, TrainedHead] = {}
+    for p in pts:
+        m = mods[p.name]
+        m.load_state_dict(best[p.name][1])
+        m.eval()
+        pv = _predict(m, x_val[p.name])
+        out[p.name] = TrainedHead(
+            point=p, spec=specs.get(p.name) or default_head_spec(p.shape, recording.num_classes), module=m,
+            flops=count_flops(m, x_val[p.name][:1]), params=count_params(m), param_bytes=param_bytes(m),
+            val_agreement=agreement(pv, t_val), val_kl=float(kd_loss(pv, t_val)), epochs=ran,
+            seconds=seconds / len(pts), history=history[p.name])
+    return out
+
+
 def out_of_fold_logits(
     recording: Recording,
     heads: Mapping[str, TrainedHead],
     config: TrainConfig = TrainConfig(),
     folds: int = 2,
     progress: bool = False,
+    backbone=None,
 ) -> torch.Tensor:
     """[exits, train samples, classes] logits of the train split in which every sample's logits come from a
     head that never saw it: the train split is cut into ``folds`` folds (at random, ``config.seed``) and each
     fold is predicted by a head of the same spec trained, as :func:`train_heads` trains, on the other folds.
 
     Policies fitted on these see the heads as new data will, not as the data they were fitted on (where a late
-    head agrees several points more often). Exits follow the recording's point order; label-free.
+    head agrees several points more often). Exits follow the recording's point order; label-free. With an
+    on-the-fly ``config.teacher`` the fold heads are trained so too, together, on the other folds' inputs
+    (``backbone`` as for :func:`train_heads`).
     """
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise AutoExitError(f"cross-fitting needs an integer number of folds >= 2, got {folds!r}")
@@ -279,6 +497,15 @@ def out_of_fold_logits(
     parts = [perm[i::folds] for i in range(folds)]
     y_train = recording.labels("train") if config.supervised else None
     out = torch.zeros(len(names), n, recording.num_classes)
+    if config.on_the_fly:
+        for f in range(folds):
+            tr = torch.cat([parts[k] for k in range(folds) if k != f])
+            fold = train_heads_matching(recording, backbone, {m: heads[m].spec for m in names}, config, names,
+                                        progress, train_index=tr)
+            for j, name in enumerate(names):
+                out[j, parts[f]] = _predict(fold[name].module,
+                                            recording.activations(name, "train")[parts[f]]).float()
+        return out
     it = names
     if progress:
         from tqdm.auto import tqdm

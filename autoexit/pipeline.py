@@ -340,6 +340,8 @@ class EnableResult:
                      "split": list(self.recording.split_fractions), "seed": self.recording.seed},
             "candidate_points": [p.to_dict() for p in self.points],
             "exits": exits,
+            "head_training": {"teacher": self.config.train.teacher, "epochs": self.config.train.epochs,
+                              "label_free": not self.config.train.supervised},
             "dropped_points": [p.name for p in self.points if p.name not in kept],
             "policy": self._policy_manifest(),
             "expected": {
@@ -622,13 +624,14 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
 
 
 def out_of_fold_predictions(rec: Recording, heads: Mapping[str, TrainedHead], config: EnableConfig,
-                            progress: bool = False) -> ExitPredictions:
+                            progress: bool = False, backbone: TracedBackbone | None = None) -> ExitPredictions:
     """The train split's ExitPredictions for ``config.cross_fit`` folds (:func:`autoexit.distill.out_of_fold_logits`),
-    what :func:`fit_policy` fits on when given as ``predictions["train"]``."""
+    what :func:`fit_policy` fits on when given as ``predictions["train"]``. ``backbone``: needed when
+    ``config.train.teacher`` trains on the fly."""
     from .distill import out_of_fold_logits
 
     names = [p.name for p in rec.points if p.name in heads]
-    z = out_of_fold_logits(rec, heads, config.train, config.cross_fit, progress=progress)
+    z = out_of_fold_logits(rec, heads, config.train, config.cross_fit, progress=progress, backbone=backbone)
     return ExitPredictions(names, z, rec.logits("train"), rec.labels("train"))
 
 
@@ -722,12 +725,12 @@ def enable(
     tb, points, rec = prepare(backbone, data, config, progress, example_input)
     timings["record_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress)
+    heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress, backbone=tb)
     timings["train_heads_s"] = time.perf_counter() - t0
     predictions = None
     if config.cross_fit:
         t0 = time.perf_counter()
-        predictions = {"train": out_of_fold_predictions(rec, heads, config, progress)}
+        predictions = {"train": out_of_fold_predictions(rec, heads, config, progress, backbone=tb)}
         timings["cross_fit_s"] = time.perf_counter() - t0
     result = assemble(config, tb, points, rec, heads, timings=timings, evaluator=evaluator, predictions=predictions)
     if config.cross_fit:

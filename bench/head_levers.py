@@ -137,114 +137,42 @@ def _save(path: Path, obj) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
-def augment(x, g):
-    """Random horizontal flip + random shift of up to 4 pixels (zero padding) of an NCHW batch."""
-    import torch
-    import torch.nn.functional as F
-
-    flip = torch.rand(len(x), generator=g) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    h, w = x.shape[2:]
-    pad = F.pad(x, (4, 4, 4, 4))
-    dx, dy = torch.randint(0, 9, (2, len(x)), generator=g)
-    rows = dy[:, None] + torch.arange(h)[None]
-    cols = dx[:, None] + torch.arange(w)[None]
-    n, c = x.shape[:2]
-    return pad[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-               rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def augmented_batches(x, g, bs: int = 128):
-    """One epoch of ``x`` in random order, in batches of ``bs`` (a last batch under 2 is skipped, batch norm
-    cannot train on it), each :func:`augment`-ed; ``g`` drives the order and the augmentation."""
-    import torch
-
-    perm = torch.randperm(len(x), generator=g)
-    for i in range(0, len(perm), bs):
-        idx = perm[i:i + bs]
-        if len(idx) >= 2:
-            yield augment(x[idx], g)
-
-
-def mix(x, g):
-    """Mixup of an NCHW batch with a shuffled copy of itself, one mixing weight per image drawn uniformly
-    (Beta(1, 1)): new images that lie between the train images, on which the teacher is asked afresh."""
-    import torch
-
-    lam = torch.rand(len(x), generator=g)[:, None, None, None]
-    return lam * x + (1 - lam) * x[torch.randperm(len(x), generator=g)]
-
-
 def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: bool = False) -> dict:
     """Default heads trained jointly on the fly on augmented train images (see the module doc); with ``mixup``
-    each augmented batch is also :func:`mix`-ed (function matching, the ``mixup`` lever)."""
+    each augmented batch is also mixed (function matching, the ``mixup`` lever). The training is the core's
+    (``autoexit.distill.train_heads_matching``, ``TrainConfig(teacher="augmented" | "mixup", patience=0)``, what
+    ``EnableConfig(train=TrainConfig(teacher="mixup"))`` trains); the heads are cached here per lever and schedule."""
     import torch
 
-    from autoexit.distill import TrainedHead, _predict, agreement, kd_loss
+    from autoexit.distill import TrainConfig, TrainedHead, _predict, agreement, kd_loss, train_heads_matching
     from autoexit.heads import build_head
 
     what = "mixup function matching" if mixup else "augmented distillation"
     names = [p.name for p in rec.points]
     path = _cache(depth, "mixup" if mixup else "augmented", f"{rec.path}|{epochs}|{_specs(heads)}")
-    mods = {}
-    for n in names:
-        torch.manual_seed(0)
-        mods[n] = build_head(heads[n].spec, rec.point(n).shape, rec.num_classes)
-    t_val = rec.logits("val")
-    x_val = {n: rec.activations(n, "val") for n in names}
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        for n in names:
-            mods[n].load_state_dict(blob["state"][n])
-        best_epoch, seconds = blob["epoch"], blob["seconds"]
-    else:
-        stages = [s.eval() for s in tb.split([p.node for p in rec.points])]
-        x_train = rec.inputs("train")
-        params = [q for m in mods.values() for q in m.parameters()]
-        bs = 128
-        opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * math.ceil(len(x_train) / bs),
-                                                    pct_start=0.15)
-        g = torch.Generator().manual_seed(0)
-        best = {n: (math.inf, None, 0) for n in names}
-        t0 = time.perf_counter()
-        from tqdm.auto import tqdm
-
-        for ep in tqdm(range(epochs), desc=what, unit="epoch"):
-            for m in mods.values():
-                m.train()
-            for a in augmented_batches(x_train, g, bs):
-                if mixup:
-                    a = mix(a, g)
-                with torch.no_grad():
-                    acts = []
-                    for s in stages[:-1]:
-                        a = s(a)
-                        acts.append(a)
-                    teacher = stages[-1](a)
-                loss = sum(kd_loss(mods[n](acts[j]), teacher) for j, n in enumerate(names))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-            for n in names:
-                kl = float(kd_loss(_predict(mods[n], x_val[n]), t_val))
-                if kl < best[n][0]:
-                    best[n] = (kl, copy.deepcopy(mods[n].state_dict()), ep + 1)
-        seconds = time.perf_counter() - t0
-        for n in names:
-            mods[n].load_state_dict(best[n][1])
-        best_epoch = {n: best[n][2] for n in names}
-        _save(path, {"state": {n: mods[n].state_dict() for n in names}, "epoch": best_epoch, "seconds": seconds})
+    if not path.exists():
+        cfg = TrainConfig(epochs=epochs, teacher="mixup" if mixup else "augmented", patience=0)
+        trained = train_heads_matching(rec, tb, {n: heads[n].spec for n in names}, cfg, names, progress=True)
+        best_epoch = {n: 1 + min(range(len(trained[n].history)), key=lambda e: trained[n].history[e]["val_kl"])
+                      for n in names}
+        seconds = sum(trained[n].seconds for n in names)
+        _save(path, {"state": {n: trained[n].module.state_dict() for n in names}, "epoch": best_epoch,
+                     "seconds": seconds})
         log(f"{what}: {len(names)} heads, {epochs} epochs in {seconds:.0f} s")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    t_val = rec.logits("val")
     out = {}
     for n in names:
-        mods[n].eval()
-        pv = _predict(mods[n], x_val[n])
+        torch.manual_seed(0)  # as the heads were built before training: the global generator's state is as before
+        m = build_head(heads[n].spec, rec.point(n).shape, rec.num_classes)
+        m.load_state_dict(blob["state"][n])
+        m.eval()
+        pv = _predict(m, rec.activations(n, "val"))
         h = heads[n]
-        out[n] = TrainedHead(point=h.point, spec=h.spec, module=mods[n], flops=h.flops, params=h.params,
+        out[n] = TrainedHead(point=h.point, spec=h.spec, module=m, flops=h.flops, params=h.params,
                              param_bytes=h.param_bytes, val_agreement=agreement(pv, t_val),
-                             val_kl=float(kd_loss(pv, t_val)), epochs=int(best_epoch[n]), seconds=seconds)
+                             val_kl=float(kd_loss(pv, t_val)), epochs=int(blob["epoch"][n]),
+                             seconds=blob["seconds"])
     return out
 
 
@@ -254,7 +182,7 @@ def joint_finetune(depth: int, tb, rec, heads: dict, epochs: int, lr: float, fin
     statistics of the fine-tuned backbone, and the training time."""
     import torch
 
-    from autoexit.distill import kd_loss
+    from autoexit.distill import TrainConfig, kd_loss, matching_batches
     from autoexit.policies.rules import activation_stats
 
     names = [p.name for p in rec.points]
@@ -292,7 +220,7 @@ def joint_finetune(depth: int, tb, rec, heads: dict, epochs: int, lr: float, fin
             s.eval()  # batch-norm statistics stay the original backbone's
         for m in mods.values():
             m.train()
-        for a in augmented_batches(x_train, g, bs):
+        for a in matching_batches(x_train, g, TrainConfig(teacher="augmented", batch_size=bs)):
             with torch.no_grad():
                 target = a
                 for s in teacher:

@@ -24,7 +24,6 @@ from bench.head_levers import (  # noqa: E402
     confident_share,
     feature_head,
     merge_depth,
-    mix,
     mixup_epochs,
     mixup_key,
     penultimate_features,
@@ -76,22 +75,6 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("skip heads out-of-fold (train)") == _lever_of("skip heads") == _lever_of("skip") == "skip"
     assert _lever_of("two-stage exits (skip head run only where the default head is confident; fitted "
                      "out-of-fold, 2 folds)") == _lever_of("two-stage") == "two-stage"
-
-
-def test_mix_blends_each_image_with_another_of_the_batch():
-    """The mixup lever's inputs: every mixed image lies on the segment between its own image and one other image
-    of the batch (a permutation), with weights that vary per image; the same generator state gives the same batch."""
-    import torch
-
-    x = torch.randn(64, 3, 4, 4)
-    out = mix(x, torch.Generator().manual_seed(3))
-    assert out.shape == x.shape and torch.equal(out, mix(x, torch.Generator().manual_seed(3)))
-    g = torch.Generator().manual_seed(3)
-    lam = torch.rand(64, generator=g)
-    perm = torch.randperm(64, generator=g)
-    assert sorted(perm.tolist()) == list(range(64)) and lam.std() > 0.1
-    assert torch.allclose(out, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm], atol=1e-6)
-    assert not torch.allclose(out, x)
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():

@@ -41,10 +41,11 @@ def test_enable_with_factory_weights_and_tensor_file(tmp_path, digits_backbone, 
     torch.save({"x": x[:600], "y": y[:600]}, tmp_path / "data.pt")
     r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
               "--tolerance", "2", "--out", "art", "--epochs", "3", "--no-latency", "--quiet",
-              "--cache-dir", str(tmp_path / "cache")], tmp_path)
+              "--cache-dir", str(tmp_path / "cache"), "--teacher", "augmented", "--teacher-shift", "1"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["backbone"]["class"] == "DigitsCNN" and m["data"]["n"] == 600
+    assert m["head_training"] == {"teacher": "augmented", "epochs": 3, "label_free": True}
     # same command again: the artifact exists -> a clear error, not a silent overwrite
     r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
               "--tolerance", "2", "--out", "art", "--epochs", "1", "--no-latency", "--quiet",
@@ -58,6 +59,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
         (["enable", "--model", "nope:make", "--data", "d.pt", "--tolerance", "1", "--out", "o"], "cannot import"),
         (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "0", "--out", "o"],
          "tolerance must be > 0"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
+          "--teacher", "mixup", "--teacher-shift", "-2"], "shift must be an integer >= 0"),
         (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "missing.pt", "--tolerance", "1", "--out", "o"],
          "cannot"),
         (["inspect", "nowhere"], "not an autoexit artifact"),

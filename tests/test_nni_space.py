@@ -94,10 +94,13 @@ def test_search_settings_are_validated_at_the_boundary():
     for bad, match in [({"strategy": "grid"}, "strategy"), ({"engine": "sequential", "concurrency": 2}, "concurrency"),
                        ({"cost": "energy"}, "cost"), ({"train": {"epochz": 2}}, "epochz"),
                        ({"max_trials": 0}, "max_trials"), ({"port": 80}, "port"), ({"colour": 1}, "unknown heads"),
-                       ({"max_duration": "ten minutes"}, "max_duration")]:
+                       ({"max_duration": "ten minutes"}, "max_duration"),
+                       ({"train": {"teacher": "mixup"}}, "heads.final_train")]:
         with pytest.raises(AutoExitError, match=match):
             H.HeadSearchConfig.from_dict(bad)
     assert json.loads(json.dumps(c.to_dict()))["train"]["epochs"] == 2
+    f = H.HeadSearchConfig.from_dict({"final_train": {"teacher": "mixup", "epochs": 120}})
+    assert f.final_train.teacher == "mixup" and not f.train.on_the_fly  # the winners' retraining may use it
 
 
 def test_core_and_head_space_import_no_nni():

@@ -378,6 +378,10 @@ class HeadSearchConfig:
         if self.max_duration is not None and not re.fullmatch(r"\d+(\.\d+)?[smhd]", str(self.max_duration)):
             raise AutoExitError(f"heads.max_duration must look like 30s, 10m, 2h or 1d, got {self.max_duration!r}")
         object.__setattr__(self, "train", _train_config(self.train, "heads.train") or _default_trial_train())
+        if self.train.on_the_fly:
+            raise AutoExitError(f"heads.train.teacher {self.train.teacher!r}: the head-search trials train on the "
+                                "recorded activations; set the teacher in heads.final_train (the winners' "
+                                "retraining) instead")
         object.__setattr__(self, "final_train", _train_config(self.final_train, "heads.final_train"))
         object.__setattr__(self, "cost_weight", float(self.cost_weight))
         object.__setattr__(self, "chance_margin", float(self.chance_margin))

@@ -470,7 +470,7 @@ def _run_point(i: int, n: int, p, rec, space: HeadSpace, cfg: HeadSearchConfig, 
 # --------------------------------------------------------------------------- export
 
 
-def _export_head(pr: PointResult, rec, retrain, progress: bool):
+def _export_head(pr: PointResult, rec, retrain, progress: bool, backbone=None):
     """The winner of a point as a TrainedHead: the trial's weights, or trained again with ``retrain``."""
     import hashlib
 
@@ -495,7 +495,7 @@ def _export_head(pr: PointResult, rec, retrain, progress: bool):
         except Exception:  # noqa: BLE001 - a damaged export is redone
             pass
     if retrain is not None:
-        h = train_heads(rec, {p.name: spec}, retrain, points=[p.name], progress=False)[p.name]
+        h = train_heads(rec, {p.name: spec}, retrain, points=[p.name], progress=False, backbone=backbone)[p.name]
     else:
         module = build_head(spec, p.shape, rec.num_classes)
         module.load_state_dict(torch.load(pr.dir / "weights" / best["weights"], map_location="cpu",
@@ -685,7 +685,7 @@ def search_heads(backbone=None, data=None, space: str | Path | Mapping | HeadSpa
         it = tqdm(it, desc="training the winners", unit="head")
     for pr in it:
         specs[pr.point] = HeadSpec.from_dict(pr.best["spec"])
-        heads[pr.point] = _export_head(pr, rec, retrain, progress)
+        heads[pr.point] = _export_head(pr, rec, retrain, progress, backbone=tb)
     failed = [name for name, pr in results.items() if pr.status != "ok"]
     res = HeadSearchResult(cfg, hspace, specs, heads, failed, results, wd, time.perf_counter() - t_start)
     res.save()

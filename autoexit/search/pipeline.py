@@ -297,7 +297,7 @@ def _heads_stage(cfg: ExperimentConfig, backbone, data, tb, points, rec, enable_
         specs.update(nni_specs)
         names = [p.name for p in points if p.name in nni_specs]
     return train_heads_cached(rec, specs, enable_cfg.train, cache_dir=Path(cfg.run_dir) / "heads",
-                              points=names, progress=progress)
+                              points=names, progress=progress, backbone=tb)
 
 
 def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: bool | None = None,
@@ -472,14 +472,16 @@ def head_cache_key(recording, name: str, spec, train) -> str:
 
 
 def train_heads_cached(recording, specs: Mapping | None = None, train=None, cache_dir: str | Path | None = None,
-                       points: Sequence[str] | None = None, progress: bool = True) -> dict:
+                       points: Sequence[str] | None = None, progress: bool = True, backbone=None) -> dict:
     """``autoexit.distill.train_heads`` with one cached file per trained head.
 
     A head is trained only when ``cache_dir`` holds no head for the same recording,
     point, spec and training settings (see :func:`head_cache_key`); each trained
     head is saved as soon as it is done, so an interrupted run resumes where it
     stopped. Files are ``torch.save`` dicts of the state_dict and the head's
-    metadata, loaded back with ``weights_only=True``.
+    metadata, loaded back with ``weights_only=True``. With an on-the-fly
+    ``train.teacher`` the missing heads are trained together (one backbone pass per
+    batch; ``backbone``: the recording's ``TracedBackbone``) and saved when all are done.
     """
     import torch
 
@@ -512,13 +514,19 @@ def train_heads_cached(recording, specs: Mapping | None = None, train=None, cach
             except Exception:  # noqa: BLE001 - a damaged cache entry is retrained
                 pass
         todo.append(name)
-    it = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
+    if train.on_the_fly and todo:  # one joint run; a head's weights do not depend on the others trained with it
+        together = train_heads(recording, {n: specs[n] for n in todo}, train, points=todo, progress=progress,
+                               backbone=backbone)
+        it = todo
+    else:
+        together = {}
+        it = todo
+        if progress and todo:
+            from tqdm.auto import tqdm
 
-        it = tqdm(todo, desc="training heads", unit="head")
+            it = tqdm(todo, desc="training heads", unit="head")
     for name in it:
-        h = train_heads(recording, {name: specs[name]}, train, points=[name], progress=False)[name]
+        h = together.get(name) or train_heads(recording, {name: specs[name]}, train, points=[name], progress=False)[name]
         out[name] = h
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)

@@ -65,13 +65,18 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
    on val is untouched. Only rules that read no earlier exit can be used (an input that did not run an earlier
    exit's skip head has no logits there): ``max_softmax`` and gates without history, with both risks.
 
+``mixup-cross-fitted``: the ``mixup`` lever's heads with the policies fitted on out-of-fold predictions of the train
+split, the fold heads trained by function matching too (``out_of_fold_logits`` with ``TrainConfig(teacher="mixup")``):
+what ``EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup", epochs=...))`` runs.
+
 For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs saving and drop of the
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage] [--feature-weight 1] [--mixup-epochs 120]
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage mixup-cross-fitted] [--feature-weight 1] [--mixup-epochs 120]
 [--skip-lr 1e-3] [--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56; ``skip``: about 20 min on ResNet-20 with
-its out-of-fold copies; ``two-stage``: with the skip heads cached, about 2 min on ResNet-20 and 25 on ResNet-56).
+its out-of-fold copies; ``two-stage``: with the skip heads cached, about 2 min on ResNet-20 and 25 on ResNet-56;
+``mixup-cross-fitted``: about one more mixup training, 20 min on ResNet-20).
 Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
@@ -95,7 +100,8 @@ TOLERANCES = (1.0, 2.0)
 MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also what guarantee_check's `mixup` reads
 FEATURE_WEIGHT = 1.0  # the feature lever's default loss weight (--feature-weight), also guarantee_check's `feature`
 SKIP_LR = 1e-3  # the skip lever's peak learning rate (--skip-lr): a third of the default, the heads start pretrained
-LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup", "skip", "two-stage")
+LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup", "skip", "two-stage",
+          "mixup-cross-fitted")
 
 
 def mixup_key(epochs: int) -> str:
@@ -790,30 +796,36 @@ def subset_tables(rec, data: dict, sub: dict) -> tuple[dict, dict]:
     return preds, tables
 
 
-def cross_fitted_table(depth: int, rec, heads: dict, data: dict, temps, folds: int, log):
+def cross_fitted_table(depth: int, rec, heads: dict, data: dict, temps, folds: int, log, train=None, backbone=None):
     """The out-of-fold logits of the train split (:func:`out_of_fold`) and their ExitTable (temperatures
     ``temps``, activation statistics from ``data``): what a cross-fitted policy is fitted on."""
     from autoexit.calibrate import ExitPredictions
     from autoexit.policies import ExitTable
 
-    oof = out_of_fold(depth, rec, heads, folds, log)
+    oof = out_of_fold(depth, rec, heads, folds, log, train, backbone)
     tr = data["train"][0]
     return oof, ExitTable.from_predictions(ExitPredictions(tr.names, oof, tr.backbone_logits, tr.labels), temps,
                                            data["train"][1])
 
 
-def out_of_fold(depth: int, rec, heads: dict, folds: int, log):
+def out_of_fold(depth: int, rec, heads: dict, folds: int, log, train=None, backbone=None):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
-    (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached."""
+    (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached.
+    ``train``: the fold heads' TrainConfig (default: the default one); an on-the-fly teacher needs ``backbone``."""
+    import json
+
     import torch
 
     from autoexit.distill import TrainConfig, out_of_fold_logits
 
-    path = _cache(depth, f"oof{folds}", f"{rec.path}|{_specs(heads)}")
+    train = train or TrainConfig()
+    what = f"oof{folds}" if train == TrainConfig() else f"oof{folds}-{train.teacher}{train.epochs}"
+    key = f"{rec.path}|{_specs(heads)}" + ("" if train == TrainConfig() else json.dumps(train.to_dict(), sort_keys=True))
+    path = _cache(depth, what, key)
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
     t0 = time.perf_counter()
-    oof = out_of_fold_logits(rec, heads, TrainConfig(), folds, progress=True)
+    oof = out_of_fold_logits(rec, heads, train, folds, progress=True, backbone=backbone)
     log(f"out-of-fold heads: {oof.shape[0]} exits x {folds} folds in {time.perf_counter() - t0:.0f} s")
     _save(path, oof)
     return oof
@@ -885,6 +897,22 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         extra[mkey] = {"epochs": mixup_epochs,
                           "oracle saving test (default heads)": base_oracle,
                           "oracle saving test (mixup)": oracle_saving(preds["test"].agree().numpy(), costs)}
+
+    if "mixup-cross-fitted" in levers:  # what EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup")) runs
+        from autoexit.distill import TrainConfig
+
+        t1 = time.perf_counter()
+        mx = augmented_heads(depth, tb, rec, heads, mixup_epochs, log, mixup=True)
+        mpreds, mtables = trained_tables(rec, mx, data)
+        mtemps = calibrate_temperatures(mpreds["val"])
+        fold_cfg = TrainConfig(teacher="mixup", epochs=mixup_epochs, patience=0)
+        moof, moof_table = cross_fitted_table(depth, rec, mx, data, mtemps, folds, log, fold_cfg, tb)
+        secs["mixup-cross-fitted"] = time.perf_counter() - t1
+        agree["mixup out-of-fold (train)"] = [
+            round(float(v), 4) for v in (moof.argmax(2) == mpreds["train"].backbone_logits.argmax(1)[None]).float().mean(1)]
+        agree["mixup in-sample (train)"] = [round(float(v), 4) for v in mpreds["train"].agree().float().mean(1)]
+        rows += policy_rows(f"mixup heads cross-fitted ({mixup_epochs} epochs, {folds} folds)", moof_table, mtables,
+                            costs, depth, resplits)
 
     if "feature" in levers:
         t1 = time.perf_counter()
@@ -1001,6 +1029,9 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
 
 def _lever_of(variant: str) -> str:
     """The lever a policy-row variant or an agreement row belongs to ("baseline" for the default heads)."""
+    if variant.startswith(("mixup-cross-fitted", "mixup heads cross-fitted", "mixup out-of-fold",
+                           "mixup in-sample")):
+        return "mixup-cross-fitted"
     if variant.startswith(("out-of-fold", "in-sample")):
         return "cross-fitted"
     if variant.startswith("mixup"):  # each schedule is its own lever

@@ -120,8 +120,10 @@ def _earlyon_rows(workload: str) -> dict[float, dict]:
     return {float(r["budget %"]): r for r in rows if r.get("method") == "earlyon"}
 
 
-def policies_blocks() -> dict[str, str]:
-    res = _load("policies")
+def policies_blocks(name: str = "policies") -> dict[str, str]:
+    """bench/policies.py's tables per network from ``<name>.json`` (``policies``: default heads; ``policies_mixup``:
+    function-matching heads), as blocks ``<name>-resnet<depth>``."""
+    res = _load(name)
     if not res:
         return {}
     env = res.get("environment_of_rows", res.get("environment", {}))
@@ -164,7 +166,7 @@ def policies_blocks() -> dict[str, str]:
                 f"(test), {res.get('args', {}).get('resplits', '?')} re-splits of val + test, delta = 0.1. "
                 f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}"
                 + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
-        out[f"policies-resnet{depth}"] = note + "\n\n" + table(rows, cols) + lat_table
+        out[f"{name}-resnet{depth}"] = note + "\n\n" + table(rows, cols) + lat_table
     return out
 
 
@@ -179,7 +181,8 @@ def levers_blocks() -> dict[str, str]:
     parts = []
     what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
                     "mixup": "mixup function-matching heads", "skip": "skip heads and their out-of-fold copies",
-                    "two-stage": "two-stage exits (skip heads loaded, policies fitted)"}
+                    "two-stage": "two-stage exits (skip heads loaded, policies fitted)",
+                    "mixup-cross-fitted": "mixup heads' out-of-fold copies"}
 
     def trained(k: str) -> str:  # a training-time key (lever, or mixup@N for a non-default schedule) in words
         lever, _, epochs = k.partition("@")
@@ -382,7 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--print", action="store_true", help="print the blocks instead of updating the page")
     args = ap.parse_args(argv)
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks()},
-             POLICIES_DOC: {**policies_blocks(), **levers_blocks(), **guarantee_blocks()}, NNI_DOC: nni_blocks()}
+             POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
+                            **guarantee_blocks()}, NNI_DOC: nni_blocks()}
     if args.print:
         for blocks in pages.values():
             for name, body in blocks.items():

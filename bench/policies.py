@@ -28,7 +28,10 @@ TorchScript early-exit model vs the backbone, ``autoexit.cost.compare_latency``,
 default policy, ``gate`` and ``paper003``, and for the default policy choosing its exits by latency
 (``cost="latency"``: every stage and head timed on this CPU at batch 1 or 32) instead of FLOPs.
 
-Run: ``python bench/policies.py`` (``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
+Heads: ``--teacher mixup`` runs all of it with the same heads trained by function matching instead
+(``TrainConfig(teacher="mixup", epochs=--mixup-epochs)``, default 120; results in ``policies_mixup.json``).
+
+Run: ``python bench/policies.py`` (``--teacher mixup``, ``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
 recorded before, with its date); ``--latency-only``
 re-measures the latency of a recorded run, e.g. on a quieter machine).
 Results: ``bench/results/policies.json``.
@@ -150,13 +153,23 @@ def oracle_saving(agree, costs) -> float:
     return float(1 - oracle_flops(np.asarray(agree), costs.c1, costs.before, costs.base).mean() / costs.base)
 
 
-def setup(depth: int, progress: bool = False):
-    """Backbone, exit points after every residual block, recording and trained heads (all cached)."""
+def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs: int = 120):
+    """Backbone, exit points after every residual block, recording and trained heads (all cached).
+
+    ``teacher="mixup"``: the default heads trained instead by function matching for ``epochs`` epochs
+    (``TrainConfig(teacher="mixup", epochs=epochs, patience=0)``, the core's training), through
+    ``bench.head_levers.augmented_heads`` and its cache, which the mixup lever of that benchmark fills."""
     from autoexit.pipeline import EnableConfig, prepare
 
     cfg = EnableConfig(granularity=2)
     tb, points, rec = prepare(cifar_resnet(depth).eval(), cifar10_data(), cfg, progress=progress)
     heads = plain_heads(rec, progress=progress)
+    if teacher == "mixup":
+        from bench.head_levers import augmented_heads
+
+        heads = augmented_heads(depth, tb, rec, heads, epochs, print, mixup=True)
+    elif teacher != "recorded":
+        raise SystemExit(f"--teacher must be recorded or mixup, got {teacher!r}")
     return cfg, tb, points, rec, heads
 
 
@@ -326,13 +339,13 @@ def above_delta_pvalue(k: int, n: int, delta: float) -> float:
     return float(binom.sf(k - 1, n, delta))
 
 
-def run_depth(depth: int, resplits: int, cascade: bool, log) -> dict:
+def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "recorded", epochs: int = 120) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
     from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
 
     t_setup = time.perf_counter()
-    cfg, tb, points, rec, heads = setup(depth)
+    cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs)
     data = split_data(rec, heads)
     names = [p.name for p in rec.points if p.name in heads]
     val = data["val"][0]
@@ -430,11 +443,19 @@ def main(argv=None) -> int:
     ap.add_argument("--resplits", type=int, default=100)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--no-cascade", action="store_true")
-    ap.add_argument("--out", default="policies")
+    ap.add_argument("--teacher", choices=["recorded", "mixup"], default="recorded",
+                    help="how the default heads are trained: on the recorded activations (default) or by function "
+                         "matching (TrainConfig(teacher='mixup')); results go to policies_mixup.json unless --out")
+    ap.add_argument("--mixup-epochs", type=int, default=120, help="epochs of --teacher mixup (default 120)")
+    ap.add_argument("--out", default=None, help="results file name under bench/results (default policies, or "
+                                                 "policies_mixup with --teacher mixup)")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
     ap.add_argument("--latency-only", action="store_true",
                     help="re-measure only the latency of the depths' entries already in the output file")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = "policies" if args.teacher == "recorded" else "policies_mixup"
+    heads_of = {"teacher": args.teacher, "epochs": args.mixup_epochs}
     require_fixtures()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -451,7 +472,7 @@ def main(argv=None) -> int:
         blob = json.loads(prior.read_text())
         for r in blob["results"]:
             if r["depth"] in args.depths:
-                r["latency"] = run_depth_latency(r["depth"], log)
+                r["latency"] = run_depth_latency(r["depth"], log, **heads_of)
         rows_env = blob.get("environment_of_rows", blob.get("environment"))
         write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}
                       | {"environment_of_rows": rows_env, "latency_remeasured_s": time.perf_counter() - t0})
@@ -466,12 +487,12 @@ def main(argv=None) -> int:
         old_latency = {r["depth"]: r.get("latency") for r in old.get("results", []) if r.get("latency")}
         old_latency_env = old.get("latency_environment") or old.get("environment")
     for d in args.depths:
-        results.append(run_depth(d, args.resplits, not args.no_cascade, log))
+        results.append(run_depth(d, args.resplits, not args.no_cascade, log, **heads_of))
         write_results(args.out, {"args": vars(args), "results": kept + results, "partial": True,
                                  "seconds": time.perf_counter() - t0})
     if not args.no_latency:  # latency last: the machine is shared and timings are noisy
         for r in results:
-            r["latency"] = run_depth_latency(r["depth"], log)
+            r["latency"] = run_depth_latency(r["depth"], log, **heads_of)
     elif old_latency:  # --no-latency: keep the latency recorded earlier for these depths (and say when)
         for r in results:
             r["latency"] = old_latency.get(r["depth"])
@@ -493,10 +514,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_depth_latency(depth: int, log) -> dict:
+def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 120) -> dict:
     from autoexit.pipeline import EnableConfig, assemble
 
-    cfg, tb, points, rec, heads = setup(depth)
+    cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs)
     data = split_data(rec, heads)
     preds = {s: data[s][0] for s in data}
     stats = {s: data[s][1] for s in data}

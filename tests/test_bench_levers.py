@@ -75,6 +75,11 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("skip heads out-of-fold (train)") == _lever_of("skip heads") == _lever_of("skip") == "skip"
     assert _lever_of("two-stage exits (skip head run only where the default head is confident; fitted "
                      "out-of-fold, 2 folds)") == _lever_of("two-stage") == "two-stage"
+    # mixup heads cross-fitted: a lever of its own, neither the mixup schedule nor the default heads' cross-fitting
+    assert _lever_of("mixup heads cross-fitted (120 epochs, 2 folds)") == "mixup-cross-fitted"
+    assert _lever_of("mixup out-of-fold (train)") == _lever_of("mixup in-sample (train)") == "mixup-cross-fitted"
+    assert _lever_of("mixup-cross-fitted") == "mixup-cross-fitted"
+    assert _lever_of("out-of-fold (train)") == _lever_of("cross-fitted (2 folds)") == "cross-fitted"
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():

@@ -355,8 +355,9 @@ def train_heads_matching(
     see the module doc), all together: each batch of the recorded train inputs (``train_index``: a subset of
     them, positions in the train split) is augmented (and mixed), run once through the frozen ``backbone`` (the
     :class:`~autoexit.points.TracedBackbone` the recording was made with), and every head learns the backbone's
-    answer from its activation (KL). Label-free. Each head keeps the weights of its best val-KL epoch; training
-    stops early once no head has improved for ``config.patience`` epochs (0: every epoch runs).
+    answer from its activation (KL). Label-free. Each head keeps the weights of its best val-KL epoch and stops
+    training after ``config.patience`` epochs without a better one (0: every epoch runs), as if trained alone: a
+    head's weights do not depend on which other heads were trained with it.
     """
     if not config.on_the_fly:
         raise AutoExitError("train_heads_matching trains with an on-the-fly teacher; use "
@@ -407,18 +408,18 @@ def train_heads_matching(
         g = torch.Generator().manual_seed(config.seed)
         best = {n: (math.inf, copy.deepcopy(mods[n].state_dict())) for n in names}
         history: dict[str, list[dict]] = {n: [] for n in names}
-        stale = 0
+        stale = dict.fromkeys(names, 0)
+        active = list(names)  # a head stops (is no longer trained) after `patience` epochs without a better val KL
         epochs = range(config.epochs)
         if progress:
             from tqdm.auto import tqdm
 
             epochs = tqdm(epochs, desc=f"training heads ({config.teacher})", unit="epoch")
         t0 = time.perf_counter()
-        ran = 0
         for ep in epochs:
-            for m in mods.values():
-                m.train()
-            total, seen = dict.fromkeys(names, 0.0), 0
+            for n in active:
+                mods[n].train()
+            total, seen = dict.fromkeys(active, 0.0), 0
             for a in matching_batches(x_train, g, config):
                 with torch.no_grad():
                     acts = []
@@ -426,30 +427,31 @@ def train_heads_matching(
                         a = s(a)
                         acts.append(a)
                     teacher = stages[-1](a)
-                losses = [kd_loss(mods[n](acts[j]), teacher, config.kd_temperature) for j, n in enumerate(names)]
+                losses = [kd_loss(mods[n](acts[names.index(n)]), teacher, config.kd_temperature) for n in active]
                 loss = sum(losses)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)  # a stopped head has no gradient, so AdamW leaves it as it is
                 loss.backward()
                 opt.step()
                 sched.step()
-                for n, part in zip(names, losses):
+                for n, part in zip(active, losses):
                     total[n] += float(part.detach()) * len(teacher)
                 seen += len(teacher)
-            ran = ep + 1
-            improved = False
-            for n in names:
+            for n in list(active):
                 pv = _predict(mods[n], x_val[n])
                 kl = float(kd_loss(pv, t_val))
                 history[n].append({"epoch": ep + 1, "train_loss": total[n] / max(seen, 1), "val_kl": kl,
                                    "val_agreement": agreement(pv, t_val)})
                 if kl < best[n][0]:
                     best[n] = (kl, copy.deepcopy(mods[n].state_dict()))
-                    improved = True
-            stale = 0 if improved else stale + 1
+                    stale[n] = 0
+                else:
+                    stale[n] += 1
+                if config.patience and stale[n] >= config.patience:
+                    active.remove(n)
             if progress:
                 epochs.set_postfix(val_agreement=round(sum(h[-1]["val_agreement"] for h in history.values())
-                                                       / len(names), 4))
-            if config.patience and stale >= config.patience:
+                                                       / len(names), 4), training=len(active))
+            if not active:
                 break
         seconds = time.perf_counter() - t0
     finally:
@@ -463,7 +465,7 @@ def train_heads_matching(
         out[p.name] = TrainedHead(
             point=p, spec=specs.get(p.name) or default_head_spec(p.shape, recording.num_classes), module=m,
             flops=count_flops(m, x_val[p.name][:1]), params=count_params(m), param_bytes=param_bytes(m),
-            val_agreement=agreement(pv, t_val), val_kl=float(kd_loss(pv, t_val)), epochs=ran,
+            val_agreement=agreement(pv, t_val), val_kl=float(kd_loss(pv, t_val)), epochs=len(history[p.name]),
             seconds=seconds / len(pts), history=history[p.name])
     return out
 

@@ -20,7 +20,8 @@ the same heads trained on that many train images, ``bench/head_levers.py --lever
 penultimate features, ``--levers feature`` there; ``mixup``, not run by default: the heads trained by mixup function
 matching for 120 epochs, ``--levers mixup`` there; ``mixup@N``: for ``N`` epochs, ``--mixup-epochs N`` there; ``skip``:
 the heads built from the backbone's own stage-entry blocks, with the policies fitted out-of-fold, ``--levers skip``
-there), tolerance
+there; ``mixup-cross-fitted``: the ``mixup`` heads with the policies fitted on out-of-fold predictions of fold heads
+trained by mixup too, ``--levers mixup-cross-fitted`` there), tolerance
 and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
@@ -69,6 +70,7 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     from autoexit.policies import ExitCosts, ExitTable
     from bench.head_levers import (
         FEATURE_WEIGHT,
+        MIXUP_EPOCHS,
         SKIP_LR,
         augmented_heads,
         cross_fitted_table,
@@ -90,6 +92,15 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return (trained_tables(rec, fh, data)[1],
                 ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                           float(tb.total_flops)))
+    if variant == "mixup-cross-fitted":  # as head_levers --levers mixup-cross-fitted: the mixup heads, fitted on
+        from autoexit.distill import TrainConfig  # out-of-fold predictions of fold heads trained by mixup too
+
+        mx = augmented_heads(depth, tb, rec, heads, MIXUP_EPOCHS, log, mixup=True)
+        mpreds, mtables = trained_tables(rec, mx, data)
+        fold_cfg = TrainConfig(teacher="mixup", epochs=MIXUP_EPOCHS, patience=0)
+        mtables["train"] = cross_fitted_table(depth, rec, mx, data, calibrate_temperatures(mpreds["val"]), 2, log,
+                                              fold_cfg, tb)[1]
+        return mtables, costs
     if variant.startswith("mixup"):  # as head_levers --levers mixup [--mixup-epochs N for mixup@N]: the default
         mx = augmented_heads(depth, tb, rec, heads, mixup_epochs(variant), log, mixup=True)  # heads' FLOPs, own temps
         return trained_tables(rec, mx, data)[1], costs
@@ -179,11 +190,11 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if (v not in ("baseline", "cross-fitted", "feature", "mixup", "skip")
+        if (v not in ("baseline", "cross-fitted", "feature", "mixup", "skip", "mixup-cross-fitted")
                 and not (v.isdigit() and 0 < int(v) < 5000)
                 and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
             ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs), "
-                     "'skip' or a train-subset size between 1 and 4999")
+                     "'skip', 'mixup-cross-fitted' or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:
             ap.error(f"--{what} must be at least 1, got {getattr(args, what)}")

@@ -291,9 +291,11 @@ def guarantee_blocks() -> dict[str, str]:
 
     policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
 
-    def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, skip, train-subset sizes
-        if v.isdigit():
+    def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, mixup cross-fitted,
+        if v.isdigit():                    # skip, train-subset sizes
             return 1, int(v)
+        if v == "mixup-cross-fitted":
+            return -1, 10 ** 6
         if v.startswith("mixup"):
             return -1, mixup_epochs(v)
         return {"baseline": -4, "cross-fitted": -3, "feature": -2, "skip": 0}.get(v, -1), 0

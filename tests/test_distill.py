@@ -204,12 +204,26 @@ def test_a_matching_head_does_not_depend_on_the_heads_trained_with_it(digits_res
 
     rec, tb = digits_result.recording, digits_result.backbone
     names = [p.name for p in rec.points]
-    cfg = TrainConfig(epochs=2, patience=0, teacher="augmented", shift=1)
-    together = train_heads_matching(rec, tb, config=cfg, points=[names[0], names[2]], progress=False)
-    alone = train_heads_matching(rec, tb, config=cfg, points=[names[2]], progress=False)
-    for k, v in alone[names[2]].module.state_dict().items():
-        assert torch.equal(v, together[names[2]].module.state_dict()[k]), k
-    assert alone[names[2]].history == together[names[2]].history
+    def check(cfg, together, which):
+        for name in which:
+            alone = train_heads_matching(rec, tb, config=cfg, points=[name], progress=False)
+            for k, v in alone[name].module.state_dict().items():
+                assert torch.equal(v, together[name].module.state_dict()[k]), (cfg.patience, name, k)
+            assert alone[name].history == together[name].history
+            assert alone[name].epochs == together[name].epochs == len(alone[name].history)
+
+    cfg = TrainConfig(epochs=3, patience=0, teacher="augmented", shift=1)
+    check(cfg, train_heads_matching(rec, tb, config=cfg, points=[names[0], names[2]], progress=False), [names[2]])
+    # with patience each head stops on its own; a high learning rate makes some stall early
+    for lr in (1.0, 0.3, 3e-2):
+        cfg = TrainConfig(epochs=5, patience=1, teacher="augmented", shift=1, lr=lr)
+        together = train_heads_matching(rec, tb, config=cfg, points=names, progress=False)
+        stops = {n: h.epochs for n, h in together.items()}
+        if len(set(stops.values())) > 1:
+            break
+    else:
+        raise AssertionError(f"no head stopped before the others at any learning rate: {stops}")
+    check(cfg, together, [min(stops, key=stops.get), max(stops, key=stops.get)])
 
 
 def test_cached_matching_heads_train_together_once_and_load_back(digits_result, tmp_path, monkeypatch):

@@ -163,6 +163,13 @@ def test_winners_are_retrained_with_the_final_settings(prepared, tmp_path):
     h = res.heads["block4"]
     assert h.epochs == 3 and len(h.history) == 3
     assert (res.points["block4"].dir / next(p.name for p in res.points["block4"].dir.glob("best-*.pt"))).is_file()
+    # the winners' retraining may learn from the backbone run on new inputs (the search passes it along)
+    fm = N.search_heads(prepared=prepared, space="ci", strategy="random", max_trials=2, engine="sequential",
+                        points=("block4",), train={"epochs": 1, "patience": 0},
+                        final_train={"epochs": 3, "teacher": "mixup", "shift": 1}, workdir=tmp_path, progress=False)
+    g = fm.heads["block4"]
+    assert g.spec == h.spec and g.epochs == 3 and len(g.history) == 3
+    assert any(not torch.equal(a, b) for a, b in zip(g.module.state_dict().values(), h.module.state_dict().values()))
 
 
 def test_model_space_generated_from_the_space_file():

@@ -380,6 +380,8 @@ class EnableResult:
         rows = [
             ("exit points (candidates)", ", ".join(p.name for p in self.points)),
             ("kept exits", ", ".join(self.kept) or "none (no exit pays off)"),
+            ("heads trained", f"{self.config.train.epochs} epochs, teacher {self.config.train.teacher}, "
+                              + ("with labels" if self.config.train.supervised else "label-free")),
             ("exit policy", f"{pol.get('policy', self.config.policy)} (risk: {pol.get('risk', self.config.risk)}, "
                             f"delta {self.config.delta})"),
         ]

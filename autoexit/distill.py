@@ -383,6 +383,8 @@ def train_heads_matching(
     if len(x_train) < 2:
         raise DataError(f"teacher {config.teacher!r} needs at least 2 train inputs, got {len(x_train)}")
     pts = [recording.point(n) for n in names]
+    spec_of = {p.name: specs.get(p.name) or default_head_spec(p.shape, recording.num_classes) for p in pts}
+    at = {n: j for j, n in enumerate(names)}  # a head's position in the cut backbone's activations
     try:
         stages = [s.eval() for s in backbone.split([p.node for p in pts])]
     except AutoExitError as e:
@@ -393,8 +395,7 @@ def train_heads_matching(
     mods: dict[str, nn.Module] = {}
     for p in pts:
         torch.manual_seed(config.seed)
-        mods[p.name] = build_head(specs.get(p.name) or default_head_spec(p.shape, recording.num_classes), p.shape,
-                                  recording.num_classes)
+        mods[p.name] = build_head(spec_of[p.name], p.shape, recording.num_classes)
     t_val = recording.logits("val")
     x_val = {n: recording.activations(n, "val") for n in names}
     old_threads = torch.get_num_threads()
@@ -427,7 +428,7 @@ def train_heads_matching(
                         a = s(a)
                         acts.append(a)
                     teacher = stages[-1](a)
-                losses = [kd_loss(mods[n](acts[names.index(n)]), teacher, config.kd_temperature) for n in active]
+                losses = [kd_loss(mods[n](acts[at[n]]), teacher, config.kd_temperature) for n in active]
                 loss = sum(losses)
                 opt.zero_grad(set_to_none=True)  # a stopped head has no gradient, so AdamW leaves it as it is
                 loss.backward()
@@ -463,7 +464,7 @@ def train_heads_matching(
         m.eval()
         pv = _predict(m, x_val[p.name])
         out[p.name] = TrainedHead(
-            point=p, spec=specs.get(p.name) or default_head_spec(p.shape, recording.num_classes), module=m,
+            point=p, spec=spec_of[p.name], module=m,
             flops=count_flops(m, x_val[p.name][:1]), params=count_params(m), param_bytes=param_bytes(m),
             val_agreement=agreement(pv, t_val), val_kl=float(kd_loss(pv, t_val)), epochs=len(history[p.name]),
             seconds=seconds / len(pts), history=history[p.name])
@@ -499,14 +500,15 @@ def out_of_fold_logits(
     parts = [perm[i::folds] for i in range(folds)]
     y_train = recording.labels("train") if config.supervised else None
     out = torch.zeros(len(names), n, recording.num_classes)
-    if config.on_the_fly:
-        for f in range(folds):
-            tr = torch.cat([parts[k] for k in range(folds) if k != f])
-            fold = train_heads_matching(recording, backbone, {m: heads[m].spec for m in names}, config, names,
-                                        progress, train_index=tr)
-            for j, name in enumerate(names):
-                out[j, parts[f]] = _predict(fold[name].module,
-                                            recording.activations(name, "train")[parts[f]]).float()
+    if config.on_the_fly:  # the fold heads are trained together, then each exit's activations are read once
+        fold_heads = [train_heads_matching(recording, backbone, {m: heads[m].spec for m in names}, config, names,
+                                           progress, train_index=torch.cat([parts[k] for k in range(folds) if k != f]))
+                      for f in range(folds)]
+        for j, name in enumerate(names):
+            x = recording.activations(name, "train")
+            for f in range(folds):
+                out[j, parts[f]] = _predict(fold_heads[f][name].module, x[parts[f]]).float()
+            del x
         return out
     it = names
     if progress:

@@ -75,6 +75,7 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         augmented_heads,
         cross_fitted_table,
         feature_heads,
+        mixup_cross_fitted_tables,
         skip_tables,
         subset_logits,
         subset_tables,
@@ -93,14 +94,8 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
                 ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
                           float(tb.total_flops)))
     if variant == "mixup-cross-fitted":  # as head_levers --levers mixup-cross-fitted: the mixup heads, fitted on
-        from autoexit.distill import TrainConfig  # out-of-fold predictions of fold heads trained by mixup too
-
-        mx = augmented_heads(depth, tb, rec, heads, MIXUP_EPOCHS, log, mixup=True)
-        mpreds, mtables = trained_tables(rec, mx, data)
-        fold_cfg = TrainConfig(teacher="mixup", epochs=MIXUP_EPOCHS, patience=0)
-        mtables["train"] = cross_fitted_table(depth, rec, mx, data, calibrate_temperatures(mpreds["val"]), 2, log,
-                                              fold_cfg, tb)[1]
-        return mtables, costs
+        _, mtables, _, oof_table = mixup_cross_fitted_tables(depth, tb, rec, heads, data, MIXUP_EPOCHS, 2, log)
+        return {**mtables, "train": oof_table}, costs  # out-of-fold predictions of fold heads trained by mixup
     if variant.startswith("mixup"):  # as head_levers --levers mixup [--mixup-epochs N for mixup@N]: the default
         mx = augmented_heads(depth, tb, rec, heads, mixup_epochs(variant), log, mixup=True)  # heads' FLOPs, own temps
         return trained_tables(rec, mx, data)[1], costs

@@ -148,6 +148,8 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: b
     each augmented batch is also mixed (function matching, the ``mixup`` lever). The training is the core's
     (``autoexit.distill.train_heads_matching``, ``TrainConfig(teacher="augmented" | "mixup", patience=0)``, what
     ``EnableConfig(train=TrainConfig(teacher="mixup"))`` trains); the heads are cached here per lever and schedule."""
+    import dataclasses
+
     import torch
 
     from autoexit.distill import TrainConfig, TrainedHead, _predict, agreement, kd_loss, train_heads_matching
@@ -165,6 +167,7 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: b
         _save(path, {"state": {n: trained[n].module.state_dict() for n in names}, "epoch": best_epoch,
                      "seconds": seconds})
         log(f"{what}: {len(names)} heads, {epochs} epochs in {seconds:.0f} s")
+        return {n: dataclasses.replace(trained[n], epochs=best_epoch[n], seconds=seconds) for n in names}
     blob = torch.load(path, map_location="cpu", weights_only=True)
     t_val = rec.logits("val")
     out = {}
@@ -808,6 +811,22 @@ def cross_fitted_table(depth: int, rec, heads: dict, data: dict, temps, folds: i
                                            data["train"][1])
 
 
+def mixup_cross_fitted_tables(depth: int, tb, rec, heads: dict, data: dict, epochs: int, folds: int, log):
+    """The ``mixup-cross-fitted`` lever's inputs: the ``epochs``-epoch mixup heads' ExitPredictions and ExitTables
+    per split (:func:`trained_tables`), and the out-of-fold logits of the train split from fold heads trained by
+    mixup too, with their ExitTable (what ``EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup"))``
+    fits on). Returns (preds, tables, oof logits, oof table)."""
+    from autoexit.calibrate import calibrate_temperatures
+    from autoexit.distill import TrainConfig
+
+    mx = augmented_heads(depth, tb, rec, heads, epochs, log, mixup=True)
+    preds, tables = trained_tables(rec, mx, data)
+    fold_cfg = TrainConfig(teacher="mixup", epochs=epochs, patience=0)
+    oof, oof_table = cross_fitted_table(depth, rec, mx, data, calibrate_temperatures(preds["val"]), folds, log,
+                                        fold_cfg, tb)
+    return preds, tables, oof, oof_table
+
+
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log, train=None, backbone=None):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
     (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached.
@@ -819,9 +838,9 @@ def out_of_fold(depth: int, rec, heads: dict, folds: int, log, train=None, backb
     from autoexit.distill import TrainConfig, out_of_fold_logits
 
     train = train or TrainConfig()
-    what = f"oof{folds}" if train == TrainConfig() else f"oof{folds}-{train.teacher}{train.epochs}"
-    key = f"{rec.path}|{_specs(heads)}" + ("" if train == TrainConfig() else json.dumps(train.to_dict(), sort_keys=True))
-    path = _cache(depth, what, key)
+    default = train == TrainConfig()  # the default training keeps the cache key it had before ``train`` existed
+    path = _cache(depth, f"oof{folds}" if default else f"oof{folds}-{train.teacher}{train.epochs}",
+                  f"{rec.path}|{_specs(heads)}" + ("" if default else json.dumps(train.to_dict(), sort_keys=True)))
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
     t0 = time.perf_counter()
@@ -899,14 +918,9 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                           "oracle saving test (mixup)": oracle_saving(preds["test"].agree().numpy(), costs)}
 
     if "mixup-cross-fitted" in levers:  # what EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup")) runs
-        from autoexit.distill import TrainConfig
-
         t1 = time.perf_counter()
-        mx = augmented_heads(depth, tb, rec, heads, mixup_epochs, log, mixup=True)
-        mpreds, mtables = trained_tables(rec, mx, data)
-        mtemps = calibrate_temperatures(mpreds["val"])
-        fold_cfg = TrainConfig(teacher="mixup", epochs=mixup_epochs, patience=0)
-        moof, moof_table = cross_fitted_table(depth, rec, mx, data, mtemps, folds, log, fold_cfg, tb)
+        mpreds, mtables, moof, moof_table = mixup_cross_fitted_tables(depth, tb, rec, heads, data, mixup_epochs, folds,
+                                                                      log)
         secs["mixup-cross-fitted"] = time.perf_counter() - t1
         agree["mixup out-of-fold (train)"] = [
             round(float(v), 4) for v in (moof.argmax(2) == mpreds["train"].backbone_logits.argmax(1)[None]).float().mean(1)]

@@ -514,17 +514,15 @@ def train_heads_cached(recording, specs: Mapping | None = None, train=None, cach
             except Exception:  # noqa: BLE001 - a damaged cache entry is retrained
                 pass
         todo.append(name)
-    if train.on_the_fly and todo:  # one joint run; a head's weights do not depend on the others trained with it
+    together = {}  # on the fly: one joint run (a head's weights do not depend on the others trained with it)
+    if train.on_the_fly and todo:
         together = train_heads(recording, {n: specs[n] for n in todo}, train, points=todo, progress=progress,
                                backbone=backbone)
-        it = todo
-    else:
-        together = {}
-        it = todo
-        if progress and todo:
-            from tqdm.auto import tqdm
+    it = todo
+    if progress and todo and not together:
+        from tqdm.auto import tqdm
 
-            it = tqdm(todo, desc="training heads", unit="head")
+        it = tqdm(todo, desc="training heads", unit="head")
     for name in it:
         h = together.get(name) or train_heads(recording, {name: specs[name]}, train, points=[name], progress=False)[name]
         out[name] = h

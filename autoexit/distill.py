@@ -26,6 +26,17 @@ the recording was made with) and a recording with its inputs stored; they never
 read labels, and they train all requested heads together, one backbone pass
 per batch. A head's weights do not depend on which other heads were trained
 with it (each head's loss and optimiser state are its own).
+
+``TrainConfig(select=...)`` says which epoch's weights a head keeps:
+
+- ``"last"`` (default): the final epoch's (the one-cycle schedule ends at a learning
+  rate near zero). Training never reads the val split, so the heads do not depend
+  on the calibration data the exit policies' guarantee rests on
+  (``docs/policies.md``). The history still records each epoch's val KL and
+  agreement, for the report; they choose nothing.
+- ``"val"``: the epoch with the lowest KL to the backbone on val, and training stops
+  after ``patience`` epochs without a better one (how heads were trained before;
+  the guarantee then also rests on that choice).
 """
 
 from __future__ import annotations
@@ -51,11 +62,16 @@ __all__ = ["TEACHERS", "TrainConfig", "TrainedHead", "train_head", "train_heads"
            "augment_batch", "mix_batch", "matching_batches"]
 
 TEACHERS = ("recorded", "augmented", "mixup")
+SELECTS = ("last", "val")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How heads are trained. ``patience`` epochs without a better val KL stop training early (0: never).
+    """How heads are trained.
+
+    ``select``: ``"last"`` (default) keeps each head's final epoch and never reads val; ``"val"`` keeps its
+    best val-KL epoch, and ``patience`` epochs without a better one stop training early (0: never; only with
+    ``select="val"``). See the module doc.
 
     ``teacher``: ``"recorded"``, ``"augmented"`` or ``"mixup"`` (see the module doc); the last two run the
     backbone on new inputs and need ``backbone=`` where heads are trained. ``shift``: the largest random shift in
@@ -67,13 +83,14 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     kd_temperature: float = 1.0
-    patience: int = 8
+    patience: int = 0
     seed: int = 0
     supervised: bool = False
     ce_weight: float = 0.5
     threads: int | None = None
     teacher: str = "recorded"
     shift: int = 4
+    select: str = "last"
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -91,16 +108,31 @@ class TrainConfig:
                                 "use supervised=False, or teacher='recorded' to add a label loss")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise AutoExitError(f"TrainConfig.shift must be an integer >= 0 (pixels), got {self.shift!r}")
+        if self.select not in SELECTS:
+            raise AutoExitError(f"TrainConfig.select must be 'last' (keep the final epoch) or 'val' (the best "
+                                f"val-KL epoch), got {self.select!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise AutoExitError(f"TrainConfig.patience must be an integer >= 0 (epochs), got {self.patience!r}")
+        if self.patience and self.select != "val":
+            raise AutoExitError(f"TrainConfig.patience={self.patience} stops training on the val KL; it needs "
+                                "select='val' (the heads then depend on the calibration split), or patience=0")
 
     @property
     def on_the_fly(self) -> bool:
         """Whether the heads learn from the backbone run on new inputs (``teacher`` is not ``"recorded"``)."""
         return self.teacher != "recorded"
 
+    @property
+    def keeps_best(self) -> bool:
+        """Whether a head keeps its best val-KL epoch (``select="val"``) rather than its last."""
+        return self.select == "val"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.teacher == "recorded":  # the on-the-fly fields are left out at their defaults, so the keys of
             del d["teacher"], d["shift"]  # caches made before they existed stay valid
+        if self.select == "val":  # likewise: select='val', patience=8 is the key of the heads made before
+            del d["select"]  # 'select' existed (when that was how every head was trained)
         return d
 
 
@@ -174,7 +206,8 @@ def train_head(
 ) -> tuple[nn.Module, list[dict]]:
     """Train ``head`` to match teacher logits ``t_train`` from activations ``x_train``.
 
-    Returns the head with the weights of its best val-KL epoch, and the per-epoch history.
+    Returns the head with the weights of its final epoch (``config.select="last"``; val is then only
+    recorded in the history) or of its best val-KL epoch (``"val"``), and the per-epoch history.
     With ``prev_train`` / ``prev_val`` (earlier exits' logits), the head is called as
     ``head(x, prev)`` (a cascade head).
     """
@@ -193,7 +226,7 @@ def train_head(
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
         )
-        best_state, best_kl, bad = copy.deepcopy(head.state_dict()), math.inf, 0
+        best_state, best_kl, bad = (copy.deepcopy(head.state_dict()) if config.keeps_best else None), math.inf, 0
         history: list[dict] = []
         bar = None
         if progress:
@@ -222,12 +255,13 @@ def train_head(
                 pv = _predict(head, x_val, prev=prev_val)
                 kl = float(kd_loss(pv, t_val, 1.0))
                 rec.update(val_kl=kl, val_agreement=agreement(pv, t_val))
-                if kl < best_kl - 1e-6:
-                    best_kl, bad = kl, 0
-                    best_state = copy.deepcopy(head.state_dict())
-                else:
-                    bad += 1
-            else:
+                if config.keeps_best:  # otherwise the final epoch is kept: val is recorded, never used to choose
+                    if kl < best_kl - 1e-6:
+                        best_kl, bad = kl, 0
+                        best_state = copy.deepcopy(head.state_dict())
+                    else:
+                        bad += 1
+            elif config.keeps_best:
                 best_state = copy.deepcopy(head.state_dict())
             history.append(rec)
             if bar is not None:
@@ -237,7 +271,8 @@ def train_head(
                 break
         if bar is not None:
             bar.close()
-        head.load_state_dict(best_state)
+        if config.keeps_best:
+            head.load_state_dict(best_state)
         head.eval()
         return head, history
     finally:
@@ -255,7 +290,7 @@ def train_heads(
     """Train one head per exit point of ``recording`` (default spec where ``specs`` gives none).
 
     Training reads only the cached activations and backbone logits of the train
-    split; the val split selects the best epoch. With an on-the-fly ``config.teacher``
+    split (and, with ``config.select="val"``, the val split's to choose the epoch). With an on-the-fly ``config.teacher``
     (``"augmented"``, ``"mixup"``) the heads are trained together on new inputs by
     :func:`train_heads_matching`, which needs ``backbone`` (the recording's ``TracedBackbone``).
     """
@@ -355,9 +390,10 @@ def train_heads_matching(
     see the module doc), all together: each batch of the recorded train inputs (``train_index``: a subset of
     them, positions in the train split) is augmented (and mixed), run once through the frozen ``backbone`` (the
     :class:`~autoexit.points.TracedBackbone` the recording was made with), and every head learns the backbone's
-    answer from its activation (KL). Label-free. Each head keeps the weights of its best val-KL epoch and stops
-    training after ``config.patience`` epochs without a better one (0: every epoch runs), as if trained alone: a
-    head's weights do not depend on which other heads were trained with it.
+    answer from its activation (KL). Label-free. Each head keeps its final epoch's weights, or with
+    ``config.select="val"`` those of its best val-KL epoch, stopping after ``config.patience`` epochs without a
+    better one (0: every epoch runs), as if trained alone: a head's weights do not depend on which other heads
+    were trained with it.
     """
     if not config.on_the_fly:
         raise AutoExitError("train_heads_matching trains with an on-the-fly teacher; use "
@@ -407,7 +443,7 @@ def train_heads_matching(
         steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
         g = torch.Generator().manual_seed(config.seed)
-        best = {n: (math.inf, copy.deepcopy(mods[n].state_dict())) for n in names}
+        best = {n: (math.inf, copy.deepcopy(mods[n].state_dict()) if config.keeps_best else None) for n in names}
         history: dict[str, list[dict]] = {n: [] for n in names}
         stale = dict.fromkeys(names, 0)
         active = list(names)  # a head stops (is no longer trained) after `patience` epochs without a better val KL
@@ -442,11 +478,12 @@ def train_heads_matching(
                 kl = float(kd_loss(pv, t_val))
                 history[n].append({"epoch": ep + 1, "train_loss": total[n] / max(seen, 1), "val_kl": kl,
                                    "val_agreement": agreement(pv, t_val)})
-                if kl < best[n][0]:
-                    best[n] = (kl, copy.deepcopy(mods[n].state_dict()))
-                    stale[n] = 0
-                else:
-                    stale[n] += 1
+                if config.keeps_best:  # otherwise the final epoch is kept
+                    if kl < best[n][0]:
+                        best[n] = (kl, copy.deepcopy(mods[n].state_dict()))
+                        stale[n] = 0
+                    else:
+                        stale[n] += 1
                 if config.patience and stale[n] >= config.patience:
                     active.remove(n)
             if progress:
@@ -460,7 +497,8 @@ def train_heads_matching(
     out: dict[str, TrainedHead] = {}
     for p in pts:
         m = mods[p.name]
-        m.load_state_dict(best[p.name][1])
+        if config.keeps_best:
+            m.load_state_dict(best[p.name][1])
         m.eval()
         pv = _predict(m, x_val[p.name])
         out[p.name] = TrainedHead(
@@ -566,14 +604,16 @@ def train_cascade_heads(
     num_prev: int = 1,
     finetune: bool = False,
     progress: bool = False,
+    temperature_split: str = "train",
 ) -> dict[str, TrainedHead]:
     """Heads for the exits of ``chain`` (in backbone order) that also read the previous ``num_prev``
     exits' temperature-scaled logits, trained in order, label-free (KL to the backbone).
 
     Each starts from the trained head in ``base_heads`` (its body); ``finetune=False`` trains only the
     mixing layer on the frozen body's logits (fast), ``True`` trains the whole head. The earlier
-    exits' logits are scaled by temperatures fitted on val exactly as
-    ``autoexit.calibrate.calibrate_temperatures`` does, so the emitted model sees what training saw.
+    exits' logits are scaled by temperatures fitted on ``temperature_split`` (default the train split,
+    never val: the guarantee's calibration split) exactly as ``autoexit.calibrate.calibrate_temperatures``
+    does, so the emitted model sees what training saw.
     """
     from .calibrate import fit_temperature
     from .policies.heads import CascadeHead
@@ -589,6 +629,7 @@ def train_cascade_heads(
     y_train = recording.labels("train") if config.supervised else None
     prev_train: list[torch.Tensor] = []
     prev_val: list[torch.Tensor] = []
+    p_fit: list[torch.Tensor] = []  # the earlier exits' scaled logits on temperature_split
     out: dict[str, TrainedHead] = {}
     for j, name in enumerate(names):
         base = base_heads[name]
@@ -614,9 +655,12 @@ def train_cascade_heads(
         head.eval()
         seconds = time.perf_counter() - t0
         lt, lv = _predict(head, x_train, prev=p_tr), _predict(head, x_val, prev=p_va)
-        temp = fit_temperature(lv, t_val.argmax(1))
-        prev_train.append(lt.float() / torch.tensor(temp, dtype=torch.float32))
-        prev_val.append(lv.float() / torch.tensor(temp, dtype=torch.float32))
+        lf = lt if temperature_split == "train" else _predict(
+            head, recording.activations(name, temperature_split), prev=p_fit[len(p_fit) - k :] if k else [])
+        temp = torch.tensor(fit_temperature(lf, recording.logits(temperature_split).argmax(1)), dtype=torch.float32)
+        prev_train.append(lt.float() / temp)
+        prev_val.append(lv.float() / temp)
+        p_fit.append(lf.float() / temp)
         out[name] = TrainedHead(
             point=base.point, spec=base.spec, module=head,
             flops=base.flops + 2 * k * recording.num_classes * recording.num_classes,

@@ -62,11 +62,12 @@ class EnableConfig:
     ``signal`` + K(S), no guarantee); delta: the guarantee holds with probability >= 1 - delta;
     risk: what the guarantee bounds (``disagreement`` with the backbone, label-free; ``harm`` or
     ``drop`` need labels on the val split); fit_split: the split policies fit gates, exit sets and
-    threshold families on (never val, the calibration split the guarantee rests on);
+    threshold families on, and the exits' temperatures (never val, the calibration split the guarantee
+    rests on; ``paper003`` fits its temperatures on val, as the paper does);
     policy_options: keyword options of the policy (e.g. ``{"hidden": 16, "history": 2}`` for gate);
-    cascade_heads: when > 0, after the policy picks its exits, their heads are retrained in order so
-    that each also reads the previous ``cascade_heads`` exits' logits, and the policy is refitted on
-    that chain.
+    cascade_heads: when > 0, after the policy picks its exits on the fit split, their heads are retrained
+    in order so that each also reads the previous ``cascade_heads`` exits' logits, and the policy is
+    refitted on that chain.
     cross_fit: when >= 2, the policy is fitted on out-of-fold predictions of the train split (cut into
     ``cross_fit`` folds, each predicted by heads trained on the others: about one more head training),
     so it sees the heads as new data will; the deployed heads are still trained on the whole train split
@@ -197,33 +198,36 @@ def _is_cascade(module: nn.Module) -> bool:
     return isinstance(module, CascadeHead)
 
 
-def predictions_for(recording: Recording, heads: Mapping[str, TrainedHead], split: str) -> ExitPredictions:
-    """Every head's logits on a split of the recording (no backbone pass)."""
+def predictions_for(recording: Recording, heads: Mapping[str, TrainedHead], split: str,
+                    temperature_split: str = "train") -> ExitPredictions:
+    """Every head's logits on a split of the recording (no backbone pass). ``temperature_split``: for cascade
+    heads, the split the earlier exits' temperatures are fitted on (the one their chain was trained with)."""
     names = [p.name for p in recording.points if p.name in heads]
     if any(_is_cascade(heads[n].module) for n in names):
-        return _cascade_predictions(recording, heads, names, split)
+        return _cascade_predictions(recording, heads, names, split, temperature_split)
     logits = torch.stack([predict_head(heads[n].module, recording.activations(n, split)) for n in names])
     return ExitPredictions(names, logits, recording.logits(split), recording.labels(split))
 
 
 def _cascade_predictions(rec: Recording, heads: Mapping[str, TrainedHead], names: list[str],
-                         split: str) -> ExitPredictions:
+                         split: str, temperature_split: str = "train") -> ExitPredictions:
     """Logits of a chain of cascade heads: each reads the earlier heads' logits scaled by the temperatures
-    ``calibrate_temperatures`` fits on val (computed here the same way, in order)."""
+    ``calibrate_temperatures`` fits on ``temperature_split`` (computed here the same way, in order)."""
     from .calibrate import fit_temperature
 
-    target = rec.logits("val").argmax(1)
-    prev_val: list[torch.Tensor] = []
+    target = rec.logits(temperature_split).argmax(1)
+    prev_fit: list[torch.Tensor] = []
     prev_split: list[torch.Tensor] = []
     out = []
     for n in names:
         m = heads[n].module
         k = int(getattr(m, "num_prev", 0)) if _is_cascade(m) else 0
-        lv = predict_head(m, rec.activations(n, "val"), prev=prev_val[len(prev_val) - k :] if _is_cascade(m) else None)
-        t = torch.tensor(fit_temperature(lv, target), dtype=torch.float32)
-        prev_val.append(lv.float() / t)
-        if split == "val":
-            ls = lv
+        lf = predict_head(m, rec.activations(n, temperature_split),
+                          prev=prev_fit[len(prev_fit) - k :] if _is_cascade(m) else None)
+        t = torch.tensor(fit_temperature(lf, target), dtype=torch.float32)
+        prev_fit.append(lf.float() / t)
+        if split == temperature_split:
+            ls = lf
         else:
             ls = predict_head(m, rec.activations(n, split),
                               prev=prev_split[len(prev_split) - k :] if _is_cascade(m) else None)
@@ -530,14 +534,18 @@ def assemble(
     """
     t0 = time.perf_counter()
     preds = dict(predictions or {})
-    val = preds.get("val") or predictions_for(rec, heads, "val")
-    test = preds.get("test") or predictions_for(rec, heads, "test")
-    temps = dict(zip(val.names, calibrate_temperatures(val).tolist()))
+    cascade = any(_is_cascade(h.module) for h in heads.values())
+    guaranteed = subset is None and config.policy != "paper003"
+    tsplit = temperature_split(config, guaranteed, cascade)
+    val = preds.get("val") or predictions_for(rec, heads, "val", tsplit)
+    test = preds.get("test") or predictions_for(rec, heads, "test", tsplit)
+    if tsplit != "val":
+        preds.setdefault(tsplit, predictions_for(rec, heads, tsplit, tsplit))
+    temps = dict(zip(val.names, calibrate_temperatures(val if tsplit == "val" else preds[tsplit]).tolist()))
     base = float(tb.total_flops)
     fitted: FittedPolicy | None = None
     scores: dict[str, np.ndarray | None] = {"val": None, "test": None}
-    cascade = any(_is_cascade(h.module) for h in heads.values())
-    if subset is None and config.policy != "paper003":
+    if guaranteed:
         preds.update(val=val, test=test)
         costs = exit_costs(config, tb, rec, heads, temps, evaluator) if config.cost != "flops" else None
         fitted, tables = fit_policy(config, rec, heads, temps, base, preds, stats, fixed_chain=cascade, costs=costs)
@@ -581,6 +589,15 @@ def assemble(
                                   "risk": "disagreement", "statement": "no guarantee: thresholds estimated on the "
                                   f"{val.n} val samples by the T/2^n rule; the budget may be exceeded on new data"}
     return result
+
+
+def temperature_split(config: EnableConfig, guaranteed: bool, cascade: bool = False) -> str:
+    """The split the exits' temperatures are fitted on: for a guaranteed policy, the split it is fitted on
+    (``config.fit_split``; with ``cross_fit``, its out-of-fold predictions), never val, so that nothing the
+    policy deploys depends on the calibration split but the certified thresholds; for ``paper003`` and a
+    given subset (no guarantee) val, as paper 003 does; for cascade heads always the split their chain was
+    trained with (:func:`autoexit.distill.train_cascade_heads`, ``config.fit_split``)."""
+    return config.fit_split if guaranteed or cascade else "val"
 
 
 def split_stats(rec: Recording, names: Sequence[str], split: str) -> list[torch.Tensor]:
@@ -646,7 +663,7 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
     """What the guaranteed policies minimise for ``config.cost``: the heads' and the backbone's FLOPs, or (cost
     ``latency``) their latency in ms per sample at ``config.cost_batch_size``, timed on ``evaluator`` (default:
     built from ``config.cost_evaluator``; empty: this CPU) by :func:`autoexit.cost.exit_latency_costs`, with
-    the end-to-end calibration on the val inputs."""
+    the end-to-end calibration on the train inputs."""
     names = [p.name for p in rec.points if p.name in heads]
     if config.cost == "flops":
         return _flops_costs(heads, names, float(tb.total_flops))
@@ -660,7 +677,7 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
 
         settings = MeasureSettings(warmup=2, repeat=7, min_repeat_ms=20.0)
     try:
-        x = rec.inputs("val")
+        x = rec.inputs("train")  # timing inputs: not the calibration split's either
     except AutoExitError:
         x = None
     d = exit_latency_costs(tb, [heads[n] for n in names], [float(temperatures[n]) for n in names], x, ev,
@@ -738,12 +755,15 @@ def enable(
     if config.cross_fit:
         result.extra["policy"]["fitted_on"] = (f"out-of-fold predictions of the train split ({config.cross_fit} "
                                                "folds)")
-    if config.cascade_heads and result.kept:
+    # the chain the policy chose on the fit split (before val certified its thresholds and unused exits were
+    # dropped), so the cascade heads, like every head, do not depend on the calibration split
+    chain = list(result.extra["policy"].get("fit_chain", result.kept)) if result.kept else []
+    if config.cascade_heads and chain:
         from .distill import train_cascade_heads
 
         t0 = time.perf_counter()
-        chained = train_cascade_heads(rec, heads, result.kept, config.train, num_prev=config.cascade_heads,
-                                      progress=progress)
+        chained = train_cascade_heads(rec, heads, chain, config.train, num_prev=config.cascade_heads,
+                                      progress=progress, temperature_split=config.fit_split)
         timings["train_cascade_heads_s"] = time.perf_counter() - t0
         result = assemble(config, tb, points, rec, chained, timings=timings, evaluator=evaluator)
     return result

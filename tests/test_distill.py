@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autoexit.distill import TrainConfig, agreement, train_head
@@ -109,8 +110,6 @@ def test_mix_batch_blends_each_input_with_another_of_the_batch():
 
 
 def test_train_config_teacher_is_validated_and_left_out_of_old_cache_keys():
-    import pytest
-
     from autoexit.errors import AutoExitError
 
     assert "teacher" not in TrainConfig().to_dict() and "shift" not in TrainConfig().to_dict()
@@ -124,10 +123,86 @@ def test_train_config_teacher_is_validated_and_left_out_of_old_cache_keys():
         TrainConfig(teacher="augmented", shift=-1)
 
 
+def test_epoch_selection_is_validated_and_the_old_default_keeps_its_cache_key():
+    from autoexit.errors import AutoExitError
+
+    assert TrainConfig().select == "last" and TrainConfig().patience == 0 and not TrainConfig().keeps_best
+    assert TrainConfig().to_dict()["select"] == "last"
+    old = TrainConfig(select="val", patience=8).to_dict()  # how every head was trained before `select` existed
+    assert "select" not in old and old == {k: v for k, v in TrainConfig().to_dict().items() if k != "select"} | {
+        "patience": 8}
+    with pytest.raises(AutoExitError, match="select must be 'last'"):
+        TrainConfig(select="best")
+    with pytest.raises(AutoExitError, match="patience=3 stops training on the val KL; it needs select='val'"):
+        TrainConfig(patience=3)
+    with pytest.raises(AutoExitError, match="patience must be an integer >= 0"):
+        TrainConfig(select="val", patience=-1)
+
+
+def _val_free_run(cfg, x, t, x_val, t_val):
+    torch.manual_seed(0)
+    head = build_head(HeadSpec(conv="standard", conv_layers=1, conv_width=8, fc_layers=2, fc_width=16), (8, 4, 4), 5)
+    head, hist = train_head(head, x, t, x_val, t_val, cfg)
+    return head.state_dict(), hist
+
+
+def test_default_heads_keep_their_last_epoch_and_never_depend_on_val():
+    """What the guarantee needs of the heads: with the default select='last' the weights are the same whatever
+    the val split holds (val is only recorded in the history); select='val' chooses by it."""
+    x, t = _teacher_data()
+    honest = (x[400:], t[400:])
+    hostile = (x[400:], -t[400:])  # a val split whose KL gets worse as the head learns the teacher
+    for cfg in (TrainConfig(epochs=6, lr=3e-2), TrainConfig(epochs=6, lr=3e-2, teacher="recorded", seed=3)):
+        a, ha = _val_free_run(cfg, x[:400], t[:400], *honest)
+        b, hb = _val_free_run(cfg, x[:400], t[:400], *hostile)
+        c, _ = _val_free_run(cfg, x[:400], t[:400], None, None)
+        for k in a:
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+        assert len(ha) == len(hb) == 6 and ha[-1]["val_kl"] != hb[-1]["val_kl"]  # recorded, not used
+    sel = TrainConfig(epochs=6, lr=3e-2, select="val")
+    a, ha = _val_free_run(sel, x[:400], t[:400], *honest)
+    b, hb = _val_free_run(sel, x[:400], t[:400], *hostile)
+    assert min(ha, key=lambda r: r["val_kl"])["epoch"] != min(hb, key=lambda r: r["val_kl"])["epoch"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the old selection did depend on val
+
+
+def test_recording_heads_do_not_depend_on_the_val_split(digits_result, monkeypatch):
+    """train_heads (recorded and on-the-fly teachers) and out-of-fold heads with the default config: the same
+    weights when the recording's val activations and answers are replaced by noise."""
+    from autoexit.data import Recording
+    from autoexit.distill import out_of_fold_logits, train_heads
+
+    rec, tb = digits_result.recording, digits_result.backbone
+    names = [p.name for p in rec.points][:2]
+    acts, logits, g = Recording.activations, Recording.logits, torch.Generator().manual_seed(5)
+
+    def noisy_acts(self, p, split):
+        return torch.randn(acts(self, p, split).shape, generator=g) if split == "val" else acts(self, p, split)
+
+    def noisy_logits(self, split):
+        return torch.randn(logits(self, split).shape, generator=g) if split == "val" else logits(self, split)
+
+    runs = []
+    for noisy in (False, True):
+        with monkeypatch.context() as m:
+            if noisy:
+                m.setattr(Recording, "activations", noisy_acts)
+                m.setattr(Recording, "logits", noisy_logits)
+            heads = train_heads(rec, config=TrainConfig(epochs=3), points=names, progress=False)
+            mixed = train_heads(rec, config=TrainConfig(epochs=2, teacher="mixup", shift=1), points=names,
+                                progress=False, backbone=tb)
+            oof = out_of_fold_logits(rec, heads, TrainConfig(epochs=2), folds=2)
+            runs.append((heads, mixed, oof))
+    for one, other in zip(runs[0][:2], runs[1][:2]):
+        for n in names:
+            for k, v in one[n].module.state_dict().items():
+                assert torch.equal(v, other[n].module.state_dict()[k]), (n, k)
+            assert one[n].history[-1]["val_kl"] != other[n].history[-1]["val_kl"]  # val was read, for the record
+    assert torch.equal(runs[0][2], runs[1][2])
+
+
 def test_on_the_fly_teacher_needs_the_backbone_and_stored_inputs(digits_result, digits_backbone, digits_data,
                                                                 tmp_path):
-    import pytest
-
     from autoexit.data import record
     from autoexit.distill import train_heads
     from autoexit.errors import AutoExitError, DataError
@@ -144,9 +219,10 @@ def test_on_the_fly_teacher_needs_the_backbone_and_stored_inputs(digits_result, 
         train_heads(digits_result.recording, config=cfg, points=["nope"], progress=False, backbone=tb)
 
 
-def test_mixup_heads_learn_the_backbones_answer_on_the_mixed_input_without_labels(digits_result, monkeypatch):
+@pytest.mark.parametrize("select", ["last", "val"])
+def test_mixup_heads_learn_the_backbones_answer_on_the_mixed_input_without_labels(digits_result, monkeypatch, select):
     """Function matching, step by step: each step's target is the backbone's answer on the augmented, mixed batch
-    (not a recorded answer), the head reads its activation there, and the best val-KL epoch is kept - checked
+    (not a recorded answer), the head reads its activation there, and the last (or best val-KL) epoch is kept - checked
     against a hand-written replay of the same steps. Training never reads a label."""
     import copy
 
@@ -157,7 +233,7 @@ def test_mixup_heads_learn_the_backbones_answer_on_the_mixed_input_without_label
     rec, tb = digits_result.recording, digits_result.backbone
     name = rec.points[1].name
     x = rec.inputs("train")
-    cfg = TrainConfig(epochs=3, patience=0, teacher="mixup", shift=1, batch_size=len(x))  # one step per epoch
+    cfg = TrainConfig(epochs=3, select=select, teacher="mixup", shift=1, batch_size=len(x))  # one step per epoch
 
     def no_labels(*a, **k):
         raise AssertionError("label-free training read the labels")
@@ -189,7 +265,7 @@ def test_mixup_heads_learn_the_backbones_answer_on_the_mixed_input_without_label
         kls.append(float(kd_loss(_predict(head, x_val), t_val)))
         states.append(copy.deepcopy(head.state_dict()))
     assert [h["val_kl"] for h in got.history] == kls
-    best = states[min(range(3), key=kls.__getitem__)]
+    best = states[min(range(3), key=kls.__getitem__)] if select == "val" else states[-1]
     for k, v in best.items():
         assert torch.equal(got.module.state_dict()[k], v), k
     # the targets were answers on new inputs: none of them is the recorded answer of any train input
@@ -216,7 +292,7 @@ def test_a_matching_head_does_not_depend_on_the_heads_trained_with_it(digits_res
     check(cfg, train_heads_matching(rec, tb, config=cfg, points=[names[0], names[2]], progress=False), [names[2]])
     # with patience each head stops on its own; a high learning rate makes some stall early
     for lr in (1.0, 0.3, 3e-2):
-        cfg = TrainConfig(epochs=5, patience=1, teacher="augmented", shift=1, lr=lr)
+        cfg = TrainConfig(epochs=5, patience=1, select="val", teacher="augmented", shift=1, lr=lr)
         together = train_heads_matching(rec, tb, config=cfg, points=names, progress=False)
         stops = {n: h.epochs for n, h in together.items()}
         if len(set(stops.values())) > 1:

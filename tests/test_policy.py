@@ -463,3 +463,63 @@ def test_cross_fit_settings_are_checked_and_reach_the_cli():
     _policy_flags(p)
     cfg = EnableConfig(**_policy_settings(p.parse_args(["--cross-fit", "3"])))
     assert cfg.cross_fit == 3 and EnableConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_nothing_a_guaranteed_policy_deploys_depends_on_val_but_its_certified_thresholds(digits_result):
+    """Learn-then-Test needs everything but the final thresholds fixed before val is looked at: the temperatures
+    are fitted on the fit split (its out-of-fold predictions when given), and the exit chain and threshold family
+    are the same whatever val holds; only the certified setting moves. paper003 keeps the paper's val fit."""
+    from dataclasses import replace
+
+    from autoexit.calibrate import ExitPredictions, calibrate_temperatures
+    from autoexit.pipeline import fit_policy, predictions_for
+
+    r = digits_result
+    rec, heads = r.recording, r.heads
+    train = predictions_for(rec, heads, "train")
+    names = list(train.names)
+    res = _assemble(r, "max_softmax")
+    assert res.temperatures == dict(zip(names, calibrate_temperatures(train).tolist()))
+    assert res.temperatures != dict(zip(names, calibrate_temperatures(r.val).tolist()))
+    paper = _assemble(r, "paper003")
+    assert paper.temperatures == dict(zip(names, calibrate_temperatures(r.val).tolist()))
+    # given out-of-fold train predictions (cross_fit), the temperatures come from them
+    g = torch.Generator().manual_seed(0)
+    oof = ExitPredictions(names, train.logits + torch.randn(train.logits.shape, generator=g), train.backbone_logits,
+                          train.labels)
+    cfg = EnableConfig(tolerance=2.0)
+    got = assemble(cfg, r.backbone, r.points, rec, heads, predictions={"train": oof, "val": r.val, "test": r.test})
+    assert got.temperatures == dict(zip(names, calibrate_temperatures(oof).tolist()))
+    # two calibration splits of the same size (the chain's target fit risk depends on that size, not on what
+    # val holds): the same chain and family, each certified on its own data
+    n = r.val.n
+    other = ExitPredictions(names, r.test.logits[:, :n], r.test.backbone_logits[:n], r.test.labels[:n])
+    temps = res.temperatures
+    fits = []
+    for val in (r.val, other):
+        f, _ = fit_policy(replace(cfg, tolerance=4.0), rec, heads, temps, float(r.backbone.total_flops),
+                          {"train": train, "val": val, "test": r.test})
+        fits.append(f)
+    a, b = fits
+    assert a.full_chain[0] == b.full_chain[0] and np.array_equal(a.family, b.family)
+    assert not np.array_equal(a.guarantee.empirical_risk, b.guarantee.empirical_risk)
+
+
+def test_enable_cascade_chain_is_chosen_on_the_fit_split(digits_backbone, digits_data, tmp_path):
+    """cascade_heads retrains the chain the policy chose on the train split (not the exits val's certification
+    kept), with temperatures fitted on train: the emitted model scales earlier logits as training did."""
+    from autoexit.calibrate import calibrate_temperatures
+    from autoexit.distill import TrainConfig
+    from autoexit.pipeline import enable, predictions_for
+    from autoexit.policies.heads import CascadeHead
+
+    cfg = EnableConfig(tolerance=2.0, cache_dir=str(tmp_path), cascade_heads=1, train=TrainConfig(epochs=3))
+    res = enable(digits_backbone, digits_data, config=cfg, progress=False)
+    chained = [n for n, h in res.heads.items() if isinstance(h.module, CascadeHead)]
+    assert chained and chained == res.extra["policy"]["fit_chain"]  # the fixed chain is the one trained
+    train = predictions_for(res.recording, res.heads, "train")
+    assert res.temperatures == dict(zip(train.names, calibrate_temperatures(train).tolist()))
+    x = res.recording.inputs("test")
+    with torch.no_grad():
+        _, idx = to_torchscript(res.model, x[:1])(x)
+    assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))

@@ -25,7 +25,7 @@ def _tiny(tmp_path, **outer) -> dict:
         "backbone": {"zoo": "digits_cnn", "epochs": 3, "width": 8},
         "data": {"source": "digits", "shifts": False},
         "enable": {"granularity": "auto", "cache_dir": str(tmp_path / "cache"),
-                   "train": {"epochs": 2, "batch_size": 128, "patience": 1}},
+                   "train": {"epochs": 2, "batch_size": 128}},
         "heads": {"search": False},
         "outer": {"space": "outer_ci", "n_trials": 12, "pick": {"rule": "min_cost", "max_drop": 5.0}, **outer},
         "emit": {"out": "artifact", "latency": False},

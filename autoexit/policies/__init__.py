@@ -226,7 +226,7 @@ class FittedPolicy:
 
     def to_dict(self) -> dict:
         d = {"policy": self.policy, "names": self.names, "thresholds": [float(t) for t in self.thresholds],
-             "risk": self.risk, "statement": self.statement(),
+             "fit_chain": list(self.full_chain[0]), "risk": self.risk, "statement": self.statement(),
              "rules": [type(r).__name__ for r in self.rules], **{k: v for k, v in self.info.items()}}
         if self.guarantee is not None:
             d["guarantee"] = self.guarantee.to_dict()

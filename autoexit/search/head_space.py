@@ -287,7 +287,7 @@ def _train_config(v, where: str):
 def _default_trial_train():
     from ..distill import TrainConfig
 
-    return TrainConfig(epochs=10, patience=3)
+    return TrainConfig(epochs=10, patience=3, select="val")  # trials are scored on val anyway
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,17 @@ def environment() -> dict:
     }
 
 
+def val_selected_training(**kw):
+    """The ``TrainConfig`` of the heads behind the benchmark results made before ``select`` existed: each head
+    kept its best val-KL epoch (``select="val"``; ``patience`` 8 unless given). ``head_levers`` and
+    ``guarantee_check`` keep it, so that their merged tables stay one set of heads (and their caches hit);
+    the core's default now keeps the last epoch and never reads val (docs/policies.md)."""
+    from autoexit.distill import TrainConfig
+
+    kw.setdefault("patience", 8)
+    return TrainConfig(select="val", **kw)
+
+
 def print_table(rows: list[dict], title: str = "", columns: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -56,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
+from bench.common import environment, print_table, require_fixtures, val_selected_training, write_results  # noqa: E402
 from bench.head_levers import POLICIES, mixup_epochs  # noqa: E402
 
 DELTA = 0.1
@@ -83,7 +83,7 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     )
     from bench.policies import setup, split_data
 
-    cfg, tb, points, rec, heads = setup(depth)
+    cfg, tb, points, rec, heads = setup(depth, train=val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],

@@ -94,7 +94,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, print_table, require_fixtures, write_results  # noqa: E402
+from bench.common import environment, print_table, require_fixtures, val_selected_training, write_results  # noqa: E402
 
 TOLERANCES = (1.0, 2.0)
 MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also what guarantee_check's `mixup` reads
@@ -152,14 +152,14 @@ def augmented_heads(depth: int, tb, rec, heads: dict, epochs: int, log, mixup: b
 
     import torch
 
-    from autoexit.distill import TrainConfig, TrainedHead, _predict, agreement, kd_loss, train_heads_matching
+    from autoexit.distill import TrainedHead, _predict, agreement, kd_loss, train_heads_matching
     from autoexit.heads import build_head
 
     what = "mixup function matching" if mixup else "augmented distillation"
     names = [p.name for p in rec.points]
     path = _cache(depth, "mixup" if mixup else "augmented", f"{rec.path}|{epochs}|{_specs(heads)}")
     if not path.exists():
-        cfg = TrainConfig(epochs=epochs, teacher="mixup" if mixup else "augmented", patience=0)
+        cfg = val_selected_training(epochs=epochs, teacher="mixup" if mixup else "augmented", patience=0)
         trained = train_heads_matching(rec, tb, {n: heads[n].spec for n in names}, cfg, names, progress=True)
         best_epoch = {n: 1 + min(range(len(trained[n].history)), key=lambda e: trained[n].history[e]["val_kl"])
                       for n in names}
@@ -296,9 +296,9 @@ def train_feature_head(head, x, feats, t, x_val, t_val, weight: float, cfg=None)
     import torch
     import torch.nn.functional as F
 
-    from autoexit.distill import TrainConfig, _predict, kd_loss
+    from autoexit.distill import _predict, kd_loss
 
-    cfg = cfg or TrainConfig()
+    cfg = cfg or val_selected_training()
     params = [q for q in head.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, pct_start=0.15,
@@ -447,9 +447,9 @@ def _skip_trained(depth: int, rec, model, name: str, lr: float, fold: tuple | No
     them), cached per head and fold. Returns the head (eval mode), its best epoch and the training seconds."""
     import torch
 
-    from autoexit.distill import TrainConfig, train_head
+    from autoexit.distill import train_head
 
-    cfg = TrainConfig(lr=lr)
+    cfg = val_selected_training(lr=lr)
     mod = skip_head(model, name, rec.point(name).shape)
     path = _cache(depth, f"skip-{name}", f"{rec.path}|{lr}|{fold}")
     if path.exists():
@@ -737,7 +737,7 @@ def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     cached: their logits on those images (``train``, with ``index`` into the train split), on val and on test."""
     import torch
 
-    from autoexit.distill import TrainConfig, _predict, train_head
+    from autoexit.distill import _predict, train_head
     from autoexit.heads import build_head
 
     names = [p.name for p in rec.points]
@@ -747,7 +747,7 @@ def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     n = len(rec.logits("train"))
     if size >= n:
         raise SystemExit(f"--train-sizes: {size} is not fewer than the {n} train images; give smaller sizes")
-    cfg = TrainConfig()
+    cfg = val_selected_training()
     idx = torch.randperm(len(rec.logits("train")), generator=torch.Generator().manual_seed(size))[:size]
     t_train, t_val = rec.logits("train")[idx], rec.logits("val")
     out = {"index": idx, "train": [], "val": [], "test": []}
@@ -817,11 +817,10 @@ def mixup_cross_fitted_tables(depth: int, tb, rec, heads: dict, data: dict, epoc
     mixup too, with their ExitTable (what ``EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup"))``
     fits on). Returns (preds, tables, oof logits, oof table)."""
     from autoexit.calibrate import calibrate_temperatures
-    from autoexit.distill import TrainConfig
 
     mx = augmented_heads(depth, tb, rec, heads, epochs, log, mixup=True)
     preds, tables = trained_tables(rec, mx, data)
-    fold_cfg = TrainConfig(teacher="mixup", epochs=epochs, patience=0)
+    fold_cfg = val_selected_training(teacher="mixup", epochs=epochs, patience=0)
     oof, oof_table = cross_fitted_table(depth, rec, mx, data, calibrate_temperatures(preds["val"]), folds, log,
                                         fold_cfg, tb)
     return preds, tables, oof, oof_table
@@ -830,15 +829,15 @@ def mixup_cross_fitted_tables(depth: int, tb, rec, heads: dict, data: dict, epoc
 def out_of_fold(depth: int, rec, heads: dict, folds: int, log, train=None, backbone=None):
     """[exits, n_train, classes] logits of the train split, each from heads trained on the other folds
     (``autoexit.distill.out_of_fold_logits``, what ``EnableConfig(cross_fit=folds)`` fits on), cached.
-    ``train``: the fold heads' TrainConfig (default: the default one); an on-the-fly teacher needs ``backbone``."""
+    ``train``: the fold heads' TrainConfig (default: ``bench.common.val_selected_training()``, what the tables were measured with); an on-the-fly teacher needs ``backbone``."""
     import json
 
     import torch
 
-    from autoexit.distill import TrainConfig, out_of_fold_logits
+    from autoexit.distill import out_of_fold_logits
 
-    train = train or TrainConfig()
-    default = train == TrainConfig()  # the default training keeps the cache key it had before ``train`` existed
+    train = train or val_selected_training()
+    default = train == val_selected_training()  # keeps the cache key it had before ``train`` existed
     path = _cache(depth, f"oof{folds}" if default else f"oof{folds}-{train.teacher}{train.epochs}",
                   f"{rec.path}|{_specs(heads)}" + ("" if default else json.dumps(train.to_dict(), sort_keys=True)))
     if path.exists():
@@ -882,7 +881,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
     from bench.policies import oracle_saving, setup, split_data
 
     t0 = time.perf_counter()
-    cfg, tb, points, rec, heads = setup(depth)
+    cfg, tb, points, rec, heads = setup(depth, train=val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],

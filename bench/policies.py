@@ -28,8 +28,14 @@ TorchScript early-exit model vs the backbone, ``autoexit.cost.compare_latency``,
 default policy, ``gate`` and ``paper003``, and for the default policy choosing its exits by latency
 (``cost="latency"``: every stage and head timed on this CPU at batch 1 or 32) instead of FLOPs.
 
-Heads: ``--teacher mixup`` runs all of it with the same heads trained by function matching instead
+Heads: the core's default training (``TrainConfig()``: each head keeps its last epoch and never reads val),
+and, as ``autoexit.enable`` does, the guaranteed policies' temperatures fitted on train (their fit split;
+paper003's on val, as the paper does), so nothing they deploy but the certified thresholds depends on val.
+``--teacher mixup`` runs all of it with the heads trained by function matching instead
 (``TrainConfig(teacher="mixup", epochs=--mixup-epochs)``, default 120; results in ``policies_mixup.json``).
+Those heads were trained before ``select`` existed (best val-KL epoch) and take hours to retrain, so that
+run keeps how it was measured: val-selected heads, every temperature fitted on val
+(``bench.common.val_selected_training``).
 
 Run: ``python bench/policies.py`` (``--teacher mixup``, ``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
 recorded before, with its date); ``--latency-only``
@@ -58,6 +64,7 @@ from bench.common import (  # noqa: E402
     cifar_resnet,
     print_table,
     require_fixtures,
+    val_selected_training,
     write_results,
 )
 
@@ -130,19 +137,21 @@ def cached_heads(rec, specs: dict, train_cfg, cascade: bool = False, progress: b
     return heads
 
 
-def plain_heads(rec, progress: bool = False) -> dict:
-    """Default heads (paper-003 design, default TrainConfig) for every point of ``rec``, cached per head.
+def plain_heads(rec, progress: bool = False, train=None) -> dict:
+    """Default heads (paper-003 design, ``train`` or the default TrainConfig) for every point of ``rec``, cached
+    per head.
 
     Uses the search package's per-head cache (shared with the other benchmarks) when it is there.
     """
     from autoexit.data import default_cache_dir
     from autoexit.distill import TrainConfig
 
+    train = train or TrainConfig()
     try:
         from autoexit.search.pipeline import train_heads_cached
     except ImportError:  # pragma: no cover - the search package is optional here
-        return cached_heads(rec, {}, TrainConfig(), progress=progress)
-    return train_heads_cached(rec, {}, TrainConfig(), cache_dir=default_cache_dir() / "heads", progress=progress)
+        return cached_heads(rec, {}, train, progress=progress)
+    return train_heads_cached(rec, {}, train, cache_dir=default_cache_dir() / "heads", progress=progress)
 
 
 def oracle_saving(agree, costs) -> float:
@@ -153,17 +162,22 @@ def oracle_saving(agree, costs) -> float:
     return float(1 - oracle_flops(np.asarray(agree), costs.c1, costs.before, costs.base).mean() / costs.base)
 
 
-def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs: int = 120):
+def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs: int = 120, train=None):
     """Backbone, exit points after every residual block, recording and trained heads (all cached).
 
-    ``teacher="mixup"``: the default heads trained instead by function matching for ``epochs`` epochs
-    (``TrainConfig(teacher="mixup", epochs=epochs, patience=0)``, the core's training), through
-    ``bench.head_levers.augmented_heads`` and its cache, which the mixup lever of that benchmark fills."""
+    ``train``: how the default heads are trained (default: the core's ``TrainConfig()``; the levers and
+    guarantee-check benchmarks pass ``bench.common.val_selected_training()``, what their tables were measured
+    with). ``teacher="mixup"``: the default heads trained instead by function matching for ``epochs`` epochs
+    (``TrainConfig(teacher="mixup", epochs=epochs, patience=0, select="val")``, the core's training), through
+    ``bench.head_levers.augmented_heads`` and its cache, which the mixup lever of that benchmark fills; the
+    val-selected default heads give their specs."""
     from autoexit.pipeline import EnableConfig, prepare
 
-    cfg = EnableConfig(granularity=2)
+    if teacher == "mixup":
+        train = val_selected_training()
+    cfg = EnableConfig(granularity=2, **({"train": train} if train is not None else {}))
     tb, points, rec = prepare(cifar_resnet(depth).eval(), cifar10_data(), cfg, progress=progress)
-    heads = plain_heads(rec, progress=progress)
+    heads = plain_heads(rec, progress=progress, train=train)
     if teacher == "mixup":
         from bench.head_levers import augmented_heads
 
@@ -349,8 +363,14 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     data = split_data(rec, heads)
     names = [p.name for p in rec.points if p.name in heads]
     val = data["val"][0]
-    temps = calibrate_temperatures(val)
-    tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
+    # temperatures as autoexit.enable fits them (pipeline.temperature_split): paper003 on val, the guaranteed
+    # policies on their fit split (train); the val-selected mixup run keeps val for all, as it was measured
+    legacy = cfg.train.keeps_best
+    temps_of = {"val": calibrate_temperatures(val)}
+    temps_of["fit"] = temps_of["val"] if legacy else calibrate_temperatures(data["train"][0])
+    tables_of = {k: {s: ExitTable.from_predictions(p, t, st) for s, (p, st) in data.items()}
+                 for k, t in temps_of.items()}
+    tables = tables_of["fit"]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
     log(f"resnet{depth}: {len(names)} candidate exits, setup {time.perf_counter() - t_setup:.0f} s")
@@ -361,23 +381,25 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     y_test = test.labels.numpy()
     backbone_acc = float((test.bpred == y_test).mean())
 
-    pool = _pool(tables["val"], tables["test"])
+    pools = {k: _pool(t["val"], t["test"]) for k, t in tables_of.items()}
     n_val = tables["val"].n
     rng = np.random.default_rng(12345)
-    splits = [rng.permutation(pool.n) for _ in range(resplits)]
+    splits = [rng.permutation(pools["fit"].n) for _ in range(resplits)]
 
     rows, fitted_all = [], {}
     for tol in TOLERANCES:
         for label, policy, risk, opts in VARIANTS:
+            tabs = tables_of["val" if policy == "paper003" else "fit"]
             t0 = time.perf_counter()
-            ctx = PolicyContext(tables["train"], tables["val"], costs, tol, 0.1, risk)
+            ctx = PolicyContext(tabs["train"], tabs["val"], costs, tol, 0.1, risk)
             fp = make_policy(policy, **opts).fit(ctx)
             fit_s = time.perf_counter() - t0
-            m = fp.evaluate(test, costs)
+            m = fp.evaluate(tabs["test"], costs)
             fitted_all[(tol, label)] = fp
-            rs = resplit_violations(fp, policy, pool, splits, n_val, costs, tol)
+            rs = resplit_violations(fp, policy, pools["val" if policy == "paper003" else "fit"], splits, n_val,
+                                    costs, tol)
             g = fp.guarantee
-            hind = hindsight(fp, test, costs, tol) if policy != "paper003" else {}
+            hind = hindsight(fp, tabs["test"], costs, tol) if policy != "paper003" else {}
             row = {
                 "model": f"resnet{depth}", "T %": tol, "policy": label, "exits": len(fp.chain),
                 "saving %": 100 * m["saving"], "drop %": 100 * m["drop"], "disagree %": 100 * m["disagreement"],
@@ -401,15 +423,16 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
             chain_names = base_fp.names
             if not chain_names:
                 continue
-            chained = train_cascade_heads(rec, heads, chain_names, cfg.train, num_prev=1)
+            tsplit = "val" if legacy else "train"  # as the core's enable (cascade_heads) fits them
+            chained = train_cascade_heads(rec, heads, chain_names, cfg.train, num_prev=1, temperature_split=tsplit)
             from autoexit.pipeline import predictions_for
 
             ctab = {}
+            ctemps = calibrate_temperatures(predictions_for(rec, chained, tsplit, tsplit))
             for s in ("train", "val", "test"):
-                p = predictions_for(rec, chained, s)
+                p = predictions_for(rec, chained, s, tsplit)
                 st = [data[s][1][names.index(n)] for n in chain_names]
-                ctab[s] = ExitTable.from_predictions(p, calibrate_temperatures(predictions_for(rec, chained, "val")),
-                                                     st)
+                ctab[s] = ExitTable.from_predictions(p, ctemps, st)
             ccosts = ExitCosts([chained[n].flops for n in chain_names],
                                [chained[n].point.flops_before for n in chain_names], costs.base)
             ctx = PolicyContext(ctab["train"], ctab["val"], ccosts, tol, 0.1, "disagreement", fixed_chain=True)

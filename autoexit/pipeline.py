@@ -345,7 +345,8 @@ class EnableResult:
             "candidate_points": [p.to_dict() for p in self.points],
             "exits": exits,
             "head_training": {"teacher": self.config.train.teacher, "epochs": self.config.train.epochs,
-                              "label_free": not self.config.train.supervised},
+                              "label_free": not self.config.train.supervised,
+                              "epoch_kept": "best val KL" if self.config.train.keeps_best else "last"},
             "dropped_points": [p.name for p in self.points if p.name not in kept],
             "policy": self._policy_manifest(),
             "expected": {
@@ -385,7 +386,8 @@ class EnableResult:
             ("exit points (candidates)", ", ".join(p.name for p in self.points)),
             ("kept exits", ", ".join(self.kept) or "none (no exit pays off)"),
             ("heads trained", f"{self.config.train.epochs} epochs, teacher {self.config.train.teacher}, "
-                              + ("with labels" if self.config.train.supervised else "label-free")),
+                              + ("with labels" if self.config.train.supervised else "label-free")
+                              + (", best val-KL epoch kept" if self.config.train.keeps_best else ", last epoch kept")),
             ("exit policy", f"{pol.get('policy', self.config.policy)} (risk: {pol.get('risk', self.config.risk)}, "
                             f"delta {self.config.delta})"),
         ]
@@ -539,8 +541,8 @@ def assemble(
     tsplit = temperature_split(config, guaranteed, cascade)
     val = preds.get("val") or predictions_for(rec, heads, "val", tsplit)
     test = preds.get("test") or predictions_for(rec, heads, "test", tsplit)
-    if tsplit != "val":
-        preds.setdefault(tsplit, predictions_for(rec, heads, tsplit, tsplit))
+    if tsplit != "val" and tsplit not in preds:  # given (e.g. out-of-fold with cross_fit) or computed once here
+        preds[tsplit] = predictions_for(rec, heads, tsplit, tsplit)
     temps = dict(zip(val.names, calibrate_temperatures(val if tsplit == "val" else preds[tsplit]).tolist()))
     base = float(tb.total_flops)
     fitted: FittedPolicy | None = None
@@ -755,9 +757,9 @@ def enable(
     if config.cross_fit:
         result.extra["policy"]["fitted_on"] = (f"out-of-fold predictions of the train split ({config.cross_fit} "
                                                "folds)")
-    # the chain the policy chose on the fit split (before val certified its thresholds and unused exits were
-    # dropped), so the cascade heads, like every head, do not depend on the calibration split
-    chain = list(result.extra["policy"].get("fit_chain", result.kept)) if result.kept else []
+    # the chain a guaranteed policy chose on the fit split (before val certified its thresholds and unused exits
+    # were dropped), so the cascade heads, like every head, do not depend on the calibration split
+    chain = list(result.extra["policy"].get("fit_chain", result.kept))
     if config.cascade_heads and chain:
         from .distill import train_cascade_heads
 

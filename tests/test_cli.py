@@ -45,7 +45,8 @@ def test_enable_with_factory_weights_and_tensor_file(tmp_path, digits_backbone, 
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["backbone"]["class"] == "DigitsCNN" and m["data"]["n"] == 600
-    assert m["head_training"] == {"teacher": "augmented", "epochs": 3, "label_free": True}
+    assert m["head_training"] == {"teacher": "augmented", "epochs": 3, "label_free": True,
+                                 "epoch_kept": "last"}
     # same command again: the artifact exists -> a clear error, not a silent overwrite
     r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
               "--tolerance", "2", "--out", "art", "--epochs", "1", "--no-latency", "--quiet",

@@ -13,7 +13,10 @@ much, which real new data, drawn independently of the calibration data, does not
 policies at 11-14 % in four ResNet-56 rows of heads trained on few images; this benchmark tells a true rate
 above delta from that noise.
 
-For each depth, head variant (``baseline``: the default heads on the 5,000 train images; ``1250``/``2500``:
+For each depth, head variant (``baseline``: the default heads on the 5,000 train images, as trained before
+``TrainConfig.select`` existed (best val-KL epoch, temperatures on val, ``bench.common.val_selected_training``),
+like every other variant; ``core``, not run by default: what ``autoexit.enable`` runs now, heads that keep their
+last epoch and temperatures fitted on train, ``bench/policies.py``'s heads; ``1250``/``2500``:
 the same heads trained on that many train images, ``bench/head_levers.py --levers train-size``;
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
 ``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
@@ -83,11 +86,14 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     )
     from bench.policies import setup, split_data
 
-    cfg, tb, points, rec, heads = setup(depth, train=val_selected_training())
+    cfg, tb, points, rec, heads = setup(depth, train=None if variant == "core" else val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
+    if variant == "core":  # what autoexit.enable runs now: heads that keep their last epoch, temperatures on train
+        temps = calibrate_temperatures(data["train"][0])
+        return {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}, costs
     if variant == "feature":  # as head_levers --levers feature (default weight): their own FLOPs and temperatures
         fh = feature_heads(depth, rec, heads, FEATURE_WEIGHT, log)
         return (trained_tables(rec, fh, data)[1],
@@ -185,10 +191,10 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if (v not in ("baseline", "cross-fitted", "feature", "mixup", "skip", "mixup-cross-fitted")
+        if (v not in ("baseline", "core", "cross-fitted", "feature", "mixup", "skip", "mixup-cross-fitted")
                 and not (v.isdigit() and 0 < int(v) < 5000)
                 and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs), "
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'core', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs), "
                      "'skip', 'mixup-cross-fitted' or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:

@@ -35,7 +35,8 @@ paper003's on val, as the paper does), so nothing they deploy but the certified 
 (``TrainConfig(teacher="mixup", epochs=--mixup-epochs)``, default 120; results in ``policies_mixup.json``).
 Those heads were trained before ``select`` existed (best val-KL epoch) and take hours to retrain, so that
 run keeps how it was measured: val-selected heads, every temperature fitted on val
-(``bench.common.val_selected_training``).
+(``bench.common.val_selected_training``). ``--temperatures val`` fits every temperature on val with the
+default heads (an ablation: what the val fit gave, outside the guarantee's proof; ``policies_valtemps.json``).
 
 Run: ``python bench/policies.py`` (``--teacher mixup``, ``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
 recorded before, with its date); ``--latency-only``
@@ -353,7 +354,8 @@ def above_delta_pvalue(k: int, n: int, delta: float) -> float:
     return float(binom.sf(k - 1, n, delta))
 
 
-def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "recorded", epochs: int = 120) -> dict:
+def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "recorded", epochs: int = 120,
+              val_temperatures: bool = False) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
     from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
@@ -365,7 +367,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     val = data["val"][0]
     # temperatures as autoexit.enable fits them (pipeline.temperature_split): paper003 on val, the guaranteed
     # policies on their fit split (train); the val-selected mixup run keeps val for all, as it was measured
-    legacy = cfg.train.keeps_best
+    legacy = cfg.train.keeps_best or val_temperatures
     temps_of = {"val": calibrate_temperatures(val)}
     temps_of["fit"] = temps_of["val"] if legacy else calibrate_temperatures(data["train"][0])
     tables_of = {k: {s: ExitTable.from_predictions(p, t, st) for s, (p, st) in data.items()}
@@ -470,6 +472,10 @@ def main(argv=None) -> int:
                     help="how the default heads are trained: on the recorded activations (default) or by function "
                          "matching (TrainConfig(teacher='mixup')); results go to policies_mixup.json unless --out")
     ap.add_argument("--mixup-epochs", type=int, default=120, help="epochs of --teacher mixup (default 120)")
+    ap.add_argument("--temperatures", choices=["enable", "val"], default="enable",
+                    help="where the guaranteed policies' temperatures are fitted: as autoexit.enable does (train, "
+                         "default) or on val (an ablation outside the guarantee's proof; no latency; results go to "
+                         "policies_valtemps.json unless --out)")
     ap.add_argument("--out", default=None, help="results file name under bench/results (default policies, or "
                                                  "policies_mixup with --teacher mixup)")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
@@ -477,7 +483,10 @@ def main(argv=None) -> int:
                     help="re-measure only the latency of the depths' entries already in the output file")
     args = ap.parse_args(argv)
     if args.out is None:
-        args.out = "policies" if args.teacher == "recorded" else "policies_mixup"
+        args.out = ("policies" if args.teacher == "recorded" else "policies_mixup") + (
+            "_valtemps" if args.temperatures == "val" else "")
+    if args.temperatures == "val":
+        args.no_latency = True  # the latency variants run enable's own assemble, which fits them on train
     heads_of = {"teacher": args.teacher, "epochs": args.mixup_epochs}
     require_fixtures()
     torch.set_num_threads(2)
@@ -510,7 +519,8 @@ def main(argv=None) -> int:
         old_latency = {r["depth"]: r.get("latency") for r in old.get("results", []) if r.get("latency")}
         old_latency_env = old.get("latency_environment") or old.get("environment")
     for d in args.depths:
-        results.append(run_depth(d, args.resplits, not args.no_cascade, log, **heads_of))
+        results.append(run_depth(d, args.resplits, not args.no_cascade, log, **heads_of,
+                                 val_temperatures=args.temperatures == "val"))
         write_results(args.out, {"args": vars(args), "results": kept + results, "partial": True,
                                  "seconds": time.perf_counter() - t0})
     if not args.no_latency:  # latency last: the machine is shared and timings are noisy

@@ -265,7 +265,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
 
     ``backbone``: the :class:`~autoexit.graph.TracedBackbone`; ``heads``: the candidate exits' trained heads
     (:class:`~autoexit.heads.TrainedHead`) in backbone order, with their ``temperatures``; ``inputs``: real
-    samples for the end-to-end anchors (the val split; ``None``: no anchors). Returns ``{"c1": head ms per
+    samples for the end-to-end anchors (``enable`` passes the train split's; ``None``: no anchors). Returns ``{"c1": head ms per
     exit, "before": backbone ms up to each exit, "base": the backbone's ms, "source": how it was obtained,
     "calibration": every figure or None, "fixed": ms per sample going on past an exit, "unit": "ms"}``, what
     ``ExitCosts.from_dict`` reads.

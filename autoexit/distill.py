@@ -226,7 +226,9 @@ def train_head(
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
         )
-        best_state, best_kl, bad = (copy.deepcopy(head.state_dict()) if config.keeps_best else None), math.inf, 0
+        # the best val-KL epoch is tracked only with select="val" and a val split; otherwise the last one is kept
+        keep_best = config.keeps_best and x_val is not None and t_val is not None and len(x_val) > 0
+        best_state, best_kl, bad = (copy.deepcopy(head.state_dict()) if keep_best else None), math.inf, 0
         history: list[dict] = []
         bar = None
         if progress:
@@ -251,18 +253,15 @@ def train_head(
                 sched.step()
                 total += loss.item() * len(idx)
             rec = {"epoch": epoch + 1, "train_loss": total / len(perm)}
-            if x_val is not None and t_val is not None and len(x_val):
+            if x_val is not None and t_val is not None and len(x_val):  # recorded; chooses only with keep_best
                 pv = _predict(head, x_val, prev=prev_val)
                 kl = float(kd_loss(pv, t_val, 1.0))
                 rec.update(val_kl=kl, val_agreement=agreement(pv, t_val))
-                if config.keeps_best:  # otherwise the final epoch is kept: val is recorded, never used to choose
-                    if kl < best_kl - 1e-6:
-                        best_kl, bad = kl, 0
-                        best_state = copy.deepcopy(head.state_dict())
-                    else:
-                        bad += 1
-            elif config.keeps_best:
-                best_state = copy.deepcopy(head.state_dict())
+                if keep_best and kl < best_kl - 1e-6:
+                    best_kl, bad = kl, 0
+                    best_state = copy.deepcopy(head.state_dict())
+                elif keep_best:
+                    bad += 1
             history.append(rec)
             if bar is not None:
                 bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
@@ -271,7 +270,7 @@ def train_head(
                 break
         if bar is not None:
             bar.close()
-        if config.keeps_best:
+        if keep_best:
             head.load_state_dict(best_state)
         head.eval()
         return head, history
@@ -478,12 +477,11 @@ def train_heads_matching(
                 kl = float(kd_loss(pv, t_val))
                 history[n].append({"epoch": ep + 1, "train_loss": total[n] / max(seen, 1), "val_kl": kl,
                                    "val_agreement": agreement(pv, t_val)})
-                if config.keeps_best:  # otherwise the final epoch is kept
-                    if kl < best[n][0]:
-                        best[n] = (kl, copy.deepcopy(mods[n].state_dict()))
-                        stale[n] = 0
-                    else:
-                        stale[n] += 1
+                if config.keeps_best and kl < best[n][0]:  # otherwise the final epoch is kept
+                    best[n] = (kl, copy.deepcopy(mods[n].state_dict()))
+                    stale[n] = 0
+                elif config.keeps_best:
+                    stale[n] += 1
                 if config.patience and stale[n] >= config.patience:
                     active.remove(n)
             if progress:
@@ -629,7 +627,8 @@ def train_cascade_heads(
     y_train = recording.labels("train") if config.supervised else None
     prev_train: list[torch.Tensor] = []
     prev_val: list[torch.Tensor] = []
-    p_fit: list[torch.Tensor] = []  # the earlier exits' scaled logits on temperature_split
+    # the earlier exits' scaled logits on temperature_split (the train ones themselves when it is train)
+    p_fit: list[torch.Tensor] = prev_train if temperature_split == "train" else []
     out: dict[str, TrainedHead] = {}
     for j, name in enumerate(names):
         base = base_heads[name]
@@ -660,7 +659,8 @@ def train_cascade_heads(
         temp = torch.tensor(fit_temperature(lf, recording.logits(temperature_split).argmax(1)), dtype=torch.float32)
         prev_train.append(lt.float() / temp)
         prev_val.append(lv.float() / temp)
-        p_fit.append(lf.float() / temp)
+        if p_fit is not prev_train:
+            p_fit.append(lf.float() / temp)
         out[name] = TrainedHead(
             point=base.point, spec=base.spec, module=head,
             flops=base.flops + 2 * k * recording.num_classes * recording.num_classes,

@@ -759,8 +759,8 @@ def enable(
                                                "folds)")
     # the chain a guaranteed policy chose on the fit split (before val certified its thresholds and unused exits
     # were dropped), so the cascade heads, like every head, do not depend on the calibration split
-    chain = list(result.extra["policy"].get("fit_chain", result.kept))
-    if config.cascade_heads and chain:
+    chain = list(result.extra["policy"].get("fit_chain", result.kept)) if config.cascade_heads else []
+    if chain:
         from .distill import train_cascade_heads
 
         t0 = time.perf_counter()

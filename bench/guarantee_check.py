@@ -91,9 +91,6 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
-    if variant == "core":  # what autoexit.enable runs now: heads that keep their last epoch, temperatures on train
-        temps = calibrate_temperatures(data["train"][0])
-        return {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}, costs
     if variant == "feature":  # as head_levers --levers feature (default weight): their own FLOPs and temperatures
         fh = feature_heads(depth, rec, heads, FEATURE_WEIGHT, log)
         return (trained_tables(rec, fh, data)[1],
@@ -107,8 +104,8 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return trained_tables(rec, mx, data)[1], costs
     if variant == "skip":  # as head_levers --levers skip: their own FLOPs and temperatures, fitted out-of-fold
         return skip_tables(depth, tb, rec, heads, data, SKIP_LR, 2, log)[3:]
-    if variant in ("baseline", "cross-fitted"):
-        temps = calibrate_temperatures(data["val"][0])
+    if variant in ("baseline", "cross-fitted", "core"):  # core: what autoexit.enable runs now, last-epoch heads
+        temps = calibrate_temperatures(data["train" if variant == "core" else "val"][0])  # and temperatures on train
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
         if variant == "cross-fitted":  # fitted on out-of-fold predictions of train (2 folds), as head_levers
             tables["train"] = cross_fitted_table(depth, rec, heads, data, temps, 2, log)[1]

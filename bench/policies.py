@@ -358,6 +358,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
               val_temperatures: bool = False) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
+    from autoexit.pipeline import temperature_split
     from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
 
     t_setup = time.perf_counter()
@@ -368,10 +369,14 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     # temperatures as autoexit.enable fits them (pipeline.temperature_split): paper003 on val, the guaranteed
     # policies on their fit split (train); the val-selected mixup run keeps val for all, as it was measured
     legacy = cfg.train.keeps_best or val_temperatures
-    temps_of = {"val": calibrate_temperatures(val)}
-    temps_of["fit"] = temps_of["val"] if legacy else calibrate_temperatures(data["train"][0])
-    tables_of = {k: {s: ExitTable.from_predictions(p, t, st) for s, (p, st) in data.items()}
-                 for k, t in temps_of.items()}
+    fit_split = "val" if legacy else temperature_split(cfg, guaranteed=True)
+
+    def tables_for(split: str) -> dict:
+        temps = calibrate_temperatures(data[split][0])
+        return {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
+
+    tables_of = {"val": tables_for("val")}
+    tables_of["fit"] = tables_of["val"] if fit_split == "val" else tables_for(fit_split)
     tables = tables_of["fit"]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
@@ -383,7 +388,8 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     y_test = test.labels.numpy()
     backbone_acc = float((test.bpred == y_test).mean())
 
-    pools = {k: _pool(t["val"], t["test"]) for k, t in tables_of.items()}
+    pools = {"val": _pool(tables_of["val"]["val"], tables_of["val"]["test"])}
+    pools["fit"] = pools["val"] if fit_split == "val" else _pool(tables["val"], tables["test"])
     n_val = tables["val"].n
     rng = np.random.default_rng(12345)
     splits = [rng.permutation(pools["fit"].n) for _ in range(resplits)]

@@ -58,7 +58,7 @@ from .heads import HeadSpec, build_head, default_head_spec
 from .points import ExitPoint
 
 __all__ = ["TEACHERS", "TrainConfig", "TrainedHead", "train_head", "train_heads", "train_heads_matching",
-           "kd_loss", "agreement", "train_cascade_heads", "build_cascade_head", "out_of_fold_logits",
+           "kd_loss", "agreement", "train_cascade_heads", "CascadeInputs", "build_cascade_head", "out_of_fold_logits",
            "augment_batch", "mix_batch", "matching_batches"]
 
 TEACHERS = ("recorded", "augmented", "mixup")
@@ -613,7 +613,6 @@ def train_cascade_heads(
     never val: the guarantee's calibration split) exactly as ``autoexit.calibrate.calibrate_temperatures``
     does, so the emitted model sees what training saw.
     """
-    from .calibrate import fit_temperature
     from .policies.heads import CascadeHead
 
     if num_prev < 0:
@@ -625,17 +624,14 @@ def train_cascade_heads(
                             f"got {names}, trained: {list(base_heads)}")
     t_train, t_val = recording.logits("train"), recording.logits("val")
     y_train = recording.labels("train") if config.supervised else None
-    prev_train: list[torch.Tensor] = []
-    prev_val: list[torch.Tensor] = []
-    # the earlier exits' scaled logits on temperature_split (the train ones themselves when it is train)
-    p_fit: list[torch.Tensor] = prev_train if temperature_split == "train" else []
+    earlier = CascadeInputs(recording, temperature_split, ("train", "val"))
     out: dict[str, TrainedHead] = {}
     for j, name in enumerate(names):
         base = base_heads[name]
         k = min(j, num_prev)
         head = CascadeHead(copy.deepcopy(base.module), recording.num_classes, k)
         x_train, x_val = recording.activations(name, "train"), recording.activations(name, "val")
-        p_tr, p_va = prev_train[len(prev_train) - k :] if k else [], prev_val[len(prev_val) - k :] if k else []
+        p_tr, p_va = earlier.last("train", k), earlier.last("val", k)
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
         if k and not finetune:
@@ -654,13 +650,11 @@ def train_cascade_heads(
         head.eval()
         seconds = time.perf_counter() - t0
         lt, lv = _predict(head, x_train, prev=p_tr), _predict(head, x_val, prev=p_va)
-        lf = lt if temperature_split == "train" else _predict(
-            head, recording.activations(name, temperature_split), prev=p_fit[len(p_fit) - k :] if k else [])
-        temp = torch.tensor(fit_temperature(lf, recording.logits(temperature_split).argmax(1)), dtype=torch.float32)
-        prev_train.append(lt.float() / temp)
-        prev_val.append(lv.float() / temp)
-        if p_fit is not prev_train:
-            p_fit.append(lf.float() / temp)
+        logits = {"train": lt, "val": lv}
+        if temperature_split not in logits:
+            logits[temperature_split] = _predict(head, recording.activations(name, temperature_split),
+                                                 prev=earlier.last(temperature_split, k))
+        earlier.push(logits)
         out[name] = TrainedHead(
             point=base.point, spec=base.spec, module=head,
             flops=base.flops + 2 * k * recording.num_classes * recording.num_classes,
@@ -670,3 +664,31 @@ def train_cascade_heads(
         )
         del x_train, x_val
     return out
+
+
+class CascadeInputs:
+    """The earlier exits' temperature-scaled logits a chain of cascade heads reads, per split, built in chain
+    order: each exit's temperature is fitted on ``temperature_split`` exactly as
+    ``autoexit.calibrate.calibrate_temperatures`` does, and scales that exit's logits on every split. What
+    :func:`train_cascade_heads` trains with and ``autoexit.pipeline`` predicts with, so both scale alike."""
+
+    def __init__(self, recording: Recording, temperature_split: str, splits: Sequence[str]):
+        self.split = temperature_split
+        self._target = recording.logits(temperature_split).argmax(1)
+        self._prev: dict[str, list[torch.Tensor]] = {s: [] for s in dict.fromkeys([*splits, temperature_split])}
+
+    def last(self, split: str, k: int) -> list[torch.Tensor]:
+        """The last ``k`` earlier exits' scaled logits on ``split`` (what a head with ``num_prev=k`` reads)."""
+        prev = self._prev[split]
+        return prev[len(prev) - k :] if k else []
+
+    def push(self, logits: Mapping[str, torch.Tensor]) -> float:
+        """Add the next exit's raw logits (split -> [n, classes], ``temperature_split`` among them); returns the
+        temperature fitted on it."""
+        from .calibrate import fit_temperature
+
+        t = torch.tensor(fit_temperature(logits[self.split], self._target), dtype=torch.float32)
+        for s, prev in self._prev.items():
+            if s in logits:
+                prev.append(logits[s].float() / t)
+        return float(t)

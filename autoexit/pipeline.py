@@ -212,27 +212,22 @@ def predictions_for(recording: Recording, heads: Mapping[str, TrainedHead], spli
 def _cascade_predictions(rec: Recording, heads: Mapping[str, TrainedHead], names: list[str],
                          split: str, temperature_split: str = "train") -> ExitPredictions:
     """Logits of a chain of cascade heads: each reads the earlier heads' logits scaled by the temperatures
-    ``calibrate_temperatures`` fits on ``temperature_split`` (computed here the same way, in order)."""
-    from .calibrate import fit_temperature
+    ``calibrate_temperatures`` fits on ``temperature_split`` (:class:`autoexit.distill.CascadeInputs`, in order,
+    as the chain was trained)."""
+    from .distill import CascadeInputs
 
-    target = rec.logits(temperature_split).argmax(1)
-    prev_fit: list[torch.Tensor] = []
-    prev_split: list[torch.Tensor] = []
+    earlier = CascadeInputs(rec, temperature_split, (split,))
     out = []
     for n in names:
         m = heads[n].module
         k = int(getattr(m, "num_prev", 0)) if _is_cascade(m) else 0
-        lf = predict_head(m, rec.activations(n, temperature_split),
-                          prev=prev_fit[len(prev_fit) - k :] if _is_cascade(m) else None)
-        t = torch.tensor(fit_temperature(lf, target), dtype=torch.float32)
-        prev_fit.append(lf.float() / t)
-        if split == temperature_split:
-            ls = lf
-        else:
-            ls = predict_head(m, rec.activations(n, split),
-                              prev=prev_split[len(prev_split) - k :] if _is_cascade(m) else None)
-            prev_split.append(ls.float() / t)
-        out.append(ls)
+        logits = {temperature_split: predict_head(m, rec.activations(n, temperature_split),
+                                                  prev=earlier.last(temperature_split, k) if _is_cascade(m) else None)}
+        if split not in logits:
+            logits[split] = predict_head(m, rec.activations(n, split),
+                                         prev=earlier.last(split, k) if _is_cascade(m) else None)
+        earlier.push(logits)
+        out.append(logits[split])
     return ExitPredictions(names, torch.stack(out), rec.logits(split), rec.labels(split))
 
 
@@ -669,7 +664,7 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
     names = [p.name for p in rec.points if p.name in heads]
     if config.cost == "flops":
         return _flops_costs(heads, names, float(tb.total_flops))
-    from .cost import exit_latency_costs
+    from .cost import ANCHOR_SAMPLES, exit_latency_costs
     from .evaluator import evaluator_from_config
 
     ev = evaluator if evaluator is not None else evaluator_from_config(dict(config.cost_evaluator))
@@ -679,7 +674,8 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
 
         settings = MeasureSettings(warmup=2, repeat=7, min_repeat_ms=20.0)
     try:
-        x = rec.inputs("train")  # timing inputs: not the calibration split's either
+        # timing inputs, not the calibration split's either: as many as exit_latency_costs anchors on
+        x = rec.inputs("train", first=max(ANCHOR_SAMPLES, int(config.cost_batch_size)))
     except AutoExitError:
         x = None
     d = exit_latency_costs(tb, [heads[n] for n in names], [float(temperatures[n]) for n in names], x, ev,

@@ -258,9 +258,12 @@ def fit_exit_overheads(t_none: float, t_every: float, t_ones, scale: float, hd) 
     return float(fixed), float(decision)
 
 
+ANCHOR_SAMPLES = 64  # real inputs the end-to-end anchors of exit_latency_costs are timed on (at least a batch)
+
+
 def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float], inputs: torch.Tensor | None,
                        evaluator=None, *, batch_size: int = 1, settings=None, calibrate: bool = True,
-                       samples: int = 64, rounds: int = 3, stat: str = "min_ms") -> dict:
+                       samples: int = ANCHOR_SAMPLES, rounds: int = 3, stat: str = "min_ms") -> dict:
     """Per-exit latency costs in ms per sample, measured by a device evaluator (local CPU by default).
 
     ``backbone``: the :class:`~autoexit.graph.TracedBackbone`; ``heads``: the candidate exits' trained heads

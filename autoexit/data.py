@@ -331,12 +331,12 @@ class Recording:
             self._cache["splits"] = split_indices(self.n, self.seed, self.split_fractions)
         return self._cache["splits"]
 
-    def _select(self, arr: np.ndarray, split: str | None) -> torch.Tensor:
+    def _select(self, arr: np.ndarray, split: str | None, first: int | None = None) -> torch.Tensor:
         if split is None:
-            return torch.from_numpy(np.array(arr))  # a writable copy of the memory-mapped file
+            return torch.from_numpy(np.array(arr[:first]))  # a writable copy of the memory-mapped file
         if split not in ("train", "val", "test"):
             raise DataError(f"split must be train, val or test, got {split!r}")
-        return torch.from_numpy(np.ascontiguousarray(arr[self.splits[split].numpy()]))
+        return torch.from_numpy(np.ascontiguousarray(arr[self.splits[split][:first].numpy()]))
 
     def point(self, name: str) -> ExitPoint:
         for p in self.points:
@@ -352,10 +352,12 @@ class Recording:
     def logits(self, split: str | None = None) -> torch.Tensor:
         return self._select(self._load("logits"), split)
 
-    def inputs(self, split: str | None = None) -> torch.Tensor:
+    def inputs(self, split: str | None = None, first: int | None = None) -> torch.Tensor:
+        """The recorded inputs of ``split`` (all when None); ``first``: only that many, in the split's order (read
+        from the memory-mapped file without loading the rest)."""
         if not (self.path / "inputs.npy").exists():
             raise DataError("this recording was made without storing inputs (store_inputs=False)")
-        return self._select(self._load("inputs"), split)
+        return self._select(self._load("inputs"), split, first)
 
     def labels(self, split: str | None = None) -> torch.Tensor | None:
         """Ground-truth labels, or None when unknown (-1 marks an unknown label)."""

@@ -55,6 +55,10 @@ def test_recording_is_cached_and_reused(tmp_path):
     assert torch.allclose(r2.activations(pts[0]), act, atol=1e-6)
     assert r2.labels() is None
     assert torch.equal(r2.inputs("val"), x[r2.splits["val"]])
+    # the first few of a split, read without the rest (what latency costs time on)
+    assert torch.equal(r2.inputs("train", first=5), x[r2.splits["train"][:5]])
+    assert torch.equal(r2.inputs("test", first=10_000), x[r2.splits["test"]])
+    assert torch.equal(r2.inputs(first=3), x[:3])
     # other data -> another cache entry
     r3 = record(tb, pts, x + 0.1, cache_dir=tmp_path, progress=False)
     assert r3.path != r1.path

@@ -37,6 +37,11 @@ Those heads were trained before ``select`` existed (best val-KL epoch) and take 
 run keeps how it was measured: val-selected heads, every temperature fitted on val
 (``bench.common.val_selected_training``). ``--temperatures val`` fits every temperature on val with the
 default heads (an ablation: what the val fit gave, outside the guarantee's proof; ``policies_valtemps.json``).
+Both of these runs keep the latency recorded with their tables (the latency variants run ``enable``'s own
+``assemble``, which fits the guaranteed policies' temperatures on train). ``--cross-fit K`` fits the guaranteed
+policies and their temperatures on out-of-fold predictions of the train split (K folds; fold heads trained as the
+default heads are, cached by ``bench.head_levers.out_of_fold``), as ``EnableConfig(cross_fit=K)`` does, latency
+included and no cascade rows (``policies_crossfit.json``).
 
 Run: ``python bench/policies.py`` (``--teacher mixup``, ``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
 recorded before, with its date); ``--latency-only``
@@ -88,7 +93,7 @@ def _cache_root() -> Path:
     return default_cache_dir() / "bench-heads"
 
 
-def cached_heads(rec, specs: dict, train_cfg, cascade: bool = False, progress: bool = False) -> dict:
+def cached_heads(rec, specs: dict, train_cfg, progress: bool = False) -> dict:
     """Trained heads for ``rec``, cached as state_dicts keyed by recording path + specs + training config."""
     from autoexit.distill import TrainedHead, train_heads
     from autoexit.heads import build_head, default_head_spec
@@ -96,7 +101,7 @@ def cached_heads(rec, specs: dict, train_cfg, cascade: bool = False, progress: b
     names = [p.name for p in rec.points]
     spec_of = {n: specs.get(n) or default_head_spec(rec.point(n).shape, rec.num_classes) for n in names}
     key_src = json.dumps({"rec": str(rec.path), "specs": {n: s.to_dict() for n, s in spec_of.items()},
-                          "train": asdict(train_cfg), "cascade": cascade}, sort_keys=True)
+                          "train": asdict(train_cfg), "cascade": False}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = _cache_root() / f"{key}.pt"
     if path.exists():
@@ -105,32 +110,19 @@ def cached_heads(rec, specs: dict, train_cfg, cascade: bool = False, progress: b
         for n in names:
             meta = blob["meta"][n]
             p = rec.point(n)
-            if cascade:
-                from autoexit.distill import build_cascade_head
-
-                mod = build_cascade_head(spec_of[n], p.shape, rec.num_classes, meta["num_prev"])
-            else:
-                mod = build_head(spec_of[n], p.shape, rec.num_classes)
+            mod = build_head(spec_of[n], p.shape, rec.num_classes)
             mod.load_state_dict(blob["state"][n])
             mod.eval()
-            out[n] = TrainedHead(point=p, spec=spec_of[n], module=mod, **{k: v for k, v in meta.items()
-                                                                           if k != "num_prev"})
+            out[n] = TrainedHead(point=p, spec=spec_of[n], module=mod, **meta)
         return out
     t0 = time.perf_counter()
-    if cascade:
-        from autoexit.distill import train_cascade_heads
-
-        heads = train_cascade_heads(rec, spec_of, train_cfg, progress=progress)
-    else:
-        heads = train_heads(rec, spec_of, train_cfg, progress=progress)
+    heads = train_heads(rec, spec_of, train_cfg, progress=progress)
     print(f"trained {len(heads)} heads in {time.perf_counter() - t0:.0f} s", flush=True)
     meta = {}
     for n, h in heads.items():
         meta[n] = {"flops": h.flops, "params": h.params, "param_bytes": h.param_bytes,
                    "val_agreement": h.val_agreement, "val_kl": h.val_kl, "epochs": h.epochs,
                    "seconds": h.seconds, "history": h.history}
-        if cascade:
-            meta[n]["num_prev"] = int(getattr(h.module, "num_prev", 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key_src, "meta": meta, "state": {n: h.module.state_dict() for n, h in heads.items()}}, tmp)
@@ -354,8 +346,20 @@ def above_delta_pvalue(k: int, n: int, delta: float) -> float:
     return float(binom.sf(k - 1, n, delta))
 
 
+def cross_fitted_data(depth: int, rec, heads: dict, data: dict, folds: int, train, log) -> dict:
+    """``data`` with the train split's predictions replaced by their out-of-fold copies (``folds`` folds, each
+    predicted by heads trained with ``train`` on the others: ``bench.head_levers.out_of_fold``, cached), what
+    ``EnableConfig(cross_fit=folds)`` fits the guaranteed policies and their temperatures on."""
+    from autoexit.calibrate import ExitPredictions
+    from bench.head_levers import out_of_fold
+
+    tr, stats = data["train"]
+    oof = out_of_fold(depth, rec, heads, folds, log, train)
+    return {**data, "train": (ExitPredictions(tr.names, oof, tr.backbone_logits, tr.labels), stats)}
+
+
 def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "recorded", epochs: int = 120,
-              val_temperatures: bool = False) -> dict:
+              val_temperatures: bool = False, cross_fit: int = 0) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
     from autoexit.pipeline import temperature_split
@@ -364,6 +368,8 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     t_setup = time.perf_counter()
     cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs)
     data = split_data(rec, heads)
+    if cross_fit:  # the guaranteed policies (and their temperatures) fitted on out-of-fold train predictions
+        data = cross_fitted_data(depth, rec, heads, data, cross_fit, cfg.train, log)
     names = [p.name for p in rec.points if p.name in heads]
     val = data["val"][0]
     # temperatures as autoexit.enable fits them (pipeline.temperature_split): paper003 on val, the guaranteed
@@ -461,7 +467,8 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     return {
         "depth": depth, "candidates": names, "n": {s: tables[s].n for s in tables},
         "oracle_saving": oracle, "backbone_test_accuracy": backbone_acc,
-        "agreement": {"train": train_agree, "val": val_agree},
+        "agreement": {"train (out-of-fold)" if cross_fit else "train": train_agree, "val": val_agree},
+        "cross_fit": cross_fit,
         "rows": rows, "cascade_rows": cascade_rows, "latency": None,
         "kept": {f"{t}/{lbl}": fp.names for (t, lbl), fp in fitted_all.items()},
         "guarantees": {f"{t}/{lbl}": fp.statement() for (t, lbl), fp in fitted_all.items()},
@@ -482,6 +489,10 @@ def main(argv=None) -> int:
                     help="where the guaranteed policies' temperatures are fitted: as autoexit.enable does (train, "
                          "default) or on val (an ablation outside the guarantee's proof; no latency; results go to "
                          "policies_valtemps.json unless --out)")
+    ap.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                    help="fit the guaranteed policies and their temperatures on out-of-fold predictions of the train "
+                         "split (K folds), as EnableConfig(cross_fit=K) does; no cascade rows; results go to "
+                         "policies_crossfit.json unless --out")
     ap.add_argument("--out", default=None, help="results file name under bench/results (default policies, or "
                                                  "policies_mixup with --teacher mixup)")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
@@ -490,10 +501,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = ("policies" if args.teacher == "recorded" else "policies_mixup") + (
-            "_valtemps" if args.temperatures == "val" else "")
-    if args.temperatures == "val":
-        args.no_latency = True  # the latency variants run enable's own assemble, which fits them on train
-    heads_of = {"teacher": args.teacher, "epochs": args.mixup_epochs}
+            "_valtemps" if args.temperatures == "val" else "") + ("_crossfit" if args.cross_fit else "")
+    if args.cross_fit == 1 or args.cross_fit < 0:
+        raise SystemExit(f"--cross-fit must be 0 (off) or a number of folds >= 2, got {args.cross_fit}")
+    if args.cross_fit and (args.teacher != "recorded" or args.temperatures != "enable"):
+        raise SystemExit("--cross-fit runs with the core's default heads and temperatures: drop --teacher and "
+                         "--temperatures")
+    if args.cross_fit:
+        args.no_cascade = True  # the cascade rows retrain a chain in-sample; enable's cross_fit does not cover them
+    legacy_temps = args.temperatures == "val" or args.teacher == "mixup"  # every temperature fitted on val
+    if legacy_temps and args.latency_only:
+        raise SystemExit("--latency-only runs enable's own assemble, which fits the guaranteed policies' temperatures "
+                         "on train; the tables of this run fit them on val: re-measure without --teacher mixup / "
+                         "--temperatures val")
+    if legacy_temps:  # the same reason: the latency recorded with these tables is kept (with its date)
+        args.no_latency = True
+    heads_of = {"teacher": args.teacher, "epochs": args.mixup_epochs, "cross_fit": args.cross_fit}
     require_fixtures()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -553,11 +576,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 120) -> dict:
+def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 120, cross_fit: int = 0) -> dict:
     from autoexit.pipeline import EnableConfig, assemble
 
     cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs)
     data = split_data(rec, heads)
+    if cross_fit:
+        data = cross_fitted_data(depth, rec, heads, data, cross_fit, cfg.train, log)
     preds = {s: data[s][0] for s in data}
     stats = {s: data[s][1] for s in data}
     out = {}
@@ -571,7 +596,8 @@ def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 
     variants += [(f"{DEFAULT_POLICY}, cost=latency (bs{b})", {"policy": DEFAULT_POLICY, "cost": "latency",
                                                               "cost_batch_size": b}) for b in (1, 32)]
     for label, over in variants:
-        ecfg = EnableConfig(granularity=2, tolerance=1.0, **over)
+        ecfg = EnableConfig(granularity=2, tolerance=1.0, **over,
+                            **({"cross_fit": cross_fit} if cross_fit and over["policy"] != "paper003" else {}))
         t1 = time.perf_counter()
         res = assemble(ecfg, tb, points, rec, heads, predictions=preds, stats=stats, evaluator=ev)
         fit_s = time.perf_counter() - t1

@@ -138,3 +138,18 @@ def test_independent_test_violation_matches_simulated_test_sets(risk, value, har
     got = independent_test_violation(risk, value, harm, n, tol)
     assert abs(got - simulated) < 0.015, (got, simulated)
     assert 0.0 <= got <= 1.0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--cross-fit", "1"], "number of folds >= 2"),
+    (["--cross-fit", "2", "--teacher", "mixup"], "drop --teacher"),
+    (["--teacher", "mixup", "--latency-only"], "fits the guaranteed policies' temperatures on train"),
+    (["--temperatures", "val", "--latency-only"], "fits the guaranteed policies' temperatures on train"),
+])
+def test_policies_bench_refuses_runs_that_would_mix_two_rules(args, match):
+    """bench/policies.py stops before any work (fixtures or not) when its options would measure one table with two
+    temperature rules, or cross-fit with a single fold."""
+    from bench.policies import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(args)

@@ -121,15 +121,12 @@ def _quickstart(args: argparse.Namespace) -> int:
     from .data import load_digits
     from .distill import TrainConfig
     from .pipeline import EnableConfig, enable
-    from .zoo import DigitsCNN, train_classifier
+    from .zoo import trained_digits_cnn
 
     torch.set_num_threads(2)
     out = Path(args.out)
     progress = not args.quiet
-    backbone_data = load_digits("backbone", seed=args.seed)
-    x, y = backbone_data.dataset.tensors
-    model = DigitsCNN()
-    train_classifier(model, x, y, epochs=args.epochs, seed=args.seed, augment_shift=1, progress=progress)
+    model = trained_digits_cnn(epochs=args.epochs, seed=args.seed, augment_shift=1, progress=progress)
     data = load_digits("inference", seed=args.seed, shifts=True)
     cfg = EnableConfig(tolerance=args.tolerance, seed=args.seed, cache_dir=str(out / "cache"),
                        train=TrainConfig(epochs=args.head_epochs, batch_size=128, seed=args.seed,

@@ -248,12 +248,9 @@ def _build(args: argparse.Namespace) -> int:
                             "(--placement, --split-after, --threshold)")
     if args.digits:
         from .data import load_digits
-        from .zoo import DigitsCNN, train_classifier
+        from .zoo import trained_digits_cnn
 
-        x, y = load_digits("backbone").dataset.tensors
-        model = DigitsCNN(width=16)
-        train_classifier(model, x, y, epochs=12, seed=0, progress=progress)
-        model.eval()
+        model = trained_digits_cnn(width=16, epochs=12, seed=0, augment_shift=0, progress=progress)
         data = load_digits("inference", shifts=True)
     else:
         from .zoo import load_backbone

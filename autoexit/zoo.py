@@ -18,6 +18,7 @@ from .errors import AutoExitError
 
 __all__ = [
     "DigitsCNN",
+    "trained_digits_cnn",
     "cifar_resnet",
     "load_cifar_resnet",
     "load_backbone",
@@ -136,6 +137,20 @@ def load_cifar_resnet(path: str | Path) -> CifarResNet:
     return model.eval()
 
 
+def trained_digits_cnn(width: int = 32, epochs: int = 30, seed: int = 0, augment_shift: int = 1,
+                       progress: bool = True) -> DigitsCNN:
+    """A DigitsCNN trained on the backbone half of scikit-learn's digits (``load_digits("backbone", seed=seed)``),
+    in eval mode. Its initial weights are drawn with ``seed`` too, so a seed gives the same network in every
+    process (torch seeds its global generator at random in each new process)."""
+    from .data import load_digits
+
+    x, y = load_digits("backbone", seed=seed).dataset.tensors
+    torch.manual_seed(seed)
+    model = DigitsCNN(width=width)
+    train_classifier(model, x, y, epochs=epochs, seed=seed, augment_shift=augment_shift, progress=progress)
+    return model.eval()
+
+
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -147,7 +162,9 @@ def train_classifier(
     augment_shift: int = 0,
     progress: bool = True,
 ) -> nn.Module:
-    """Plain supervised training (AdamW, one-cycle), used by the quickstart and the benchmark backbones."""
+    """Plain supervised training (AdamW, one-cycle), used by the quickstart and the benchmark backbones. It seeds
+    the batches, not ``model``'s initial weights: build the model after ``torch.manual_seed`` (as
+    :func:`trained_digits_cnn` does) for a run that repeats."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)

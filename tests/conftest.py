@@ -27,13 +27,9 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_backbone():
     """DigitsCNN trained briefly on the backbone half of digits (eval mode)."""
-    from autoexit.data import load_digits
-    from autoexit.zoo import DigitsCNN, train_classifier
+    from autoexit.zoo import trained_digits_cnn
 
-    x, y = load_digits("backbone").dataset.tensors
-    model = DigitsCNN(width=16)
-    train_classifier(model, x, y, epochs=12, seed=0, progress=False)
-    return model.eval()
+    return trained_digits_cnn(width=16, epochs=12, seed=0, augment_shift=0, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,17 @@ def _run(args, cwd, env=None):
                           timeout=900, env=env)
 
 
+def test_digits_backbone_repeats_in_a_new_process(tmp_path):
+    """The quickstart's backbone (``zoo.trained_digits_cnn``) is the same network in every process for a seed: torch
+    seeds its global generator at random per process, so the initial weights must be drawn with the seed too."""
+    code = ("import hashlib, torch; from autoexit.zoo import trained_digits_cnn; "
+            "import sys; m = trained_digits_cnn(width=4, epochs=1, seed=int(sys.argv[1]), progress=False); "
+            "print(hashlib.sha256(b''.join(v.numpy().tobytes() for v in m.state_dict().values())).hexdigest())")
+    digests = [subprocess.run([sys.executable, "-c", code, str(seed)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, check=True).stdout.strip() for seed in (0, 0, 1)]
+    assert digests[0] == digests[1] and digests[0] != digests[2]
+
+
 def test_quickstart_emits_a_loadable_artifact(tmp_path):
     r = _run(["quickstart", "--out", str(tmp_path / "qs"), "--epochs", "4", "--head-epochs", "3",
               "--no-latency", "--quiet"], tmp_path)

@@ -189,8 +189,7 @@ def build_backbone(cfg: ExperimentConfig, progress: bool = True, example=None):
     bb = cfg.backbone
     kind = bb["zoo"]
     if kind == "digits_cnn":
-        from ..data import load_digits
-        from ..zoo import DigitsCNN, train_classifier
+        from ..zoo import DigitsCNN, trained_digits_cnn
 
         epochs = int(bb.get("epochs", 30))
         width = int(bb.get("width", 32))
@@ -202,8 +201,7 @@ def build_backbone(cfg: ExperimentConfig, progress: bool = True, example=None):
                 return model.eval()
             except Exception:  # noqa: BLE001 - a damaged cache is retrained
                 pass
-        x, y = load_digits("backbone", seed=cfg.seed).dataset.tensors
-        train_classifier(model, x, y, epochs=epochs, seed=cfg.seed, augment_shift=1, progress=progress)
+        model = trained_digits_cnn(width, epochs, cfg.seed, augment_shift=1, progress=progress)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
         torch.save(model.state_dict(), tmp)

@@ -16,7 +16,9 @@ above delta from that noise.
 For each depth, head variant (``baseline``: the default heads on the 5,000 train images, as trained before
 ``TrainConfig.select`` existed (best val-KL epoch, temperatures on val, ``bench.common.val_selected_training``),
 like every other variant; ``core``, not run by default: what ``autoexit.enable`` runs now, heads that keep their
-last epoch and temperatures fitted on train, ``bench/policies.py``'s heads; ``1250``/``2500``:
+last epoch and temperatures fitted on train, ``bench/policies.py``'s heads; ``core-cross-fitted``: the same heads
+with the policies and their temperatures fitted on 2-fold out-of-fold predictions of train, what
+``enable(cross_fit=2)`` runs now (``bench/policies.py --cross-fit 2``); ``1250``/``2500``:
 the same heads trained on that many train images, ``bench/head_levers.py --levers train-size``;
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
 ``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
@@ -84,9 +86,10 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         subset_tables,
         trained_tables,
     )
-    from bench.policies import setup, split_data
+    from bench.policies import cross_fitted_data, setup, split_data
 
-    cfg, tb, points, rec, heads = setup(depth, train=None if variant == "core" else val_selected_training())
+    core = variant in ("core", "core-cross-fitted")  # the heads autoexit.enable trains now (last epoch)
+    cfg, tb, points, rec, heads = setup(depth, train=None if core else val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
@@ -104,6 +107,10 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return trained_tables(rec, mx, data)[1], costs
     if variant == "skip":  # as head_levers --levers skip: their own FLOPs and temperatures, fitted out-of-fold
         return skip_tables(depth, tb, rec, heads, data, SKIP_LR, 2, log)[3:]
+    if variant == "core-cross-fitted":  # what enable(cross_fit=2) runs now: the policies and their temperatures
+        data = cross_fitted_data(depth, rec, heads, data, 2, cfg.train, log)  # fitted on out-of-fold train predictions
+        temps = calibrate_temperatures(data["train"][0])  # (bench/policies.py --cross-fit 2)
+        return {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}, costs
     if variant in ("baseline", "cross-fitted", "core"):  # core: what autoexit.enable runs now, last-epoch heads
         temps = calibrate_temperatures(data["train" if variant == "core" else "val"][0])  # and temperatures on train
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -174,7 +181,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=[20, 56])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="baseline (default heads), cross-fitted (policies fitted on 2-fold out-of-fold "
+                    help="baseline (default heads), core (last-epoch heads, temperatures on train; "
+                         "core-cross-fitted: fitted out-of-fold), cross-fitted (policies fitted on 2-fold out-of-fold "
                          "predictions of train), feature (heads distilled on the penultimate features), mixup "
                          "(heads trained by mixup function matching; mixup@N: for N epochs), skip (heads built from "
                          "the backbone's stage-entry blocks, fitted out-of-fold) and/or "
@@ -188,10 +196,12 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if (v not in ("baseline", "core", "cross-fitted", "feature", "mixup", "skip", "mixup-cross-fitted")
+        if (v not in ("baseline", "core", "core-cross-fitted", "cross-fitted", "feature", "mixup", "skip",
+                      "mixup-cross-fitted")
                 and not (v.isdigit() and 0 < int(v) < 5000)
                 and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'core', 'cross-fitted', 'feature', 'mixup', 'mixup@N' (N epochs), "
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'core', 'core-cross-fitted', 'cross-fitted', 'feature', "
+                     "'mixup', 'mixup@N' (N epochs), "
                      "'skip', 'mixup-cross-fitted' or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):
         if getattr(args, what) < 1:

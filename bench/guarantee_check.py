@@ -18,7 +18,8 @@ For each depth, head variant (``baseline``: the default heads on the 5,000 train
 like every other variant; ``core``, not run by default: what ``autoexit.enable`` runs now, heads that keep their
 last epoch and temperatures fitted on train, ``bench/policies.py``'s heads; ``core-cross-fitted``: the same heads
 with the policies and their temperatures fitted on 2-fold out-of-fold predictions of train, what
-``enable(cross_fit=2)`` runs now (``bench/policies.py --cross-fit 2``); ``1250``/``2500``:
+``enable(cross_fit=2)`` runs now (``bench/policies.py --cross-fit 2``; ``core-cross-fitted@K``: K folds);
+``1250``/``2500``:
 the same heads trained on that many train images, ``bench/head_levers.py --levers train-size``;
 ``cross-fitted``, not run by default: the policies fitted on 2-fold out-of-fold predictions of train,
 ``--levers cross-fitted`` there; ``feature``, not run by default: the heads distilled on the backbone's
@@ -88,7 +89,7 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     )
     from bench.policies import cross_fitted_data, setup, split_data
 
-    core = variant in ("core", "core-cross-fitted")  # the heads autoexit.enable trains now (last epoch)
+    core = variant == "core" or variant.startswith("core-cross-fitted")  # the heads enable trains now (last epoch)
     cfg, tb, points, rec, heads = setup(depth, train=None if core else val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
@@ -107,8 +108,9 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return trained_tables(rec, mx, data)[1], costs
     if variant == "skip":  # as head_levers --levers skip: their own FLOPs and temperatures, fitted out-of-fold
         return skip_tables(depth, tb, rec, heads, data, SKIP_LR, 2, log)[3:]
-    if variant == "core-cross-fitted":  # what enable(cross_fit=2) runs now: the policies and their temperatures
-        data = cross_fitted_data(depth, rec, heads, data, 2, cfg.train, log)  # fitted on out-of-fold train predictions
+    if variant.startswith("core-cross-fitted"):  # what enable(cross_fit=K) runs now (K = 2, or @K): the policies and
+        folds = int(variant.partition("@")[2] or 2)  # their temperatures fitted on out-of-fold train predictions
+        data = cross_fitted_data(depth, rec, heads, data, folds, cfg.train, log)
         temps = calibrate_temperatures(data["train"][0])  # (bench/policies.py --cross-fit 2)
         return {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}, costs
     if variant in ("baseline", "cross-fitted", "core"):  # core: what autoexit.enable runs now, last-epoch heads
@@ -199,8 +201,9 @@ def main(argv=None) -> int:
         if (v not in ("baseline", "core", "core-cross-fitted", "cross-fitted", "feature", "mixup", "skip",
                       "mixup-cross-fitted")
                 and not (v.isdigit() and 0 < int(v) < 5000)
-                and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
-            ap.error(f"--variants: {v!r} is none of 'baseline', 'core', 'core-cross-fitted', 'cross-fitted', 'feature', "
+                and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)
+                and not (v.startswith("core-cross-fitted@") and v[18:].isdigit() and int(v[18:]) >= 2)):
+            ap.error(f"--variants: {v!r} is none of 'baseline', 'core', 'core-cross-fitted[@K]', 'cross-fitted', 'feature', "
                      "'mixup', 'mixup@N' (N epochs), "
                      "'skip', 'mixup-cross-fitted' or a train-subset size between 1 and 4999")
     for what in ("draws", "resplits"):

@@ -296,6 +296,8 @@ def guarantee_blocks() -> dict[str, str]:
             return 1, int(v)
         if v == "mixup-cross-fitted":
             return -1, 10 ** 6
+        if v == "core" or v.startswith("core-cross-fitted"):  # core, then its cross-fitted runs by fold count
+            return -1, -10 + (int(v.partition("@")[2] or 2) if v != "core" else 0)
         if v.startswith("mixup"):
             return -1, mixup_epochs(v)
         return {"baseline": -4, "cross-fitted": -3, "feature": -2, "skip": 0}.get(v, -1), 0

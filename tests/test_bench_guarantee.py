@@ -106,6 +106,9 @@ def test_docs_block_orders_rows_and_states_each_rate(monkeypatch):
             row("resnet20", "mixup@360", 1.0, "max_softmax", 45), row("resnet20", "mixup", 1.0, "max_softmax", 40),
             row("resnet20", "baseline", 1.0, "patience", 100), row("resnet20", "feature", 1.0, "max_softmax", 30)]
     rows[-1]["independent-test viol"] = 0.0734  # rows written before this column show "-"
+    # the core's rows stay together: plain first, then cross-fitted by fold count, each by tolerance
+    rows += [row("resnet56", "core-cross-fitted@3", 2.0, "max_softmax", 10), row("resnet56", "core", 2.0, "gate", 10),
+             row("resnet56", "core-cross-fitted", 1.0, "max_softmax", 10), row("resnet56", "core", 1.0, "gate", 10)]
     monkeypatch.setattr(md, "_load", lambda name: {"delta": 0.1, "rows": rows} if name == "guarantee_check" else {})
     block = md.guarantee_blocks()["guarantee-check"]
     body = [ln for ln in block.splitlines() if ln.startswith("| resnet")]
@@ -115,7 +118,9 @@ def test_docs_block_orders_rows_and_states_each_rate(monkeypatch):
                      ("resnet20", "feature", "1.0", "max_softmax"), ("resnet20", "mixup", "1.0", "max_softmax"),
                      ("resnet20", "mixup@360", "1.0", "max_softmax"),
                      ("resnet20", "1250", "1.0", "max_softmax"), ("resnet20", "2500", "1.0", "max_softmax"),
-                     ("resnet56", "baseline", "1.0", "max_softmax")]
+                     ("resnet56", "baseline", "1.0", "max_softmax"), ("resnet56", "core", "1.0", "gate"),
+                     ("resnet56", "core", "2.0", "gate"), ("resnet56", "core-cross-fitted", "1.0", "max_softmax"),
+                     ("resnet56", "core-cross-fitted@3", "2.0", "max_softmax")]
     lo, hi = rate_interval(120, 1000)
     assert f"12.0 % of 1000 [{100 * lo:.1f}, {100 * hi:.1f}]" in body[7]  # 12 % is above delta: p small
     assert f"p={above_delta_pvalue(120, 1000, 0.1):.2g}" in body[7] and above_delta_pvalue(120, 1000, 0.1) < 0.05

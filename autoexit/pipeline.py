@@ -43,7 +43,7 @@ from .policies import (
 from .policies.cascade import stats_from_activations
 from .subset import SubsetResult, best_subset, oracle_flops, simulate_exits
 
-__all__ = ["EnableConfig", "EnableResult", "enable", "predictions_for"]
+__all__ = ["EnableConfig", "EnableResult", "enable", "predictions_for", "predictions_for_splits"]
 
 
 @dataclass(frozen=True)
@@ -202,33 +202,35 @@ def predictions_for(recording: Recording, heads: Mapping[str, TrainedHead], spli
                     temperature_split: str = "train") -> ExitPredictions:
     """Every head's logits on a split of the recording (no backbone pass). ``temperature_split``: for cascade
     heads, the split the earlier exits' temperatures are fitted on (the one their chain was trained with)."""
+    return predictions_for_splits(recording, heads, (split,), temperature_split)[split]
+
+
+def predictions_for_splits(recording: Recording, heads: Mapping[str, TrainedHead], splits: Sequence[str],
+                           temperature_split: str = "train") -> dict[str, ExitPredictions]:
+    """:func:`predictions_for` of several splits at once: a chain of cascade heads is run once on
+    ``temperature_split`` for all of them, not once per split."""
     names = [p.name for p in recording.points if p.name in heads]
-    if any(_is_cascade(heads[n].module) for n in names):
-        return _cascade_predictions(recording, heads, names, split, temperature_split)
-    logits = torch.stack([predict_head(heads[n].module, recording.activations(n, split)) for n in names])
-    return ExitPredictions(names, logits, recording.logits(split), recording.labels(split))
-
-
-def _cascade_predictions(rec: Recording, heads: Mapping[str, TrainedHead], names: list[str],
-                         split: str, temperature_split: str = "train") -> ExitPredictions:
-    """Logits of a chain of cascade heads: each reads the earlier heads' logits scaled by the temperatures
-    ``calibrate_temperatures`` fits on ``temperature_split`` (:class:`autoexit.distill.CascadeInputs`, in order,
-    as the chain was trained)."""
+    splits = list(dict.fromkeys(splits))
+    if not any(_is_cascade(heads[n].module) for n in names):
+        return {s: ExitPredictions(names, torch.stack([predict_head(heads[n].module, recording.activations(n, s))
+                                                       for n in names]), recording.logits(s), recording.labels(s))
+                for s in splits}
+    # cascade: each head reads the earlier heads' logits scaled by the temperatures calibrate_temperatures fits on
+    # temperature_split (CascadeInputs, in chain order, as the chain was trained)
     from .distill import CascadeInputs
 
-    earlier = CascadeInputs(rec, temperature_split, (split,))
-    out = []
+    earlier = CascadeInputs(recording, temperature_split, splits)
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in splits}
     for n in names:
         m = heads[n].module
-        k = int(getattr(m, "num_prev", 0)) if _is_cascade(m) else 0
-        logits = {temperature_split: predict_head(m, rec.activations(n, temperature_split),
-                                                  prev=earlier.last(temperature_split, k) if _is_cascade(m) else None)}
-        if split not in logits:
-            logits[split] = predict_head(m, rec.activations(n, split),
-                                         prev=earlier.last(split, k) if _is_cascade(m) else None)
+        cascade = _is_cascade(m)
+        k = int(getattr(m, "num_prev", 0)) if cascade else 0
+        logits = {s: predict_head(m, recording.activations(n, s), prev=earlier.last(s, k) if cascade else None)
+                  for s in dict.fromkeys([temperature_split, *splits])}
         earlier.push(logits)
-        out.append(logits[split])
-    return ExitPredictions(names, torch.stack(out), rec.logits(split), rec.labels(split))
+        for s in splits:
+            out[s].append(logits[s])
+    return {s: ExitPredictions(names, torch.stack(out[s]), recording.logits(s), recording.labels(s)) for s in splits}
 
 
 @dataclass
@@ -534,16 +536,16 @@ def assemble(
     cascade = any(_is_cascade(h.module) for h in heads.values())
     guaranteed = subset is None and config.policy != "paper003"
     tsplit = temperature_split(config, guaranteed, cascade)
-    val = preds.get("val") or predictions_for(rec, heads, "val", tsplit)
-    test = preds.get("test") or predictions_for(rec, heads, "test", tsplit)
-    if tsplit != "val" and tsplit not in preds:  # given (e.g. out-of-fold with cross_fit) or computed once here
-        preds[tsplit] = predictions_for(rec, heads, tsplit, tsplit)
-    temps = dict(zip(val.names, calibrate_temperatures(val if tsplit == "val" else preds[tsplit]).tolist()))
+    # the splits not given (e.g. train's out-of-fold predictions with cross_fit), in one pass
+    missing = [s for s in ("val", "test", tsplit) if s not in preds]
+    if missing:
+        preds.update(predictions_for_splits(rec, heads, missing, tsplit))
+    val, test = preds["val"], preds["test"]
+    temps = dict(zip(val.names, calibrate_temperatures(preds[tsplit]).tolist()))
     base = float(tb.total_flops)
     fitted: FittedPolicy | None = None
     scores: dict[str, np.ndarray | None] = {"val": None, "test": None}
     if guaranteed:
-        preds.update(val=val, test=test)
         costs = exit_costs(config, tb, rec, heads, temps, evaluator) if config.cost != "flops" else None
         fitted, tables = fit_policy(config, rec, heads, temps, base, preds, stats, fixed_chain=cascade, costs=costs)
         subset = _subset_from_policy(fitted, tables["val"], heads, base)

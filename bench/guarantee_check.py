@@ -110,11 +110,9 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return skip_tables(depth, tb, rec, heads, data, SKIP_LR, 2, log)[3:]
     if variant.startswith("core-cross-fitted"):  # what enable(cross_fit=K) runs now (K = 2, or @K): the policies and
         folds = int(variant.partition("@")[2] or 2)  # their temperatures fitted on out-of-fold train predictions
-        data = cross_fitted_data(depth, rec, heads, data, folds, cfg.train, log)
-        temps = calibrate_temperatures(data["train"][0])  # (bench/policies.py --cross-fit 2)
-        return {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}, costs
-    if variant in ("baseline", "cross-fitted", "core"):  # core: what autoexit.enable runs now, last-epoch heads
-        temps = calibrate_temperatures(data["train" if variant == "core" else "val"][0])  # and temperatures on train
+        data = cross_fitted_data(depth, rec, heads, data, folds, cfg.train, log)  # (bench/policies.py --cross-fit K)
+    if variant in ("baseline", "cross-fitted") or core:  # core: what autoexit.enable runs now, last-epoch heads
+        temps = calibrate_temperatures(data["train" if core else "val"][0])  # and temperatures on train
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
         if variant == "cross-fitted":  # fitted on out-of-fold predictions of train (2 folds), as head_levers
             tables["train"] = cross_fitted_table(depth, rec, heads, data, temps, 2, log)[1]

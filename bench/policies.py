@@ -439,14 +439,12 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
                 continue
             tsplit = "val" if legacy else "train"  # as the core's enable (cascade_heads) fits them
             chained = train_cascade_heads(rec, heads, chain_names, cfg.train, num_prev=1, temperature_split=tsplit)
-            from autoexit.pipeline import predictions_for
+            from autoexit.pipeline import predictions_for_splits
 
-            ctab = {}
-            ctemps = calibrate_temperatures(predictions_for(rec, chained, tsplit, tsplit))
-            for s in ("train", "val", "test"):
-                p = predictions_for(rec, chained, s, tsplit)
-                st = [data[s][1][names.index(n)] for n in chain_names]
-                ctab[s] = ExitTable.from_predictions(p, ctemps, st)
+            cpreds = predictions_for_splits(rec, chained, ("train", "val", "test"), tsplit)
+            ctemps = calibrate_temperatures(cpreds[tsplit])
+            ctab = {s: ExitTable.from_predictions(p, ctemps, [data[s][1][names.index(n)] for n in chain_names])
+                    for s, p in cpreds.items()}
             ccosts = ExitCosts([chained[n].flops for n in chain_names],
                                [chained[n].point.flops_before for n in chain_names], costs.base)
             ctx = PolicyContext(ctab["train"], ctab["val"], ccosts, tol, 0.1, "disagreement", fixed_chain=True)

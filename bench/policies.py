@@ -362,7 +362,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
               val_temperatures: bool = False, cross_fit: int = 0) -> dict:
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
-    from autoexit.pipeline import temperature_split
+    from autoexit.pipeline import predictions_for_splits, temperature_split
     from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
 
     t_setup = time.perf_counter()
@@ -373,8 +373,13 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     names = [p.name for p in rec.points if p.name in heads]
     val = data["val"][0]
     # temperatures as autoexit.enable fits them (pipeline.temperature_split): paper003 on val, the guaranteed
-    # policies on their fit split (train); the val-selected mixup run keeps val for all, as it was measured
-    legacy = cfg.train.keeps_best or val_temperatures
+    # policies on their fit split (train); the val-selected mixup run keeps val for all, as it was measured.
+    # main() decides that (it must know before any work whether latency may be re-measured); heads that keep
+    # their best val epoch read val already, so nothing may be fitted on train beside them
+    if cfg.train.keeps_best and not val_temperatures:
+        raise SystemExit(f"resnet{depth}: these heads keep their best val epoch; their tables must fit every "
+                         "temperature on val (main() passes val_temperatures=True for them)")
+    legacy = val_temperatures
     fit_split = "val" if legacy else temperature_split(cfg, guaranteed=True)
 
     def tables_for(split: str) -> dict:
@@ -437,10 +442,8 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
             chain_names = base_fp.names
             if not chain_names:
                 continue
-            tsplit = "val" if legacy else "train"  # as the core's enable (cascade_heads) fits them
+            tsplit = "val" if legacy else temperature_split(cfg, guaranteed=False, cascade=True)  # as enable does
             chained = train_cascade_heads(rec, heads, chain_names, cfg.train, num_prev=1, temperature_split=tsplit)
-            from autoexit.pipeline import predictions_for_splits
-
             cpreds = predictions_for_splits(rec, chained, ("train", "val", "test"), tsplit)
             ctemps = calibrate_temperatures(cpreds[tsplit])
             ctab = {s: ExitTable.from_predictions(p, ctemps, [data[s][1][names.index(n)] for n in chain_names])
@@ -547,7 +550,7 @@ def main(argv=None) -> int:
         old_latency_env = old.get("latency_environment") or old.get("environment")
     for d in args.depths:
         results.append(run_depth(d, args.resplits, not args.no_cascade, log, **heads_of,
-                                 val_temperatures=args.temperatures == "val"))
+                                 val_temperatures=legacy_temps))
         write_results(args.out, {"args": vars(args), "results": kept + results, "partial": True,
                                  "seconds": time.perf_counter() - t0})
     if not args.no_latency:  # latency last: the machine is shared and timings are noisy

@@ -1,5 +1,5 @@
-"""Seven levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint
-fine-tuning, feature distillation, mixup function matching, skip heads, two-stage exits.
+"""Eight levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint
+fine-tuning, feature distillation, mixup function matching, skip heads, two-stage exits, ensembled heads.
 
 ``bench/policies.py`` shows the guaranteed policies saving 6-10 % at T = 1 % on ResNet-20 where the
 oracle saves 67 %, and its hindsight columns show the heads and signals themselves allowing only
@@ -65,6 +65,12 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
    on val is untouched. Only rules that read no earlier exit can be used (an input that did not run an earlier
    exit's skip head has no logits there): ``max_softmax`` and gates without history, with both risks.
 
+8. **One head's word.** Independently trained models disagree where they are unsure, and an ensemble's averaged
+   answer is better calibrated than either. ``ensemble``: at every exit the default head and a second one of the same
+   design trained the same way from another seed (``TrainConfig(seed=...)``, ``--ensemble-seeds``), their
+   log-probabilities averaged (:class:`EnsembleHead`); each input pays for every member. Temperatures, policies and
+   certification as for the baseline.
+
 ``mixup-cross-fitted``: the ``mixup`` lever's heads with the policies fitted on out-of-fold predictions of the train
 split, the fold heads trained by function matching too (``out_of_fold_logits`` with ``TrainConfig(teacher="mixup")``):
 what ``EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup", epochs=...))`` runs.
@@ -73,10 +79,11 @@ For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs savin
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage mixup-cross-fitted] [--feature-weight 1] [--mixup-epochs 120]
-[--skip-lr 1e-3] [--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56; ``skip``: about 20 min on ResNet-20 with
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage mixup-cross-fitted ensemble] [--feature-weight 1] [--mixup-epochs 120]
+[--skip-lr 1e-3] [--ensemble-seeds 1] [--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56; ``skip``: about 20 min on ResNet-20 with
 its out-of-fold copies; ``two-stage``: with the skip heads cached, about 2 min on ResNet-20 and 25 on ResNet-56;
-``mixup-cross-fitted``: about one more mixup training, 20 min on ResNet-20).
+``mixup-cross-fitted``: about one more mixup training, 20 min on ResNet-20; ``ensemble``: one more default training per
+seed, 6 min on ResNet-20 and about 20 on ResNet-56).
 Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
@@ -101,7 +108,7 @@ MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also 
 FEATURE_WEIGHT = 1.0  # the feature lever's default loss weight (--feature-weight), also guarantee_check's `feature`
 SKIP_LR = 1e-3  # the skip lever's peak learning rate (--skip-lr): a third of the default, the heads start pretrained
 LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup", "skip", "two-stage",
-          "mixup-cross-fitted")
+          "mixup-cross-fitted", "ensemble")
 
 
 def mixup_key(epochs: int) -> str:
@@ -382,6 +389,61 @@ def feature_heads(depth: int, rec, heads: dict, weight: float, log) -> dict:
                              val_agreement=agreement(pv, t_val), val_kl=float(kd_loss(pv, t_val)),
                              epochs=int(epochs[n]), seconds=seconds)
     return out
+
+
+def _ensemble_head_class():
+    import torch
+    from torch import nn
+
+    class EnsembleHead(nn.Module):
+        """Heads reading the same activation, answering the mean of their log-probabilities (a geometric-mean
+        ensemble: an input the members disagree on gets a flat answer, hence a low exit score)."""
+
+        def __init__(self, members):
+            super().__init__()
+            self.members = nn.ModuleList(members)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members]).mean(0)
+
+    return EnsembleHead
+
+
+def ensemble_heads(rec, heads: dict, seeds: tuple, log) -> tuple[dict, list]:
+    """Per exit, ``heads``' head with ones of the same design trained the same way (``val_selected_training``)
+    from each of ``seeds``, their log-probabilities averaged; FLOPs and parameters add up. The extra members go
+    through the per-head cache of ``bench.policies.plain_heads``. Returns the ensembled heads and, per seed, its
+    own heads."""
+    import dataclasses
+
+    from bench.policies import plain_heads
+
+    EnsembleHead = _ensemble_head_class()
+    others = []
+    for seed in seeds:
+        log(f"ensemble: default heads with seed {seed}")
+        others.append(plain_heads(rec, train=dataclasses.replace(val_selected_training(), seed=seed)))
+    out = {}
+    for n, h in heads.items():
+        members = [h, *(o[n] for o in others)]
+        if any(m.spec != h.spec for m in members):
+            raise SystemExit(f"ensemble: the heads at {n} differ in design; they must be the default heads")
+        out[n] = dataclasses.replace(h, module=EnsembleHead([m.module for m in members]).eval(),
+                                     flops=sum(m.flops for m in members), params=sum(m.params for m in members),
+                                     param_bytes=sum(m.param_bytes for m in members))
+    return out, others
+
+
+def shared_errors(a, b, teacher) -> tuple[list, list]:
+    """Per exit, for two heads' logits ``a``, ``b`` [exits, n, classes] and the backbone's ``teacher`` [n, classes]:
+    the share of inputs on which the two give the same class, and the share of ``a``'s disagreements with the
+    backbone on which ``b`` gives the same wrong class (NaN where ``a`` never disagrees). Errors two heads share
+    cannot be flagged by their disagreement."""
+    pa, pb, t = a.argmax(2), b.argmax(2), teacher.argmax(1)[None]
+    wrong = pa != t
+    same = pa == pb
+    shared = (same & wrong).float().sum(1) / wrong.float().sum(1)
+    return [float(x) for x in same.float().mean(1)], [float(x) for x in shared]
 
 
 def confident_share(logits, teacher_logits, max_disagreement: float = 0.01) -> float:
@@ -875,7 +937,8 @@ def policy_rows(label: str, fit_table, tables: dict, costs, depth: int, resplits
 
 def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cross-fitted"),
               resplits: int = 100, joint: tuple = (12, 2e-4, 4.0), sizes: tuple = (1250, 2500),
-              feature_weight: float = FEATURE_WEIGHT, mixup_epochs: int = MIXUP_EPOCHS, skip_lr: float = SKIP_LR) -> dict:
+              feature_weight: float = FEATURE_WEIGHT, mixup_epochs: int = MIXUP_EPOCHS, skip_lr: float = SKIP_LR,
+              ensemble_seeds: tuple = (1,)) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
     from autoexit.policies import ExitCosts, ExitTable
     from bench.policies import oracle_saving, setup, split_data
@@ -940,6 +1003,25 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         extra["feature"] = {"weight": feature_weight,
                             "oracle saving test (default heads)": base_oracle,
                             "oracle saving test (feature)": oracle_saving(preds["test"].agree().numpy(), fcosts)}
+
+    if "ensemble" in levers:
+        t1 = time.perf_counter()
+        eh, members = ensemble_heads(rec, heads, tuple(ensemble_seeds), log)
+        secs["ensemble"] = time.perf_counter() - t1
+        same, shared = shared_errors(data["val"][0].logits, split_data(rec, members[0])["val"][0].logits,
+                                     rec.logits("val"))
+        preds, etables = trained_tables(rec, eh, data)
+        k = 1 + len(ensemble_seeds)
+        agree[f"ensemble ({k} heads per exit)"] = [round(float(v), 4) for v in preds["val"].agree().float().mean(1)]
+        ecosts = ExitCosts([eh[n].flops for n in names], [eh[n].point.flops_before for n in names],
+                           float(tb.total_flops))
+        seeds = [str(x) for x in (0, *ensemble_seeds)]
+        rows += policy_rows(f"ensemble ({k} default heads per exit, seeds {', '.join(seeds[:-1])} and {seeds[-1]}, "
+                            "log-probabilities averaged)", etables["train"], etables, ecosts, depth, resplits)
+        extra["ensemble"] = {"members": k, "seeds": [0, *ensemble_seeds],
+                             "same answer val (seeds 0, 1)": same, "shared errors val (seeds 0, 1)": shared,
+                             "oracle saving test (default heads)": base_oracle,
+                             "oracle saving test (ensemble)": oracle_saving(preds["test"].agree().numpy(), ecosts)}
 
     if "skip" in levers or "two-stage" in levers:
         t1 = time.perf_counter()
@@ -1093,6 +1175,8 @@ def main(argv=None) -> int:
                     help="epochs of the mixup lever (function matching wants long schedules; augmented uses --epochs)")
     ap.add_argument("--skip-lr", type=float, default=SKIP_LR,
                     help="peak learning rate of the skip lever's heads (they start from the backbone's weights)")
+    ap.add_argument("--ensemble-seeds", type=int, nargs="+", default=[1],
+                    help="seeds of the ensemble lever's extra heads per exit (the default heads are seed 0)")
     ap.add_argument("--resplits", type=int, default=100, help="random val/test re-splits for the violation rate")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results already in the output file that this run does not redo: other depths, "
@@ -1127,10 +1211,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--mixup-epochs must be >= 1, got {args.mixup_epochs}")
     if not args.skip_lr > 0:
         raise SystemExit(f"--skip-lr must be > 0, got {args.skip_lr}")
+    if 0 in args.ensemble_seeds or len(set(args.ensemble_seeds)) != len(args.ensemble_seeds):
+        raise SystemExit(f"--ensemble-seeds must be distinct and not 0 (the default heads' seed), got {args.ensemble_seeds}")
     if not args.feature_weight >= 0:
         raise SystemExit(f"--feature-weight must be >= 0, got {args.feature_weight}")
     results = [run_depth(d, args.folds, args.epochs, log, tuple(args.levers), args.resplits, joint,
-                         tuple(args.train_sizes), args.feature_weight, args.mixup_epochs, args.skip_lr)
+                         tuple(args.train_sizes), args.feature_weight, args.mixup_epochs, args.skip_lr,
+                         tuple(args.ensemble_seeds))
                for d in args.depths]
     env = environment()
     run = {"date": env.get("date"), "commit": env.get("commit"), "argv": list(sys.argv[1:])}

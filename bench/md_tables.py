@@ -182,7 +182,8 @@ def levers_blocks() -> dict[str, str]:
     what_trained = {"joint": "joint fine-tuning", "feature": "feature-distilled heads",
                     "mixup": "mixup function-matching heads", "skip": "skip heads and their out-of-fold copies",
                     "two-stage": "two-stage exits (skip heads loaded, policies fitted)",
-                    "mixup-cross-fitted": "mixup heads' out-of-fold copies"}
+                    "mixup-cross-fitted": "mixup heads' out-of-fold copies",
+                    "ensemble": "ensemble members (other seeds)"}
 
     def trained(k: str) -> str:  # a training-time key (lever, or mixup@N for a non-default schedule) in words
         lever, _, epochs = k.partition("@")
@@ -233,13 +234,20 @@ def levers_blocks() -> dict[str, str]:
                 f"{100 * j['oracle saving test (original heads)']:.1f} % with the default heads.")
         labels = {"feature": lambda e: f"Feature distillation (penultimate-feature loss weight {e['weight']:g})",
                   "mixup": lambda e: f"Mixup function matching ({e['epochs']} epochs)",
-                  "skip": lambda e: f"Skip heads (peak learning rate {e['lr']:g})"}
-        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs), "skip"]:
+                  "skip": lambda e: f"Skip heads (peak learning rate {e['lr']:g})",
+                  "ensemble": lambda e: f"Ensembled heads ({e['members']} per exit, seeds "
+                                        f"{', '.join(map(str, e['seeds'][:-1]))} and {e['seeds'][-1]})"}
+        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs), "skip", "ensemble"]:
             if e := r.get(key):
                 lever = key.split("@")[0]
                 jtxt += (f"\n\n{labels[lever](e)}: the oracle with its heads saves "
                          f"{100 * e[f'oracle saving test ({lever})']:.1f} % (test) against "
                          f"{100 * e['oracle saving test (default heads)']:.1f} % with the default heads.")
+        if (e := r.get("ensemble")) and "shared errors val (seeds 0, 1)" in e:
+            same, shared = e["same answer val (seeds 0, 1)"], e["shared errors val (seeds 0, 1)"]
+            jtxt += (f" The heads of seeds 0 and 1 give the same class on {100 * min(same):.0f}-{100 * max(same):.0f} % "
+                     f"of val per exit, and of seed 0's disagreements with the backbone seed 1 makes "
+                     f"{100 * min(shared):.0f}-{100 * max(shared):.0f} % with the same wrong class.")
         if e := r.get("skip"):
             flops = e["head flops"]
             cs = [(n, a, b) for n, a, b in zip(names, e["confident share val (default)"],

@@ -18,6 +18,7 @@ from bench.head_levers import (  # noqa: E402
     MIXUP_EPOCHS,
     TwoStage,
     _deploy,
+    _ensemble_head_class,
     _lever_of,
     _masked,
     _outcome,
@@ -27,6 +28,7 @@ from bench.head_levers import (  # noqa: E402
     mixup_epochs,
     mixup_key,
     penultimate_features,
+    shared_errors,
     skip_head,
     train_feature_head,
     try_recall,
@@ -80,6 +82,47 @@ def test_lever_of_names_every_row_and_agreement_kind():
     assert _lever_of("mixup out-of-fold (train)") == _lever_of("mixup in-sample (train)") == "mixup-cross-fitted"
     assert _lever_of("mixup-cross-fitted") == "mixup-cross-fitted"
     assert _lever_of("out-of-fold (train)") == _lever_of("cross-fitted (2 folds)") == "cross-fitted"
+    assert _lever_of("ensemble (2 default heads per exit, seeds 0 and 1, log-probabilities averaged)") == "ensemble"
+    assert _lever_of("ensemble (2 heads per exit)") == _lever_of("ensemble") == "ensemble"
+
+
+def test_shared_errors_against_a_count_by_hand():
+    """Two heads, two exits, five inputs, backbone classes 0 1 2 0 1: the share of inputs with the same answer,
+    and of the first head's errors the share the second makes with the same wrong class."""
+    import torch
+
+    def onehot(classes):  # [exits, n] -> logits [exits, n, 3]
+        return torch.nn.functional.one_hot(torch.tensor(classes), 3).float()
+
+    teacher = onehot([0, 1, 2, 0, 1])
+    a = onehot([[0, 1, 2, 1, 2], [1, 1, 0, 0, 0]])  # exit 0: wrong on inputs 3, 4; exit 1: wrong on 0, 2, 4
+    b = onehot([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0]])  # exit 0: same wrong class on 3 only; exit 1: on 0 and 4
+    same, shared = shared_errors(a, b, teacher)
+    assert same == pytest.approx([3 / 5, 4 / 5])
+    assert shared == pytest.approx([1 / 2, 2 / 3])
+
+
+def test_ensemble_head_answers_the_mean_log_probability_of_its_members():
+    """The ensemble lever's head: the members' log-softmax averaged, so members that disagree give a flatter
+    answer (lower top probability) than either; one member alone is that member's log-softmax."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    EnsembleHead = _ensemble_head_class()
+    a, b = nn.Linear(6, 4), nn.Linear(6, 4)
+    x = torch.randn(32, 6)
+    out = EnsembleHead([a, b]).eval()(x)
+    want = (torch.log_softmax(a(x), 1) + torch.log_softmax(b(x), 1)) / 2
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(EnsembleHead([a]).eval()(x), torch.log_softmax(a(x), 1))
+    with torch.no_grad():  # two members that disagree on every input: the ensemble is less sure than each
+        b.weight.copy_(-a.weight)
+        b.bias.copy_(-a.bias)
+    top = torch.softmax(EnsembleHead([a, b])(x), 1).amax(1)
+    assert (top < torch.softmax(a(x), 1).amax(1)).all()
+    scripted = torch.jit.script(EnsembleHead([a, b]).eval())  # a head the emitted models could carry
+    torch.testing.assert_close(scripted(x), EnsembleHead([a, b])(x))
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():

@@ -19,7 +19,7 @@ def _policy_flags(p) -> None:
                    "harm or drop (need labels)")
     p.add_argument("--cross-fit", type=int, default=0, metavar="K",
                    help="fit the policy on out-of-fold head predictions of the train split, K >= 2 folds "
-                   "(about one more head training; default 0: off)")
+                   "(about K - 1 more head trainings; default 0: off)")
     p.add_argument("--teacher", choices=["recorded", "augmented", "mixup"], default="recorded",
                    help="what the heads learn from: the recorded activations (default, fast), or the backbone run "
                    "on new inputs, flipped and shifted (augmented) and also mixed (mixup: function matching, the "

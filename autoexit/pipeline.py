@@ -69,7 +69,7 @@ class EnableConfig:
     in order so that each also reads the previous ``cascade_heads`` exits' logits, and the policy is
     refitted on that chain.
     cross_fit: when >= 2, the policy is fitted on out-of-fold predictions of the train split (cut into
-    ``cross_fit`` folds, each predicted by heads trained on the others: about one more head training),
+    ``cross_fit`` folds, each predicted by heads trained on the others: about ``cross_fit - 1`` more head trainings),
     so it sees the heads as new data will; the deployed heads are still trained on the whole train split
     and certified on val. 0 (default): fitted on the heads' own training data.
 

@@ -396,7 +396,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
     c1 = np.maximum(scale * hd + decision, 0.0)
     taken = t_first - float(before[0] + c1[0])  # answering early: writing the answer, shrinking the batch
-    cal = {"call_ms": call, "scale": scale, "fixed_ms": call, "decision_ms": decision, "exit_taken_ms": taken,
+    cal = {"call_ms": call, "scale": scale, "decision_ms": decision, "exit_taken_ms": taken,
            "exits_fixed_ms": fixed, "no_exit_ms": t_none, "every_exit_ms": t_every, "first_exit_ms": t_first,
            "one_exit_ms": [t_ones[j] for j in ones], "one_exit": [names[j] for j in ones],
            "one_exit_fixed_ms": [t_ones[j] - t_none - scale * float(hd[j]) - decision for j in ones],

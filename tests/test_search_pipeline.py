@@ -183,7 +183,7 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     s = MeasureSettings(warmup=1, repeat=3, min_repeat_ms=5)
     cal = latency_costs(res, ev, settings=s, samples=24, stat="median_ms")
     c = cal.calibration
-    assert c["samples"] == 24 and c["call_ms"] > 0 and c["rounds"] == 3 and c["fixed_ms"] == c["call_ms"]
+    assert c["samples"] == 24 and c["call_ms"] > 0 and c["rounds"] == 3
     assert "per segment call" in cal.source and "interleaved rounds" in cal.source
     names = list(res.val.names)
     # the profile is the per-segment median of the rounds (seeds 0, 1, 2; the rounds are cache hits now)

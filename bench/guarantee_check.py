@@ -70,6 +70,18 @@ TOLERANCES = (1.0, 2.0)
 VARIANTS = ("baseline", "1250", "2500")
 
 
+def core_folds(variant: str) -> int | None:
+    """The fold count of a ``core`` variant: 0 for ``core`` (fitted in-sample), K for ``core-cross-fitted@K``
+    (2 for ``core-cross-fitted``); None for any other variant or a malformed one."""
+    if variant == "core":
+        return 0
+    name, at, k = variant.partition("@")
+    if name != "core-cross-fitted" or (at and not k.isdigit()):
+        return None
+    folds = int(k) if at else 2
+    return folds if folds >= 2 else None
+
+
 def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     """ExitTables per split of ``variant``'s heads (temperatures fitted on val) and the exit costs."""
     from autoexit.calibrate import calibrate_temperatures
@@ -89,7 +101,8 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     )
     from bench.policies import cross_fitted_data, setup, split_data
 
-    core = variant == "core" or variant.startswith("core-cross-fitted")  # the heads enable trains now (last epoch)
+    folds = core_folds(variant)
+    core = folds is not None  # the heads enable trains now (last epoch)
     cfg, tb, points, rec, heads = setup(depth, train=None if core else val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
@@ -108,9 +121,8 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
         return trained_tables(rec, mx, data)[1], costs
     if variant == "skip":  # as head_levers --levers skip: their own FLOPs and temperatures, fitted out-of-fold
         return skip_tables(depth, tb, rec, heads, data, SKIP_LR, 2, log)[3:]
-    if variant.startswith("core-cross-fitted"):  # what enable(cross_fit=K) runs now (K = 2, or @K): the policies and
-        folds = int(variant.partition("@")[2] or 2)  # their temperatures fitted on out-of-fold train predictions
-        data = cross_fitted_data(depth, rec, heads, data, folds, cfg.train, log)  # (bench/policies.py --cross-fit K)
+    if folds:  # what enable(cross_fit=K) runs now: the policies and their temperatures fitted on out-of-fold train
+        data = cross_fitted_data(depth, rec, heads, data, folds, cfg.train, log)  # predictions (policies.py --cross-fit K)
     if variant in ("baseline", "cross-fitted") or core:  # core: what autoexit.enable runs now, last-epoch heads
         temps = calibrate_temperatures(data["train" if core else "val"][0])  # and temperatures on train
         tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
@@ -196,11 +208,10 @@ def main(argv=None) -> int:
                     help="keep the rows of other depths and variants already in the output file")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if (v not in ("baseline", "core", "core-cross-fitted", "cross-fitted", "feature", "mixup", "skip",
-                      "mixup-cross-fitted")
+        if (v not in ("baseline", "cross-fitted", "feature", "mixup", "skip", "mixup-cross-fitted")
+                and core_folds(v) is None
                 and not (v.isdigit() and 0 < int(v) < 5000)
-                and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)
-                and not (v.startswith("core-cross-fitted@") and v[18:].isdigit() and int(v[18:]) >= 2)):
+                and not (v.startswith("mixup@") and v[6:].isdigit() and mixup_epochs(v) > 0)):
             ap.error(f"--variants: {v!r} is none of 'baseline', 'core', 'core-cross-fitted[@K]', 'cross-fitted', 'feature', "
                      "'mixup', 'mixup@N' (N epochs), "
                      "'skip', 'mixup-cross-fitted' or a train-subset size between 1 and 4999")

@@ -68,7 +68,7 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
 8. **One head's word.** Independently trained models disagree where they are unsure, and an ensemble's averaged
    answer is better calibrated than either. ``ensemble``: at every exit the default head and a second one of the same
    design trained the same way from another seed (``TrainConfig(seed=...)``, ``--ensemble-seeds``), their
-   log-probabilities averaged (:class:`EnsembleHead`); each input pays for every member. Temperatures, policies and
+   log-probabilities averaged (:func:`ensemble_head`); each input pays for every member. Temperatures, policies and
    certification as for the baseline.
 
 ``mixup-cross-fitted``: the ``mixup`` lever's heads with the policies fitted on out-of-fold predictions of the train
@@ -391,22 +391,21 @@ def feature_heads(depth: int, rec, heads: dict, weight: float, log) -> dict:
     return out
 
 
-def _ensemble_head_class():
+def ensemble_head(members):
+    """Heads reading the same activation, answering the mean of their log-probabilities (a geometric-mean
+    ensemble: an input the members disagree on gets a flat answer, hence a low exit score)."""
     import torch
     from torch import nn
 
     class EnsembleHead(nn.Module):
-        """Heads reading the same activation, answering the mean of their log-probabilities (a geometric-mean
-        ensemble: an input the members disagree on gets a flat answer, hence a low exit score)."""
-
-        def __init__(self, members):
+        def __init__(self):
             super().__init__()
             self.members = nn.ModuleList(members)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members]).mean(0)
 
-    return EnsembleHead
+    return EnsembleHead()
 
 
 def ensemble_heads(rec, heads: dict, seeds: tuple, log) -> tuple[dict, list]:
@@ -418,7 +417,6 @@ def ensemble_heads(rec, heads: dict, seeds: tuple, log) -> tuple[dict, list]:
 
     from bench.policies import plain_heads
 
-    EnsembleHead = _ensemble_head_class()
     others = []
     for seed in seeds:
         log(f"ensemble: default heads with seed {seed}")
@@ -428,7 +426,7 @@ def ensemble_heads(rec, heads: dict, seeds: tuple, log) -> tuple[dict, list]:
         members = [h, *(o[n] for o in others)]
         if any(m.spec != h.spec for m in members):
             raise SystemExit(f"ensemble: the heads at {n} differ in design; they must be the default heads")
-        out[n] = dataclasses.replace(h, module=EnsembleHead([m.module for m in members]).eval(),
+        out[n] = dataclasses.replace(h, module=ensemble_head([m.module for m in members]).eval(),
                                      flops=sum(m.flops for m in members), params=sum(m.params for m in members),
                                      param_bytes=sum(m.param_bytes for m in members))
     return out, others
@@ -940,6 +938,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
               feature_weight: float = FEATURE_WEIGHT, mixup_epochs: int = MIXUP_EPOCHS, skip_lr: float = SKIP_LR,
               ensemble_seeds: tuple = (1,)) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
+    from autoexit.pipeline import predictions_for
     from autoexit.policies import ExitCosts, ExitTable
     from bench.policies import oracle_saving, setup, split_data
 
@@ -1008,7 +1007,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         t1 = time.perf_counter()
         eh, members = ensemble_heads(rec, heads, tuple(ensemble_seeds), log)
         secs["ensemble"] = time.perf_counter() - t1
-        same, shared = shared_errors(data["val"][0].logits, split_data(rec, members[0])["val"][0].logits,
+        same, shared = shared_errors(data["val"][0].logits, predictions_for(rec, members[0], "val").logits,
                                      rec.logits("val"))
         preds, etables = trained_tables(rec, eh, data)
         k = 1 + len(ensemble_seeds)

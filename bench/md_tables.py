@@ -295,6 +295,7 @@ def guarantee_blocks() -> dict[str, str]:
         return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
                 f"p={r[f'{what} p(<=delta)']:.2g}")
 
+    from bench.guarantee_check import core_folds
     from bench.head_levers import POLICIES, mixup_epochs
 
     policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
@@ -304,8 +305,8 @@ def guarantee_blocks() -> dict[str, str]:
             return 1, int(v)
         if v == "mixup-cross-fitted":
             return -1, 10 ** 6
-        if v == "core" or v.startswith("core-cross-fitted"):  # core, then its cross-fitted runs by fold count
-            return -1, -10 + (int(v.partition("@")[2] or 2) if v != "core" else 0)
+        if (folds := core_folds(v)) is not None:  # core, then its cross-fitted runs by fold count
+            return -1, -10 + folds
         if v.startswith("mixup"):
             return -1, mixup_epochs(v)
         return {"baseline": -4, "cross-fitted": -3, "feature": -2, "skip": 0}.get(v, -1), 0

@@ -379,8 +379,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     if cfg.train.keeps_best and not val_temperatures:
         raise SystemExit(f"resnet{depth}: these heads keep their best val epoch; their tables must fit every "
                          "temperature on val (main() passes val_temperatures=True for them)")
-    legacy = val_temperatures
-    fit_split = "val" if legacy else temperature_split(cfg, guaranteed=True)
+    fit_split = "val" if val_temperatures else temperature_split(cfg, guaranteed=True)
 
     def tables_for(split: str) -> dict:
         temps = calibrate_temperatures(data[split][0])
@@ -442,7 +441,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
             chain_names = base_fp.names
             if not chain_names:
                 continue
-            tsplit = "val" if legacy else temperature_split(cfg, guaranteed=False, cascade=True)  # as enable does
+            tsplit = "val" if val_temperatures else temperature_split(cfg, guaranteed=False, cascade=True)  # as enable
             chained = train_cascade_heads(rec, heads, chain_names, cfg.train, num_prev=1, temperature_split=tsplit)
             cpreds = predictions_for_splits(rec, chained, ("train", "val", "test"), tsplit)
             ctemps = calibrate_temperatures(cpreds[tsplit])

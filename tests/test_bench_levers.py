@@ -18,11 +18,11 @@ from bench.head_levers import (  # noqa: E402
     MIXUP_EPOCHS,
     TwoStage,
     _deploy,
-    _ensemble_head_class,
     _lever_of,
     _masked,
     _outcome,
     confident_share,
+    ensemble_head,
     feature_head,
     merge_depth,
     mixup_epochs,
@@ -109,20 +109,19 @@ def test_ensemble_head_answers_the_mean_log_probability_of_its_members():
     from torch import nn
 
     torch.manual_seed(0)
-    EnsembleHead = _ensemble_head_class()
     a, b = nn.Linear(6, 4), nn.Linear(6, 4)
     x = torch.randn(32, 6)
-    out = EnsembleHead([a, b]).eval()(x)
+    out = ensemble_head([a, b]).eval()(x)
     want = (torch.log_softmax(a(x), 1) + torch.log_softmax(b(x), 1)) / 2
     torch.testing.assert_close(out, want)
-    torch.testing.assert_close(EnsembleHead([a]).eval()(x), torch.log_softmax(a(x), 1))
+    torch.testing.assert_close(ensemble_head([a]).eval()(x), torch.log_softmax(a(x), 1))
     with torch.no_grad():  # two members that disagree on every input: the ensemble is less sure than each
         b.weight.copy_(-a.weight)
         b.bias.copy_(-a.bias)
-    top = torch.softmax(EnsembleHead([a, b])(x), 1).amax(1)
+    top = torch.softmax(ensemble_head([a, b])(x), 1).amax(1)
     assert (top < torch.softmax(a(x), 1).amax(1)).all()
-    scripted = torch.jit.script(EnsembleHead([a, b]).eval())  # a head the emitted models could carry
-    torch.testing.assert_close(scripted(x), EnsembleHead([a, b])(x))
+    scripted = torch.jit.script(ensemble_head([a, b]).eval())  # a head the emitted models could carry
+    torch.testing.assert_close(scripted(x), ensemble_head([a, b])(x))
 
 
 def test_merge_adds_a_new_lever_and_keeps_the_old_ones_with_their_run():

@@ -12,6 +12,12 @@ def _policy_flags(p) -> None:
     p.add_argument("--policy", choices=list(POLICIES), default=DEFAULT_POLICY,
                    help=f"exit policy (default {DEFAULT_POLICY}; paper003 = T/2^n thresholds without a guarantee; "
                    "see docs/policies.md)")
+    p.add_argument("--auto-candidates", nargs="+", metavar="POLICY", default=None,
+                   help="with --policy auto: the guaranteed policies it chooses among (default: max_softmax margin "
+                   "entropy patience gate)")
+    p.add_argument("--auto-select", choices=["cal", "fit"], default=None,
+                   help="with --policy auto: choose the cheapest on the calibration split, each candidate tested at "
+                   "delta/m (cal, default), or on the fit split before calibration, at the full delta (fit)")
     p.add_argument("--delta", type=float, default=0.1,
                    help="the budget holds on new data with probability >= 1 - delta (default 0.1)")
     p.add_argument("--risk", choices=list(RISKS), default="disagreement",
@@ -40,13 +46,19 @@ def _policy_flags(p) -> None:
 
 
 def _policy_settings(args: argparse.Namespace) -> dict:
+    from .errors import AutoExitError
+
+    auto = {k: v for k, v in (("candidates", args.auto_candidates), ("select", args.auto_select)) if v is not None}
+    if auto and args.policy != "auto":
+        raise AutoExitError(f"--auto-candidates / --auto-select apply to --policy auto, not {args.policy}; "
+                            "add --policy auto or drop them")
     ev = {}
     if args.evaluator_url:
         ev = {"url": args.evaluator_url, **({"token_file": args.evaluator_token_file}
                                             if args.evaluator_token_file else {})}
     return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_stat": f"{args.cost_stat}_ms",
             "cost_evaluator": ev,
-            "cross_fit": args.cross_fit}
+            "cross_fit": args.cross_fit, "policy_options": auto}
 
 
 def register(sub) -> None:
@@ -145,14 +157,7 @@ def _enable(args: argparse.Namespace) -> int:
     from .pipeline import EnableConfig, enable
     from .zoo import load_backbone
 
-    dpath = Path(args.data)
-    if dpath.is_dir():
-        data = load_image_folder(dpath, size=args.size, mean=args.mean, std=args.std, limit=args.limit)
-    elif args.labels or "idx" in dpath.name:
-        data = load_idx(dpath, args.labels, limit=args.limit)
-    else:
-        data = as_inference_data(args.data)
-    model = load_backbone(args.model, args.weights, data.example())
+    # settings first: a bad flag fails before the data and the model are loaded
     gran = args.granularity if args.granularity in ("auto", "node") else int(args.granularity)
     cfg = EnableConfig(
         tolerance=args.tolerance,
@@ -167,6 +172,14 @@ def _enable(args: argparse.Namespace) -> int:
         train=TrainConfig(epochs=args.epochs, teacher=args.teacher,
                           shift=4 if args.teacher_shift is None else args.teacher_shift),
     )
+    dpath = Path(args.data)
+    if dpath.is_dir():
+        data = load_image_folder(dpath, size=args.size, mean=args.mean, std=args.std, limit=args.limit)
+    elif args.labels or "idx" in dpath.name:
+        data = load_idx(dpath, args.labels, limit=args.limit)
+    else:
+        data = as_inference_data(args.data)
+    model = load_backbone(args.model, args.weights, data.example())
     result = enable(model, data, config=cfg, progress=not args.quiet)
     artifact = result.emit(args.out, overwrite=args.overwrite, onnx=args.onnx, latency=not args.no_latency)
     print_summary(result, f"autoexit enable: {args.model}", artifact)

@@ -39,6 +39,7 @@ from .policies import (
     FittedPolicy,
     PolicyContext,
     make_policy,
+    needs_activation_stats,
 )
 from .policies.cascade import stats_from_activations
 from .subset import SubsetResult, best_subset, oracle_flops, simulate_exits
@@ -150,6 +151,7 @@ class EnableConfig:
         if not isinstance(self.policy_options, Mapping):
             raise AutoExitError(f"policy_options must be a mapping of option names to values, got "
                                 f"{type(self.policy_options).__name__}")
+        make_policy(self.policy, **dict(self.policy_options))  # bad options fail now, not after the heads train
         if not isinstance(self.scheme, str):  # per-exit weights (as the outer search picks them)
             w = tuple(float(x) for x in self.scheme)
             if not w or any(not x >= 0 for x in w) or sum(w) <= 0:
@@ -368,7 +370,7 @@ class EnableResult:
             out["rules"] = pol["rules"]
         else:
             out["rule"] = "exit i answers when exit_score(head_i(x) / temperature_i) >= threshold_i"
-        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length", "fitted_on"):
+        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length", "fitted_on", "auto"):
             if key in pol:
                 out[key] = pol[key]
         if pol.get("cost_unit"):  # what the policy minimised, when not counted FLOPs
@@ -605,7 +607,7 @@ def split_stats(rec: Recording, names: Sequence[str], split: str) -> list[torch.
 
 
 def _needs_stats(config: EnableConfig) -> bool:
-    return config.policy == "gate" and bool(dict(config.policy_options).get("act_stats", True))
+    return needs_activation_stats(config.policy, dict(config.policy_options))
 
 
 def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, TrainedHead], temperatures: Mapping[str, float],
@@ -711,8 +713,20 @@ def _policy_html(fitted: FittedPolicy) -> str:
 
     d = fitted.to_dict()
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in d.items() if k not in ("thresholds",))
-    return f"<p>{html.escape(fitted.statement())}</p><table>{rows}</table>"
+                   for k, v in d.items() if k not in ("thresholds", "auto"))
+    out = f"<p>{html.escape(fitted.statement())}</p><table>{rows}</table>"
+    auto = d.get("auto")
+    if auto:  # the candidates auto compared, and on which split it chose
+        unit = fitted.costs.unit if fitted.costs is not None else "flops"
+        body = "".join(
+            f"<tr><td>{html.escape(n)}{' (deployed)' if n == auto['chosen'] else ''}</td><td>{c['fit_cost']:.4g}</td>"
+            f"<td>{c['cal_cost']:.4g}</td><td>{'yes' if c['certified'] else 'no'}</td><td>{c['exits']}</td></tr>"
+            for n, c in auto["candidates"].items())
+        out += (f"<p>auto compared {len(auto['candidates'])} policies and deployed the cheapest on the "
+                f"{'calibration' if auto['select'] == 'cal' else 'fit'} split (each certified at delta "
+                f"{auto['tested_delta']:.3g}). Expected {html.escape(unit)} per input:</p><table><tr><th>policy</th>"
+                f"<th>fit split</th><th>calibration split</th><th>certified</th><th>exits</th></tr>{body}</table>")
+    return out
 
 
 def enable(

@@ -115,8 +115,10 @@ def print_table(rows: list[dict], title: str = "", columns: list[str] | None = N
     t = Table(title=title, title_justify="left")
     for c in columns:
         t.add_column(c)
-    for r in rows:
-        t.add_row(*[_fmt(r.get(c)) for c in columns])
+    from rich.markup import escape
+
+    for r in rows:  # cells are text, not markup: a label like "auto[fit]" must print as it is
+        t.add_row(*[escape(_fmt(r.get(c))) for c in columns])
     Console(width=200).print(t)
 
 

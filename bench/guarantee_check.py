@@ -28,7 +28,9 @@ matching for 120 epochs, ``--levers mixup`` there; ``mixup@N``: for ``N`` epochs
 the heads built from the backbone's own stage-entry blocks, with the policies fitted out-of-fold, ``--levers skip``
 there; ``mixup-cross-fitted``: the ``mixup`` heads with the policies fitted on out-of-fold predictions of fold heads
 trained by mixup too, ``--levers mixup-cross-fitted`` there), tolerance
-and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train):
+and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train; with
+``--policies auto auto+drop`` also the ``auto`` policy, which picks the cheapest of the five on each calibration
+draw, each certified at delta / 5):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
   (``bench.policies.resplit_violations``); a violation is a *test* value of the policy's own risk above T;
@@ -66,6 +68,10 @@ from bench.common import environment, print_table, require_fixtures, val_selecte
 from bench.head_levers import POLICIES, mixup_epochs  # noqa: E402
 
 DELTA = 0.1
+# ``auto`` (the cheapest of the five guaranteed policies, each certified at delta / 5 and chosen on the
+# calibration draw): only with --policies, since each of its rows refits five policies per draw
+AUTO_POLICIES = (("auto", "auto", "disagreement"), ("auto+drop", "auto", "drop"))
+CHECK_POLICIES = POLICIES + AUTO_POLICIES
 TOLERANCES = (1.0, 2.0)
 VARIANTS = ("baseline", "1250", "2500")
 
@@ -153,8 +159,8 @@ def check_variant(depth: int, variant: str, tables: dict, costs, tolerances, dra
     boot = [rng.integers(0, pool.n, n_val) for _ in range(draws)]
     rows = []
     for tol in tolerances:
-        for name, policy, risk in POLICIES:
-            if policies and name not in policies:
+        for name, policy, risk in CHECK_POLICIES:
+            if name not in (policies or [p[0] for p in POLICIES]):
                 continue
             t0 = time.perf_counter()
             fp = make_policy(policy).fit(PolicyContext(tables["train"], tables["val"], costs, tol, DELTA, risk))
@@ -200,8 +206,9 @@ def main(argv=None) -> int:
                          "the backbone's stage-entry blocks, fitted out-of-fold) and/or "
                          "train-subset sizes (heads trained on that many images)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
-    ap.add_argument("--policies", nargs="+", choices=[p[0] for p in POLICIES], default=None,
-                    help="only these policies (default: all five)")
+    ap.add_argument("--policies", nargs="+", choices=[p[0] for p in CHECK_POLICIES], default=None,
+                    help="only these policies (default: the five of bench/head_levers.py; auto and auto+drop, the "
+                         "cheapest of them chosen on each calibration draw, only when named)")
     ap.add_argument("--draws", type=int, default=1000, help="population draws (calibration sets, with replacement)")
     ap.add_argument("--resplits", type=int, default=1000, help="random val/test re-splits")
     ap.add_argument("--merge", action="store_true",

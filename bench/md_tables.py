@@ -137,7 +137,8 @@ def policies_blocks(name: str = "policies") -> dict[str, str]:
             ("hindsight family %", "hindsight: its family %", 1), ("hindsight signal %", "hindsight: its signal %", 1)]
     for r in res.get("results", []):
         depth = r["depth"]
-        rows = [dict(x, guaranteed=("yes" if x.get("guaranteed") else "no") if x["policy"] != "paper003" else "-")
+        rows = [dict(x, guaranteed=("yes" if x.get("guaranteed") else "no") if x["policy"] != "paper003" else "-",
+                     policy=x["policy"] + (f" -> {x['chosen']}" if x.get("chosen") else ""))
                 for x in r["rows"] + r.get("cascade_rows", [])]
         rows.sort(key=lambda x: (x["T %"], 0 if x["policy"] != "gate+cascade" else 1))
         for tol, e in sorted(_earlyon_rows(f"resnet{depth}").items()):
@@ -295,10 +296,10 @@ def guarantee_blocks() -> dict[str, str]:
         return (f"{100 * r[f'{what} viol']:.1f} % of {n} [{100 * lo:.1f}, {100 * hi:.1f}] "
                 f"p={r[f'{what} p(<=delta)']:.2g}")
 
-    from bench.guarantee_check import core_folds
-    from bench.head_levers import POLICIES, mixup_epochs
+    from bench.guarantee_check import CHECK_POLICIES, core_folds
+    from bench.head_levers import mixup_epochs
 
-    policy_order = [name for name, _, _ in POLICIES]  # the order the benchmark runs them in
+    policy_order = [name for name, _, _ in CHECK_POLICIES]  # the order the benchmark runs them in
 
     def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, mixup cross-fitted,
         if v.isdigit():                    # skip, train-subset sizes

@@ -12,6 +12,9 @@ GAP > FC128 > FC, KL-distilled, label-free), split 50/20/30 (train / val / test,
 - ``max_softmax+drop`` / ``gate+drop``: the same policies with the labelled risk (the accuracy drop
   itself, Waudby-Smith--Ramdas p-values): needs labels on the calibration split.
 - ``gate+cascade``: gate policy, then the kept heads retrained to read the previous exit's logits.
+- ``auto`` / ``auto+drop``: the cheapest of the five label-free-scored policies above, each certified at
+  delta / 5 and chosen on the calibration split; ``auto[fit]``: chosen on train before calibration, certified
+  at delta; ``auto[ms,gate]``: only ``max_softmax`` and ``gate`` as candidates, each at delta / 2. Rows record the candidate deployed (``chosen``) and, per re-split, which one was (``resplit picks``).
 
 Violations: val and test (5,000 samples) are pooled and re-split at random into 2,000 calibration
 and 3,000 test samples ``--resplits`` times (default 100); every guaranteed policy keeps its exits,
@@ -57,7 +60,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,12 @@ VARIANTS = [  # (label, policy, risk, options)
     ("gate", "gate", "disagreement", {}),
     ("max_softmax+drop", "max_softmax", "drop", {}),
     ("gate+drop", "gate", "drop", {}),
+    ("auto", "auto", "disagreement", {}),
+    ("auto+drop", "auto", "drop", {}),
+    ("auto[fit]", "auto", "disagreement", {"select": "fit"}),
+    ("auto[fit]+drop", "auto", "drop", {"select": "fit"}),
+    ("auto[ms,gate]", "auto", "disagreement", {"candidates": ["max_softmax", "gate"]}),
+    ("auto[ms,gate]+drop", "auto", "drop", {"candidates": ["max_softmax", "gate"]}),
 ]
 
 
@@ -234,6 +243,7 @@ def hindsight(fp, test, costs, tol: float) -> dict:
     from autoexit.policies import evaluate_thresholds
     from autoexit.policies.cascade import chain_costs, greedy_path, loss_matrix
 
+    fp = replace(fp, alternatives=None)  # auto: the deployed candidate's own family
     _, chain, rules = fp.full_chain
     if not chain or fp.family is None:
         return {"hindsight family %": 0.0, "hindsight signal %": 0.0}
@@ -259,7 +269,7 @@ def resplit_violations(fp, policy: str, pool, splits, n_val: int, costs, tol: fl
 
     s_pool = fp.full_scores(pool) if policy != "paper003" else None
     viol_drop = viol_dis = 0
-    savings, drops = [], []
+    savings, drops, picks = [], [], {}
     for perm in splits:
         cal_idx, test_idx = perm[:n_val], perm[n_val:]
         cal_t, test_t = pool.subset_rows(cal_idx), pool.subset_rows(test_idx)
@@ -269,6 +279,8 @@ def resplit_violations(fp, policy: str, pool, splits, n_val: int, costs, tol: fl
         else:
             fr = fp.recertify(cal_t)
             mr = fr.evaluate(test_t, costs, scores=fr.kept_scores(s_pool)[:, test_idx])
+            if "auto" in fr.info:  # which candidate auto deployed on this draw
+                picks[fr.policy] = picks.get(fr.policy, 0) + 1
         savings.append(mr["saving"])
         drops.append(mr["drop"])
         viol_drop += mr["drop"] > tol / 100
@@ -276,7 +288,8 @@ def resplit_violations(fp, policy: str, pool, splits, n_val: int, costs, tol: fl
     n = max(len(splits), 1)
     return {"viol(drop)": viol_drop / n, "viol(disagree)": viol_dis / n,
             "resplit saving %": 100 * float(np.mean(savings)) if savings else None,
-            "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None}
+            "resplit drop % (p90)": 100 * float(np.quantile(drops, 0.9)) if drops else None,
+            **({"resplit picks": picks} if picks else {})}
 
 
 def independent_test_violation(risk: str, value: float, harm: float, n_test: int, tol: float) -> float:
@@ -420,6 +433,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
             hind = hindsight(fp, tabs["test"], costs, tol) if policy != "paper003" else {}
             row = {
                 "model": f"resnet{depth}", "T %": tol, "policy": label, "exits": len(fp.chain),
+                **({"chosen": fp.policy} if "auto" in fp.info else {}),
                 "saving %": 100 * m["saving"], "drop %": 100 * m["drop"], "disagree %": 100 * m["disagreement"],
                 "oracle share": m["saving"] / oracle["test"] if oracle["test"] else None,
                 **rs,

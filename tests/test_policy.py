@@ -20,7 +20,7 @@ from autoexit.policies import (
 )
 from autoexit.policies.gate import GateConfig, train_gate
 
-FAST = {"gate": {"steps": 40}}
+FAST = {"gate": {"steps": 40}, "auto": {"options": {"gate": {"steps": 40}}}}
 _CACHE: dict = {}
 
 
@@ -34,7 +34,7 @@ def _assemble(digits_result, policy: str):
     return _CACHE[policy]
 
 
-@pytest.mark.parametrize("policy", ["paper003", "max_softmax", "margin", "entropy", "patience", "gate"])
+@pytest.mark.parametrize("policy", ["paper003", "max_softmax", "margin", "entropy", "patience", "gate", "auto"])
 def test_policy_scripts_and_scripted_decisions_equal_the_simulation(digits_result, policy):
     res = _assemble(digits_result, policy)
     assert res.kept, f"{policy} kept no exit on digits"
@@ -54,7 +54,13 @@ def test_policy_scripts_and_scripted_decisions_equal_the_simulation(digits_resul
     if policy != "paper003":
         assert "calibration samples" in pol["statement"] and str(res.val.n) in pol["statement"]
         assert res.manifest()["policy"]["guarantee"]["n"] == res.val.n
-    else:
+    if policy == "auto":  # the manifest says which candidate was deployed and why
+        auto = res.manifest()["policy"]["auto"]
+        assert auto["chosen"] == res.manifest()["policy"]["name"] == pol["policy"]
+        assert set(auto["candidates"]) == {"max_softmax", "margin", "entropy", "patience", "gate"}
+        html = dict(res.extra["report_sections"])["Exit policy and guarantee"]
+        assert "auto compared 5 policies" in html and f"{pol['policy']} (deployed)" in html
+    if policy == "paper003":
         assert pol["statement"].startswith("no guarantee")
 
 

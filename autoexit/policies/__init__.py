@@ -11,7 +11,15 @@ name           exit score                                                    gua
 ``patience``   previous exits predicting the same class, then max softmax    yes
 ``max_softmax`` / ``margin`` / ``entropy``  temperature-scaled confidence    yes
 ``paper003``   max softmax, thresholds by T/2^n on val, subset by K(S)       no
+``auto``       the cheapest of several guaranteed policies (``candidates``)  yes
 =============  ============================================================  ==========
+
+``auto`` (:class:`AutoPolicy`) fits every candidate and deploys the cheapest. With ``select="cal"``
+(default) each candidate is certified at ``delta / m`` for ``m`` candidates, so by the union bound every
+certified configuration of every candidate is valid at once with probability >= 1 - delta, and the
+cheapest one on the calibration data keeps the guarantee (the same argument as step 3 below). With
+``select="fit"`` the candidate is chosen by its expected cost on the fit data alone, before calibration
+is looked at, and certified at the full ``delta``.
 
 Every guaranteed policy runs the same three steps (``RiskControlledPolicy``):
 
@@ -78,6 +86,9 @@ __all__ = [
     "PatiencePolicy",
     "GatePolicy",
     "Paper003Policy",
+    "AutoPolicy",
+    "AUTO_CANDIDATES",
+    "needs_activation_stats",
     "ExitTable",
     "ExitCosts",
     "GateConfig",
@@ -168,6 +179,8 @@ class FittedPolicy:
     # unused heads, and the costs finalise() compared configurations with
     full: tuple[list[str], list[int], list[nn.Module]] | None = None
     costs: ExitCosts | None = None
+    # ``auto``: every candidate's fitted policy (this one among them), to redo the choice on other data
+    alternatives: list[FittedPolicy] | None = None
 
     @property
     def full_chain(self) -> tuple[list[str], list[int], list[nn.Module]]:
@@ -177,6 +190,8 @@ class FittedPolicy:
     def recertify(self, cal: ExitTable, alpha: float | None = None, delta: float | None = None,
                   seed: int = 0) -> FittedPolicy:
         """Run the calibration step again on other calibration data (same exits, rules and family)."""
+        if self.alternatives is not None:
+            return _recertify_auto(self, cal, alpha, delta, seed)
         if self.family is None:
             raise AutoExitError(f"policy {self.policy!r} has no threshold family to recalibrate")
         a = self.alpha if alpha is None else alpha
@@ -190,14 +205,19 @@ class FittedPolicy:
                                 info, self.family, d, a)
         return finalise(self.policy, names, chain, rules, self.family, res, exit_of, self.costs, self.risk, info)
 
-    def full_scores(self, table: ExitTable) -> np.ndarray:
+    def full_scores(self, table: ExitTable) -> np.ndarray | dict[str, np.ndarray]:
         """Scores of the whole chain the threshold family was built for (before unused heads were dropped);
-        compute them once and pass ``kept_scores(full)`` to :meth:`evaluate` of any recertified copy."""
+        compute them once and pass ``kept_scores(full)`` to :meth:`evaluate` of any recertified copy.
+        For ``auto``: one such array per candidate, by name (a recertified copy may deploy another one)."""
+        if self.alternatives is not None:
+            return {n: a.full_scores(table) for n, a in zip(self.info["auto"]["candidates"], self.alternatives)}
         _, chain, rules = self.full_chain
         return chain_scores(rules, chain, table) if chain else np.zeros((0, table.n))
 
-    def kept_scores(self, full_scores: np.ndarray) -> np.ndarray:
+    def kept_scores(self, full_scores: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """This policy's rows of :meth:`full_scores` (an exit's score depends only on exits that are kept)."""
+        if isinstance(full_scores, dict):
+            full_scores = full_scores[self.info["auto"]["chosen"]]
         chain = self.full_chain[1]
         return full_scores[[chain.index(c) for c in self.chain]]
 
@@ -219,10 +239,19 @@ class FittedPolicy:
             return (f"no guarantee: thresholds estimated on the calibration split ({self.policy}); the budget "
                     "may be exceeded on new data")
         g = self.guarantee
+        auto = self.info.get("auto")
+        if auto is not None:  # the guarantee is the whole procedure's: delta over every candidate
+            g = replace(g, delta=float(auto["delta"]))
         if not g.certified:
             return (f"nothing could be certified at {100 * g.alpha:.3g} % with {g.n} calibration samples "
                     f"(delta {g.delta}): no early exit is taken; give more data or a larger tolerance")
-        return g.statement(RISK_TEXT[self.risk])
+        out = g.statement(RISK_TEXT[self.risk])
+        if auto is not None:
+            m = len(auto["candidates"])
+            out += (f"; {self.policy} chosen by auto among {m} policies "
+                    + (f"on the calibration split, each tested at delta/{m}" if auto["select"] == "cal"
+                       else "on the fit split, before calibration"))
+        return out
 
     def to_dict(self) -> dict:
         d = {"policy": self.policy, "names": self.names, "thresholds": [float(t) for t in self.thresholds],
@@ -375,7 +404,7 @@ class RiskControlledPolicy(ExitPolicy):
         res, exit_of = certify(s_cal, loss_matrix(ctx.cal, chain, ctx.risk), path.thresholds, alpha, ctx.delta,
                                ctx.risk, ctx.seed)
         info = {"fit_n": n_fit, "cal_n": ctx.cal.n, "target_fit_risk": r_star, "path_length": len(path.fit_risk),
-                "fit_flops_at_target": fit_flops, "subsets_scored": len(trace), "delta": ctx.delta,
+                "fit_flops_at_target": fit_flops, "fit_cost_at_target": float(path.flops_at(r_star)), "subsets_scored": len(trace), "delta": ctx.delta,
                 "tolerance_percent": ctx.tolerance}
         return finalise(self.name, [ctx.fit.names[i] for i in chain], chain, rules, path.thresholds, res, exit_of,
                         ctx.costs, ctx.risk, info)
@@ -479,3 +508,93 @@ class Paper003Policy(ExitPolicy):
         return FittedPolicy(self.name, list(sub.names), list(sub.indices), rules,
                             np.asarray(sub.thresholds.thresholds, dtype=float), "disagreement", None,
                             {"cal_n": cal.n, "k_score": sub.k, "scheme": ctx.scheme, "signal": ctx.signal})
+
+
+AUTO_CANDIDATES = ("max_softmax", "margin", "entropy", "patience", "gate")
+AUTO_SELECT = ("cal", "fit")
+
+
+def _cost_of(fp: FittedPolicy, key: str) -> float:
+    unit = fp.costs.unit if fp.costs is not None else "flops"
+    return float(fp.info[f"{key}_{unit}" if key == "cal" else "fit_cost_at_target"])
+
+
+def _choose(fitted: dict[str, FittedPolicy], select: str, delta: float, tested_delta: float) -> FittedPolicy:
+    """The candidate ``auto`` deploys (cheapest on the calibration or the fit data; ties: the first listed),
+    with the other candidates and the comparison attached."""
+    key = "cal" if select == "cal" else "fit"
+    costs = {n: _cost_of(fp, key) for n, fp in fitted.items()}
+    best = min(fitted, key=lambda n: (costs[n], list(fitted).index(n)))
+    chosen = fitted[best]
+    table = {n: {"fit_cost": _cost_of(fp, "fit"), "cal_cost": _cost_of(fp, "cal"),
+                 "certified": bool(fp.guarantee is not None and fp.guarantee.certified), "exits": len(fp.chain)}
+             for n, fp in fitted.items()}
+    info = {**chosen.info, "auto": {"select": select, "delta": float(delta), "tested_delta": float(tested_delta),
+                                    "candidates": table, "chosen": best}}
+    return replace(chosen, info=info, alternatives=list(fitted.values()))
+
+
+def _recertify_auto(fp: FittedPolicy, cal: ExitTable, alpha: float | None, delta: float | None,
+                    seed: int) -> FittedPolicy:
+    """``auto`` on other calibration data: every candidate is recertified (at delta / m with ``select="cal"``) and
+    the choice made again (with ``select="fit"`` it reads only the fit data, so it does not change)."""
+    auto = fp.info["auto"]
+    d = float(auto["delta"]) if delta is None else float(delta)
+    named = dict(zip(auto["candidates"], fp.alternatives))
+    tested = d / len(named) if auto["select"] == "cal" else d
+    return _choose({n: a.recertify(cal, alpha, tested, seed) for n, a in named.items()}, auto["select"], d, tested)
+
+
+@register_policy("auto")
+class AutoPolicy(ExitPolicy):
+    """Fit several guaranteed policies (``candidates``, default every guaranteed one) and deploy the cheapest,
+    keeping the guarantee.
+
+    ``select="cal"`` (default): each candidate is certified at ``delta / m`` (m candidates); every certified
+    configuration of every candidate then holds at once with probability >= 1 - delta (union bound), so the one
+    cheapest on the calibration data may be deployed. ``select="fit"``: the candidate with the lowest expected
+    cost on the fit data at the planned risk is chosen before the calibration data is read, and certified at the
+    full delta; cheaper to certify, but the fit data's estimate can be optimistic (gates are scored on the data
+    they were trained on; heads on their own training data unless ``cross_fit``). ``options``: per-candidate
+    policy options, e.g. ``{"gate": {"hidden": 32}}``.
+    """
+
+    name = "auto"
+
+    def __init__(self, candidates: Sequence[str] = AUTO_CANDIDATES, select: str = "cal",
+                 options: dict | None = None):
+        cands = [str(c) for c in (candidates or ())]
+        if not cands:
+            raise AutoExitError("auto needs at least one candidate policy, e.g. candidates=['max_softmax', 'gate']")
+        bad = [c for c in cands if c not in POLICIES or c == "auto" or not getattr(POLICIES[c], "guaranteed", True)]
+        if bad:
+            ok = [n for n in POLICIES if n != "auto" and getattr(POLICIES[n], "guaranteed", True)]
+            raise AutoExitError(f"auto candidates must be guaranteed policies; {', '.join(map(repr, bad))} "
+                                f"cannot be used: pick from {', '.join(ok)}")
+        if len(set(cands)) != len(cands):
+            raise AutoExitError(f"auto candidates are listed twice: {cands}; list each policy once")
+        if select not in AUTO_SELECT:
+            raise AutoExitError(f"auto select must be 'cal' (cheapest on the calibration split, each candidate "
+                                f"at delta/m) or 'fit' (chosen on the fit split), got {select!r}")
+        options = dict(options or {})
+        extra = sorted(set(options) - set(cands))
+        if extra:
+            raise AutoExitError(f"auto options given for {', '.join(extra)}, which are not candidates {cands}")
+        self.candidates, self.select, self.options = cands, select, options
+
+    def fit(self, ctx: PolicyContext) -> FittedPolicy:
+        tested = ctx.delta / len(self.candidates) if self.select == "cal" else ctx.delta
+        sub = replace(ctx, delta=tested)
+        fitted = {name: make_policy(name, **dict(self.options.get(name, {}))).fit(sub) for name in self.candidates}
+        return _choose(fitted, self.select, ctx.delta, tested)
+
+
+def needs_activation_stats(policy: str, options: dict | None = None) -> bool:
+    """Whether ``policy`` with ``options`` reads the activations' mean / std (gates do, unless act_stats=False)."""
+    options = dict(options or {})
+    if policy == "gate":
+        return bool(options.get("act_stats", True))
+    if policy == "auto":
+        cands = options.get("candidates", AUTO_CANDIDATES)
+        return any(needs_activation_stats(c, dict(options.get("options", {})).get(c)) for c in cands)
+    return False

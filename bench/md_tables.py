@@ -162,10 +162,11 @@ def policies_blocks(name: str = "policies") -> dict[str, str]:
                                                 ("drop", "test drop pts", 2), ("bs1", "batch 1 vs backbone", 2),
                                                 ("bs32", "batch 32 vs backbone", 2),
                                                 ("pred", "predicted (val, profile)", 2)])
+        run = r.get("run") or env  # the depth's own run (results written since it was recorded), else the file's
         note = (f"ResNet-{depth}: backbone test accuracy {100 * r['backbone_test_accuracy']:.2f} %, "
                 f"{len(r['candidates'])} candidate exits, oracle saving {100 * r['oracle_saving']['test']:.1f} % "
                 f"(test), {res.get('args', {}).get('resplits', '?')} re-splits of val + test, delta = 0.1. "
-                f"Run {env.get('date', '?')} at commit {env.get('commit', '?')}"
+                f"Run {run.get('date', '?')} at commit {run.get('commit', '?')}"
                 + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
         out[f"{name}-resnet{depth}"] = note + "\n\n" + table(rows, cols) + lat_table
     return out

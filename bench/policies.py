@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     cifar10_data,
     cifar_resnet,
+    environment,
     print_table,
     require_fixtures,
     val_selected_training,
@@ -564,6 +565,9 @@ def main(argv=None) -> int:
     for d in args.depths:
         results.append(run_depth(d, args.resplits, not args.no_cascade, log, **heads_of,
                                  val_temperatures=legacy_temps))
+        env = environment()  # each depth's own run: a later --merge run of another depth keeps it
+        results[-1]["run"] = {"date": env["date"], "commit": env["commit"],
+                              "argv": "python bench/policies.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         write_results(args.out, {"args": vars(args), "results": kept + results, "partial": True,
                                  "seconds": time.perf_counter() - t0})
     if not args.no_latency:  # latency last: the machine is shared and timings are noisy

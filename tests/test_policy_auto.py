@@ -130,6 +130,8 @@ def test_bad_candidates_and_options_are_refused_in_one_line(tmp_path, capsys):
         ({"select": "val"}, "auto select must be"),
         ({"candidates": ["max_softmax"], "options": {"gate": {}}}, "not candidates"),
         ({"bogus": 1}, "bad options for policy 'auto'"),
+        ({"options": {"gate": {"hiden": 3}}}, "bad options for policy 'gate'"),
+        ({"options": {"gate": 3}}, "must be a mapping"),
     ]
     for opts, msg in cases:
         with pytest.raises(AutoExitError, match=msg) as e:
@@ -138,6 +140,7 @@ def test_bad_candidates_and_options_are_refused_in_one_line(tmp_path, capsys):
         with pytest.raises(AutoExitError, match=msg):  # before any head is trained
             EnableConfig(policy="auto", policy_options=opts)
     assert isinstance(make_policy("auto"), AutoPolicy)
+    assert make_policy("auto", candidates="max_softmax, gate").candidates == ["max_softmax", "gate"]
 
     from autoexit.cli import main
 

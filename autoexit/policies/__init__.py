@@ -404,7 +404,8 @@ class RiskControlledPolicy(ExitPolicy):
         res, exit_of = certify(s_cal, loss_matrix(ctx.cal, chain, ctx.risk), path.thresholds, alpha, ctx.delta,
                                ctx.risk, ctx.seed)
         info = {"fit_n": n_fit, "cal_n": ctx.cal.n, "target_fit_risk": r_star, "path_length": len(path.fit_risk),
-                "fit_flops_at_target": fit_flops, "fit_cost_at_target": float(path.flops_at(r_star)), "subsets_scored": len(trace), "delta": ctx.delta,
+                "fit_flops_at_target": fit_flops, "fit_cost_at_target": float(path.flops_at(r_star)),
+                "subsets_scored": len(trace), "delta": ctx.delta,
                 "tolerance_percent": ctx.tolerance}
         return finalise(self.name, [ctx.fit.names[i] for i in chain], chain, rules, path.thresholds, res, exit_of,
                         ctx.costs, ctx.risk, info)
@@ -563,6 +564,8 @@ class AutoPolicy(ExitPolicy):
 
     def __init__(self, candidates: Sequence[str] = AUTO_CANDIDATES, select: str = "cal",
                  options: dict | None = None):
+        if isinstance(candidates, str):  # "max_softmax,gate" (as a config file or a command line may give it)
+            candidates = [c.strip() for c in candidates.split(",") if c.strip()]
         cands = [str(c) for c in (candidates or ())]
         if not cands:
             raise AutoExitError("auto needs at least one candidate policy, e.g. candidates=['max_softmax', 'gate']")
@@ -580,6 +583,11 @@ class AutoPolicy(ExitPolicy):
         extra = sorted(set(options) - set(cands))
         if extra:
             raise AutoExitError(f"auto options given for {', '.join(extra)}, which are not candidates {cands}")
+        for name, opts in options.items():
+            if not isinstance(opts, dict):
+                raise AutoExitError(f"auto options for {name!r} must be a mapping of option names to values, "
+                                    f"e.g. {{'{name}': {{...}}}}, got {type(opts).__name__}")
+            make_policy(name, **opts)  # a bad candidate option fails now, with that policy's own message
         self.candidates, self.select, self.options = cands, select, options
 
     def fit(self, ctx: PolicyContext) -> FittedPolicy:

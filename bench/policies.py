@@ -12,9 +12,11 @@ GAP > FC128 > FC, KL-distilled, label-free), split 50/20/30 (train / val / test,
 - ``max_softmax+drop`` / ``gate+drop``: the same policies with the labelled risk (the accuracy drop
   itself, Waudby-Smith--Ramdas p-values): needs labels on the calibration split.
 - ``gate+cascade``: gate policy, then the kept heads retrained to read the previous exit's logits.
-- ``auto`` / ``auto+drop``: the cheapest of the five label-free-scored policies above, each certified at
-  delta / 5 and chosen on the calibration split; ``auto[fit]``: chosen on train before calibration, certified
-  at delta; ``auto[ms,gate]``: only ``max_softmax`` and ``gate`` as candidates, each at delta / 2. Rows record the candidate deployed (``chosen``) and, per re-split, which one was (``resplit picks``).
+- ``auto`` / ``auto+drop``: the cheapest of the five guaranteed policies above (``max_softmax``, ``margin``,
+  ``entropy``, ``patience``, ``gate``), each certified at delta / 5 and chosen on the calibration split;
+  ``auto[fit]``: chosen on train before calibration, certified at delta; ``auto[ms,gate]``: only ``max_softmax``
+  and ``gate`` as candidates, each at delta / 2. Rows record the candidate deployed (``chosen``) and, per
+  re-split, which one was (``resplit picks``).
 
 Violations: val and test (5,000 samples) are pooled and re-split at random into 2,000 calibration
 and 3,000 test samples ``--resplits`` times (default 100); every guaranteed policy keeps its exits,

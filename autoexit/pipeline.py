@@ -387,7 +387,8 @@ class EnableResult:
             ("heads trained", f"{self.config.train.epochs} epochs, teacher {self.config.train.teacher}, "
                               + ("with labels" if self.config.train.supervised else "label-free")
                               + (", best val-KL epoch kept" if self.config.train.keeps_best else ", last epoch kept")),
-            ("exit policy", f"{pol.get('policy', self.config.policy)} (risk: {pol.get('risk', self.config.risk)}, "
+            ("exit policy", f"{pol.get('policy', self.config.policy)}{', chosen by auto' if 'auto' in pol else ''} "
+                            f"(risk: {pol.get('risk', self.config.risk)}, "
                             f"delta {self.config.delta})"),
         ]
         if pol.get("statement"):

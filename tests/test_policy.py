@@ -60,6 +60,7 @@ def test_policy_scripts_and_scripted_decisions_equal_the_simulation(digits_resul
         assert set(auto["candidates"]) == {"max_softmax", "margin", "entropy", "patience", "gate"}
         html = dict(res.extra["report_sections"])["Exit policy and guarantee"]
         assert "auto compared 5 policies" in html and f"{pol['policy']} (deployed)" in html
+        assert dict(res.summary_rows())["exit policy"].startswith(f"{pol['policy']}, chosen by auto (risk:")
     if policy == "paper003":
         assert pol["statement"].startswith("no guarantee")
 

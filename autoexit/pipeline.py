@@ -625,12 +625,13 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
     names = [p.name for p in rec.points if p.name in heads]
     stats = dict(stats or {})
     tables: dict[str, ExitTable] = {}
+    needs_stats = _needs_stats(config)
     for split in dict.fromkeys([config.fit_split, "val", "test"]):
         p = preds.get(split) or predictions_for(rec, heads, split)
         if list(p.names) != names:
             p = p.subset(names)
         st = stats.get(split)
-        if st is None and _needs_stats(config):
+        if st is None and needs_stats:
             st = split_stats(rec, names, split)
         tables[split] = ExitTable.from_predictions(p, [temperatures[n] for n in names], st)
     if costs is None:

@@ -341,6 +341,7 @@ class ExitPolicy:
 
     name = "policy"
     guaranteed = True
+    reads_activation_stats = False  # whether its rules read the activations' mean / std (ExitTable.stats)
 
     def fit(self, ctx: PolicyContext) -> FittedPolicy:  # pragma: no cover - interface
         raise NotImplementedError
@@ -461,6 +462,10 @@ class GatePolicy(RiskControlledPolicy):
         self.config = GateConfig(hidden, history, onehot, act_stats, steps, lr, weight_decay, seed)
         self._solo: dict[int, GateRule] = {}
 
+    @property
+    def reads_activation_stats(self) -> bool:
+        return bool(self.config.act_stats)
+
     def _train(self, fit: ExitTable, e: int, prev: list[int], history: int) -> GateRule:
         cfg = GateConfig(**{**self.config.to_dict(), "history": history})
         stats = fit.stats[e] if fit.stats is not None else None
@@ -515,21 +520,15 @@ AUTO_CANDIDATES = ("max_softmax", "margin", "entropy", "patience", "gate")
 AUTO_SELECT = ("cal", "fit")
 
 
-def _cost_of(fp: FittedPolicy, key: str) -> float:
-    unit = fp.costs.unit if fp.costs is not None else "flops"
-    return float(fp.info[f"{key}_{unit}" if key == "cal" else "fit_cost_at_target"])
-
-
 def _choose(fitted: dict[str, FittedPolicy], select: str, delta: float, tested_delta: float) -> FittedPolicy:
-    """The candidate ``auto`` deploys (cheapest on the calibration or the fit data; ties: the first listed),
-    with the other candidates and the comparison attached."""
-    key = "cal" if select == "cal" else "fit"
-    costs = {n: _cost_of(fp, key) for n, fp in fitted.items()}
-    best = min(fitted, key=lambda n: (costs[n], list(fitted).index(n)))
-    chosen = fitted[best]
-    table = {n: {"fit_cost": _cost_of(fp, "fit"), "cal_cost": _cost_of(fp, "cal"),
+    """The candidate ``auto`` deploys (cheapest on the calibration or the fit data, as ``select`` says; ties: the
+    first listed), with the other candidates and the comparison attached."""
+    table = {n: {"fit_cost": float(fp.info["fit_cost_at_target"]),
+                 "cal_cost": float(fp.info[f"cal_{fp.costs.unit if fp.costs is not None else 'flops'}"]),
                  "certified": bool(fp.guarantee is not None and fp.guarantee.certified), "exits": len(fp.chain)}
              for n, fp in fitted.items()}
+    best = min(fitted, key=lambda n: (table[n][f"{select}_cost"], list(fitted).index(n)))
+    chosen = fitted[best]
     info = {**chosen.info, "auto": {"select": select, "delta": float(delta), "tested_delta": float(tested_delta),
                                     "candidates": table, "chosen": best}}
     return replace(chosen, info=info, alternatives=list(fitted.values()))
@@ -587,22 +586,21 @@ class AutoPolicy(ExitPolicy):
             if not isinstance(opts, dict):
                 raise AutoExitError(f"auto options for {name!r} must be a mapping of option names to values, "
                                     f"e.g. {{'{name}': {{...}}}}, got {type(opts).__name__}")
-            make_policy(name, **opts)  # a bad candidate option fails now, with that policy's own message
-        self.candidates, self.select, self.options = cands, select, options
+        # built now, so that a bad candidate option fails at once, with that policy's own message
+        self.policies = {name: make_policy(name, **options.get(name, {})) for name in cands}
+        self.candidates, self.select = cands, select
+
+    @property
+    def reads_activation_stats(self) -> bool:
+        return any(p.reads_activation_stats for p in self.policies.values())
 
     def fit(self, ctx: PolicyContext) -> FittedPolicy:
         tested = ctx.delta / len(self.candidates) if self.select == "cal" else ctx.delta
         sub = replace(ctx, delta=tested)
-        fitted = {name: make_policy(name, **dict(self.options.get(name, {}))).fit(sub) for name in self.candidates}
-        return _choose(fitted, self.select, ctx.delta, tested)
+        return _choose({name: p.fit(sub) for name, p in self.policies.items()}, self.select, ctx.delta, tested)
 
 
 def needs_activation_stats(policy: str, options: dict | None = None) -> bool:
-    """Whether ``policy`` with ``options`` reads the activations' mean / std (gates do, unless act_stats=False)."""
-    options = dict(options or {})
-    if policy == "gate":
-        return bool(options.get("act_stats", True))
-    if policy == "auto":
-        cands = options.get("candidates", AUTO_CANDIDATES)
-        return any(needs_activation_stats(c, dict(options.get("options", {})).get(c)) for c in cands)
-    return False
+    """Whether ``policy`` with ``options`` reads the activations' mean / std (gates do, unless act_stats=False):
+    the policy says so itself (``ExitPolicy.reads_activation_stats``)."""
+    return bool(make_policy(policy, **dict(options or {})).reads_activation_stats)

@@ -1742,6 +1742,9 @@ def optimize_partitioned(recorded, partition=None, *, space=None, settings=None,
         raise AutoExitError("no partition settings: pass partition={topology: ..., profile: ...} or a space whose "
                             "'partition' block names them")
     obj = PartitionedObjective(recorded, partition, dc_replace(space, partition=None), settings)
+    if obj.settings.pick.certified:
+        raise AutoExitError("the certified pick is not available for partitioned searches yet; use pick rule "
+                            "min_cost here, or search without a partition block")
     return optimize(obj.recorded, space=obj.space, settings=obj.settings, objective=obj, **kw)
 
 

@@ -525,6 +525,7 @@ def assemble(
     predictions: Mapping[str, ExitPredictions] | None = None,
     stats: Mapping[str, Sequence[torch.Tensor]] | None = None,
     evaluator=None,
+    temperatures_on: str | None = None,
 ) -> EnableResult:
     """Calibrate, choose the exits and thresholds with ``config.policy`` (unless ``subset`` is given: then
     its thresholds and the ``signal`` confidence are used as they are), build the model, measure it on val
@@ -533,12 +534,14 @@ def assemble(
     ``predictions`` (split -> ExitPredictions) and ``stats`` (split -> per-exit activation statistics)
     may be passed to skip reading the recorded activations again. ``evaluator``: the device evaluator
     that times the exits when ``config.cost == "latency"`` (default: ``config.cost_evaluator``).
+    ``temperatures_on``: the split the temperatures are fitted on, overriding :func:`temperature_split` (the
+    outer search's certified pick gives ``"train"`` with its ``subset``, whose thresholds were derived there).
     """
     t0 = time.perf_counter()
     preds = dict(predictions or {})
     cascade = any(_is_cascade(h.module) for h in heads.values())
     guaranteed = subset is None and config.policy != "paper003"
-    tsplit = temperature_split(config, guaranteed, cascade)
+    tsplit = temperatures_on or temperature_split(config, guaranteed, cascade)
     # the splits not given (e.g. train's out-of-fold predictions with cross_fit), in one pass
     missing = [s for s in ("val", "test", tsplit) if s not in preds]
     if missing:

@@ -29,16 +29,23 @@ def _split(rng: np.random.Generator, n: int, e: int, classes: int = 10, labels: 
     return SplitData(pred, sc, bb.astype(np.int64), y.astype(np.int64) if labels else None)
 
 
-def make_recorded(seed: int = 0, exits: int = 5, n: int = 1500, labels: bool = True) -> Recorded:
+def make_recorded(seed: int = 0, exits: int = 5, n: int = 1500, labels: bool = True, fit: bool = False) -> Recorded:
+    """Synthetic val and test splits (and a train split, ``fit``, drawn like them) of ``n`` samples each."""
     rng = np.random.default_rng(seed)
     names = [f"layer{i}" for i in range(exits)]
     before = np.linspace(10.0, 80.0, exits) * 1e6
     c1 = np.full(exits, 1.5e6)
     flops = ExitCosts(c1, before, 100e6, "flops", "synthetic")
     latency = ExitCosts(c1 / 1e7, before / 1e7, 10.0, "ms", "synthetic device")
-    return Recorded(names, _split(rng, n, exits, labels=labels), _split(rng, n, exits, labels=labels), flops,
-                    np.arange(1, exits + 1) * 40_000.0, np.ones(exits), latency,
-                    {"backbone_class": "Synthetic", "seed": seed})
+    val, test = _split(rng, n, exits, labels=labels), _split(rng, n, exits, labels=labels)
+    return Recorded(names, val, test, flops, np.arange(1, exits + 1) * 40_000.0, np.ones(exits), latency,
+                    {"backbone_class": "Synthetic", "seed": seed},
+                    _split(rng, n, exits, labels=labels) if fit else None)
+
+
+def synthetic_split(seed: int, n: int, exits: int = 5, labels: bool = True) -> SplitData:
+    """One more split drawn like :func:`make_recorded`'s (e.g. a large population, or another val)."""
+    return _split(np.random.default_rng(seed), n, exits, labels=labels)
 
 
 def test_synthetic_recording_is_well_formed(tmp_path):
@@ -48,4 +55,8 @@ def test_synthetic_recording_is_well_formed(tmp_path):
     agree = rec.val.agree.mean(1)
     assert agree[-1] > agree[0]
     back = Recorded.load(rec.save(tmp_path / "r.npz"))
-    assert back.fingerprint == rec.fingerprint and back.names == rec.names
+    assert back.fingerprint == rec.fingerprint and back.names == rec.names and back.fit is None
+    with_fit = make_recorded(exits=4, n=300, fit=True)
+    back = Recorded.load(with_fit.save(tmp_path / "f.npz"))
+    assert np.array_equal(back.fit.pred, with_fit.fit.pred)
+    assert np.array_equal(back.fit.scores["margin"], with_fit.fit.scores["margin"])

@@ -297,3 +297,53 @@ def test_partition_block_searches_split_points_and_emits_a_partitioned_artifact(
         from autoexit.search.outer import optimize
 
         optimize(run.outer.recorded, space="outer_partition_ci", n_trials=1, progress=False)
+
+
+def test_certified_pick_emits_a_model_with_its_guarantee(tmp_path, capsys):
+    """``outer.pick.rule: certified`` end to end: trials on train, val certifies, the artifact says so and its
+    scripted model makes, sample by sample, the decisions the certificate was computed from."""
+    import torch
+    import yaml
+
+    from autoexit.search.outer import ExitPlan, Recorded, plan_losses
+    from autoexit.subset import simulate_exits
+
+    cfg = _tiny(tmp_path, pick={"rule": "certified", "max_drop": 5.0, "delta": 0.2}, n_trials=24)
+    run = P.run_search(cfg, progress=False)
+    run_dir = tmp_path / "run"
+    rec = Recorded.load(run_dir / "recorded.npz")  # what distributed workers read: with the train split
+    assert rec.fit is not None and rec.info["temperature_split"] == "train"
+    search = json.loads((run_dir / "search.json").read_text())
+    assert search["search_split"] == "train" and search["certificate"]["certified_points"] >= 1
+    plan = ExitPlan.from_dict(search["chosen"])
+    assert plan == run.outer.chosen and plan.kept
+    m = autoexit.load(run.artifact).manifest
+    assert m["policy"]["name"] == "outer search, certified" and "probability >= 80%" in m["policy"]["statement"]
+    assert m["policy"]["delta"] == 0.2 and m["policy"]["tolerance_percent"] == 5.0
+    assert [e["name"] for e in m["exits"]] == list(plan.kept)
+    assert [e["threshold"] for e in m["exits"]] == pytest.approx(list(plan.thresholds))
+    # the model's temperatures are the train split's, the ones the thresholds were derived with
+    assert [e["temperature"] for e in m["exits"]] == pytest.approx(
+        [float(rec.temperatures[rec.names.index(n)]) for n in plan.kept])
+    assert m["expected"]["val"]["saving"] == pytest.approx(search["val"]["saving"], abs=1e-9)
+    assert m["expected"]["test"]["saving"] == pytest.approx(search["test"]["saving"], abs=1e-9)
+    # the scripted model answers the val inputs exactly as the simulation the certificate tested
+    art = autoexit.load(run.artifact)
+    x = run.result.recording.inputs("val")
+    with torch.no_grad():
+        logits, exit_index = art(x)
+    idx = [rec.names.index(n) for n in plan.kept]
+    sim = simulate_exits(rec.val.scores[plan.signal][idx], rec.val.pred[idx], rec.val.backbone_pred,
+                         np.asarray(plan.thresholds), rec.flops.c1[idx], rec.flops.before[idx], rec.flops.base)
+    assert np.array_equal(logits.argmax(1).numpy(), sim.pred)
+    assert np.array_equal(exit_index.numpy(), sim.exit_index)
+    loss = plan_losses(rec, plan, "val", "agreement")
+    assert np.array_equal(loss, (logits.argmax(1).numpy() != rec.val.backbone_pred).astype(float))
+    html = (run.artifact / "report.html").read_text()
+    assert "Guarantee:" in html and "train cost" in html
+    # the CLI prints the certificate (the study is complete: this run adds no trial)
+    path = tmp_path / "cert.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["search", "--config", str(path), "--quiet", "--no-emit"]) == 0
+    out = capsys.readouterr().out
+    assert "trials on train, certified on val" in out and "guarantee" in out

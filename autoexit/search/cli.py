@@ -114,28 +114,36 @@ def _search_heads(args: argparse.Namespace) -> int:
 
 def _print_outer(res, artifact, recorded_path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .outer import _redact, _storage_url
 
     con = Console()
-    t = Table(title=f"Pareto front of study {res.study.study_name} (chosen on val; test held out)",
-              title_justify="left")
-    for c in ("trial", "", "configuration", "val cost", "val drop", "test cost", "test drop"):
+    cert = res.certificate is not None
+    how = "trials on train, certified on val" if cert else "chosen on val"
+    t = Table(title=f"Pareto front of study {res.study.study_name} ({how}; test held out)", title_justify="left")
+    cols = ["trial", "", "configuration", *(["train cost", "train drop"] if cert else []), "val cost", "val drop",
+            *(["certified"] if cert else []), "test cost", "test drop"]
+    for c in cols:
         t.add_column(c)
     for r in res.front_rows:
         tc = r.get("test_cost_fraction")
         td = r.get("test_drop_pp")
-        t.add_row(str(r["trial"]), "*" if r["chosen"] else "", r["plan"], f"{100 * r['val_cost_fraction']:.1f} %",
-                  f"{r['val_drop_pp']:.2f}", "-" if tc is None else f"{100 * tc:.1f} %",
-                  "-" if td is None else f"{td:.2f}")
+        fit = [f"{100 * r['fit_cost_fraction']:.1f} %", f"{r['fit_drop_pp']:.2f}"] if cert else []
+        t.add_row(str(r["trial"]), "*" if r["chosen"] else "", escape(r["plan"]), *fit,
+                  f"{100 * r['val_cost_fraction']:.1f} %", f"{r['val_drop_pp']:.2f}",
+                  *(["yes" if r["certified"] else "no"] if cert else []),
+                  "-" if tc is None else f"{100 * tc:.1f} %", "-" if td is None else f"{td:.2f}")
     con.print(t)
     s = Table(show_header=False, title="chosen configuration", title_justify="left")
     s.add_column(style="bold")
     s.add_column()
     cf = "latency_fraction" if res.settings.cost == "latency" else "flops_fraction"
-    s.add_row("pick rule", res.settings.pick.describe())
-    s.add_row("plan", res.chosen.describe())
+    s.add_row("pick rule", escape(res.pick.describe()))
+    s.add_row("plan", escape(res.chosen.describe()) if res.chosen.kept else "no exit: the backbone alone")
+    if cert:
+        s.add_row("guarantee", escape(res.certificate["statement"]))
     s.add_row("val", f"cost {100 * res.val[cf]:.1f} % of the backbone, drop {res.val['drop_pp']:.2f} points "
                      f"({res.val['drop_kind']})")
     if res.test:

@@ -297,28 +297,61 @@ class Budgets:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+PICK_RULES = ("min_cost", "min_drop", "certified")
+
+
 @dataclass(frozen=True)
 class PickRule:
-    """How the emitted configuration is chosen from the feasible Pareto front (on val).
+    """How the emitted configuration is chosen from the feasible Pareto front.
 
-    ``min_cost``: the cheapest point whose drop (plus ``z`` standard errors, when
+    ``min_cost``: the cheapest point whose val drop (plus ``z`` standard errors, when
     ``z`` > 0) is at most ``max_drop`` points; ``min_drop``: the most accurate point
-    whose cost is at most ``max_cost_fraction`` of the backbone's. Ties go to the
-    lower drop, then the lower cost, then the earlier trial.
+    whose val cost is at most ``max_cost_fraction`` of the backbone's. Ties go to the
+    lower drop, then the lower cost, then the earlier trial. Both choose on the val
+    split the trials were scored on: no guarantee.
+
+    ``certified``: the trials are scored on the *train* split (thresholds, exits and
+    the front all come from it) and val certifies the front afterwards with
+    Learn-then-Test: its points are tested in order of their train drop (fixed-sequence,
+    at level ``delta``) against ``max_drop``, and the cheapest certified point on val is
+    emitted (the backbone alone when none is). With probability >= 1 - ``delta`` over the
+    val data, the emitted configuration's drop on new data from the same distribution
+    is then <= ``max_drop`` points: the guarantee of ``autoexit.policies``. The drop is
+    the disagreement with the backbone (label-free, exact binomial test) or, with
+    ``accuracy: gt`` (or ``auto`` with labels), the labelled accuracy drop
+    (Waudby-Smith--Ramdas test).
     """
 
     rule: str = "min_cost"
     max_drop: float | None = 1.0
     max_cost_fraction: float | None = None
     z: float = 0.0
+    delta: float = 0.1
 
     def __post_init__(self):
-        if self.rule not in ("min_cost", "min_drop"):
-            raise AutoExitError(f"pick rule must be 'min_cost' or 'min_drop', got {self.rule!r}")
+        if self.rule not in PICK_RULES:
+            raise AutoExitError(f"pick rule must be one of {', '.join(PICK_RULES)}, got {self.rule!r}")
         if self.rule == "min_drop" and self.max_cost_fraction is None:
             raise AutoExitError("pick rule 'min_drop' needs max_cost_fraction (e.g. 0.6 = 60 % of the backbone)")
         if self.z < 0:
             raise AutoExitError(f"pick z must be >= 0, got {self.z}")
+        if self.rule == "certified":
+            if self.max_drop is None or not (isinstance(self.max_drop, (int, float)) and 0 < self.max_drop < 100):
+                raise AutoExitError(f"pick rule 'certified' needs max_drop, the guaranteed drop in points "
+                                    f"(0 < max_drop < 100, e.g. 1.0), got {self.max_drop!r}")
+            if self.z:
+                raise AutoExitError("pick z is a margin for min_cost; the certified pick's test already accounts "
+                                    "for the val sample's noise: drop z")
+            if self.max_cost_fraction is not None:
+                raise AutoExitError("pick max_cost_fraction belongs to min_drop; the certified pick emits the "
+                                    "cheapest certified point: drop max_cost_fraction or use a budget")
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise AutoExitError(f"pick delta must be in (0, 1) (the allowed probability of breaking the certified "
+                                f"budget, e.g. 0.1), got {self.delta!r}")
+
+    @property
+    def certified(self) -> bool:
+        return self.rule == "certified"
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> PickRule:
@@ -327,6 +360,9 @@ class PickRule:
         return cls(**d)
 
     def describe(self) -> str:
+        if self.certified:
+            return (f"certified: drop <= {self.max_drop:g} % with probability >= {1 - self.delta:.0%} "
+                    "(trials on train, Learn-then-Test on val)")
         if self.rule == "min_cost":
             z = f" + {self.z:g} s.e." if self.z else ""
             lim = f" with drop{z} <= {self.max_drop:g} %" if self.max_drop is not None else ""
@@ -445,11 +481,12 @@ class Recorded:
     temperatures: np.ndarray
     latency: ExitCosts | None = None
     info: dict = field(default_factory=dict)
+    fit: SplitData | None = None  # the train split, for the certified pick (trials scored here, val certifies)
     source: Any = field(default=None, repr=False, compare=False)  # the EnableResult it came from, if any
 
     def __post_init__(self):
         e = len(self.names)
-        for split in (self.val, self.test):
+        for split in (self.val, self.test, self.fit):
             if split is None:
                 continue
             if split.pred.shape[0] != e or any(s.shape != split.pred.shape for s in split.scores.values()):
@@ -465,8 +502,15 @@ class Recorded:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_result(cls, result: EnableResult, signals: Sequence[str] = tuple(SIGNALS),
-                    latency: ExitCosts | None = None) -> Recorded:
-        """From ``autoexit.enable`` / ``pipeline.assemble``: its val/test predictions, temperatures and costs."""
+                    latency: ExitCosts | None = None, fit: bool = False) -> Recorded:
+        """From ``autoexit.enable`` / ``pipeline.assemble``: its val/test predictions, temperatures and costs.
+
+        fit: also record the train split, with every temperature fitted there (not the result's), as the
+        certified pick (``PickRule(rule="certified")``) needs: its trials never read val.
+        """
+        if fit:
+            return cls.from_heads(result.backbone, result.recording, result.heads, signals, latency, fit=True,
+                                  _source=result)
         temps = [float(result.temperatures[n]) for n in result.val.names]
         rec = cls._build(result.val, result.test, temps, result.heads, float(result.backbone.total_flops), signals,
                          latency, _info(result.backbone, result.recording))
@@ -475,19 +519,24 @@ class Recorded:
 
     @classmethod
     def from_heads(cls, backbone, recording, heads: Mapping, signals: Sequence[str] = tuple(SIGNALS),
-                   latency: ExitCosts | None = None) -> Recorded:
-        """From a traced backbone, its recording and trained heads (temperatures fitted on val here)."""
+                   latency: ExitCosts | None = None, fit: bool = False, _source=None) -> Recorded:
+        """From a traced backbone, its recording and trained heads (temperatures fitted on val here; with
+        ``fit``, on the train split, which is recorded too: what the certified pick needs)."""
         from ..calibrate import calibrate_temperatures
-        from ..pipeline import predictions_for
+        from ..pipeline import predictions_for_splits
 
-        val = predictions_for(recording, heads, "val")
-        test = predictions_for(recording, heads, "test")
-        temps = calibrate_temperatures(val).tolist()
-        return cls._build(val, test, temps, heads, float(backbone.total_flops), signals, latency,
-                          _info(backbone, recording))
+        splits = ("val", "test", "train") if fit else ("val", "test")
+        preds = predictions_for_splits(recording, heads, splits, "train" if fit else "val")
+        tsplit = "train" if fit else "val"
+        temps = calibrate_temperatures(preds[tsplit]).tolist()
+        info = {**_info(backbone, recording), "temperature_split": tsplit}
+        rec = cls._build(preds["val"], preds["test"], temps, heads, float(backbone.total_flops), signals, latency,
+                         info, fit=preds["train"] if fit else None)
+        rec.source = _source
+        return rec
 
     @classmethod
-    def _build(cls, val, test, temps, heads, base_flops, signals, latency, info) -> Recorded:
+    def _build(cls, val, test, temps, heads, base_flops, signals, latency, info, fit=None) -> Recorded:
         signals = _choices(signals, tuple(SIGNALS), "signals")
         names = list(val.names)
 
@@ -503,10 +552,26 @@ class Recorded:
                           np.array([heads[n].point.flops_before for n in names], dtype=float), base_flops,
                           "flops", "torch FlopCounterMode (2 per multiply-add)")
         return cls(names, split(val), split(test) if test is not None else None, flops,
-                   np.array([heads[n].param_bytes for n in names], dtype=float), np.asarray(temps), latency, info)
+                   np.array([heads[n].param_bytes for n in names], dtype=float), np.asarray(temps), latency, info,
+                   split(fit) if fit is not None else None)
 
     def with_latency(self, latency: ExitCosts) -> Recorded:
         return replace(self, latency=latency)
+
+    def search_view(self) -> Recorded:
+        """What the certified pick's trials read: the train split in the place of val, and no test split.
+
+        Trials, thresholds and the Pareto front then come from the train split only, so that val, which
+        certifies the front afterwards (Learn-then-Test), is read by nothing the search chose.
+        """
+        if self.fit is None:
+            raise AutoExitError("the certified pick scores trials on the train split, which these recorded "
+                                "predictions lack; build them with Recorded.from_result(result, fit=True) (or "
+                                "from_heads(..., fit=True)), or use pick rule min_cost")
+        view = replace(self, val=self.fit, test=None, fit=None,
+                       info={**self.info, "search_split": "train"})
+        view.source = self.source
+        return view
 
     # ------------------------------------------------------------------ properties
     @property
@@ -551,7 +616,7 @@ class Recorded:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
-        for sname, sp in (("val", self.val), ("test", self.test)):
+        for sname, sp in (("val", self.val), ("test", self.test), ("fit", self.fit)):
             if sp is None:
                 continue
             arrays[f"{sname}_pred"] = sp.pred
@@ -595,7 +660,7 @@ class Recorded:
         lat = meta.get("latency")
         return cls(list(meta["names"]), split("val"), split("test"), ExitCosts.from_dict(meta["flops"]),
                    np.asarray(meta["head_param_bytes"]), np.asarray(meta["temperatures"]),
-                   ExitCosts.from_dict(lat) if lat else None, dict(meta.get("info", {})))
+                   ExitCosts.from_dict(lat) if lat else None, dict(meta.get("info", {})), split("fit"))
 
 
 def _info(backbone, recording) -> dict:
@@ -839,11 +904,15 @@ def fixed_rule(recorded: Recorded, tolerance: float = 1.0, scheme: str = "halvin
                     tuple(float(x) for x in sub.thresholds.thresholds), len(sub.names))
 
 
-def subset_result(recorded: Recorded, plan: ExitPlan, basis: str = "total") -> SubsetResult:
-    """The core's :class:`SubsetResult` for a plan (thresholds re-derived on val), for ``pipeline.assemble``."""
+def subset_result(recorded: Recorded, plan: ExitPlan, basis: str = "total", split: str = "val") -> SubsetResult:
+    """The core's :class:`SubsetResult` for a plan (thresholds re-derived on ``split``, the one the plan's trial
+    was scored on: val, or ``fit`` for the certified pick), for ``pipeline.assemble``."""
+    sp = recorded.fit if split == "fit" else recorded.val
+    if sp is None:
+        raise AutoExitError(f"no {split} split in the recorded predictions")
     idx = [recorded.names.index(n) for n in plan.kept]
-    scores = recorded.val.scores[plan.signal][idx]
-    agree = recorded.val.agree[idx]
+    scores = sp.scores[plan.signal][idx]
+    agree = sp.agree[idx]
     if idx:
         thr = assign_thresholds(scores, agree, plan.tolerance, plan.scheme, list(plan.kept), basis)
         if not np.allclose(thr.thresholds, np.asarray(plan.thresholds, dtype=np.float64), rtol=0, atol=1e-9):
@@ -852,9 +921,9 @@ def subset_result(recorded: Recorded, plan: ExitPlan, basis: str = "total") -> S
         k = k_score(scores, thr.thresholds, recorded.flops.c1[idx], recorded.flops.c2[idx])
     else:
         thr = ThresholdResult([], np.zeros(0), np.zeros(0), np.zeros(0, int), np.zeros(0, int), np.zeros(0, int),
-                              recorded.val.n, basis)
+                              sp.n, basis)
         k = 0.0
-    return SubsetResult(list(plan.kept), idx, thr, k, recorded.val.n, recorded.flops.base)
+    return SubsetResult(list(plan.kept), idx, thr, k, sp.n, recorded.flops.base)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -894,6 +963,8 @@ class Objective:
         if settings.accuracy == "gt" and not recorded.has_labels:
             raise AutoExitError("accuracy 'gt' needs labelled data; use accuracy: agreement (label-free) or auto")
         self.k_bounds = _k_bounds(self.space, len(recorded.names))
+        # the user attr a trial's metrics go under: the split they were measured on
+        self.key = "fit" if recorded.info.get("search_split") == "train" else "val"
 
     @property
     def metric_names(self) -> list[str]:
@@ -961,7 +1032,7 @@ class Objective:
         for key, v in self.constraints(m, plan).items():
             trial.set_constraint(key, float(v))
         trial.set_user_attr("plan", plan.to_dict())
-        trial.set_user_attr("val", _headline(m))
+        trial.set_user_attr(self.key, _headline(m))
         vals = self.values(m)
         return vals[0] if len(vals) == 1 else vals
 
@@ -1336,7 +1407,9 @@ def optimize(
         recorded = Recorded.from_result(recorded)
     if settings is None or isinstance(settings, Mapping):
         settings = OuterSettings.from_dict(settings)
-    obj = Objective(recorded, space, settings)
+    # the certified pick: trials read the train split only; val certifies the front afterwards
+    search = recorded.search_view() if settings.pick.certified else recorded
+    obj = Objective(search, space, settings)
     if obj.space.partition and objective is None:
         raise AutoExitError("this outer space has a partition block: search it with "
                             "autoexit.partition.optimize_partitioned(...) or `autoexit search --config`, which also "
@@ -1355,7 +1428,7 @@ def optimize(
                                             sampler=sampler or make_sampler(settings), load_if_exists=True)
         elif sampler is not None:
             study.sampler = sampler
-        _check_study(study, obj, recorded)
+        _check_study(study, obj, search)
     finally:
         optuna.logging.set_verbosity(old_verbosity)
     if max_trials is None and n_trials is None:
@@ -1422,6 +1495,12 @@ def _check_study(study, obj: Objective, recorded: Recorded) -> None:
             f"(objective: {obj.settings.objective}); create the study with directions={want} or use another name")
     fp = recorded.fingerprint
     attrs = study.user_attrs
+    split = recorded.info.get("search_split", "val")
+    old_split = attrs.get("autoexit:search_split", "val") if "autoexit:recorded" in attrs else split
+    if old_split != split:
+        raise AutoExitError(
+            f"study {study.study_name!r} scored its trials on the {old_split} split, but this pick "
+            f"({obj.settings.pick.rule}) needs them scored on {split}; use a new study name (--study-name)")
     old = attrs.get("autoexit:recorded")
     if old is not None and old != fp:
         raise AutoExitError(
@@ -1432,6 +1511,8 @@ def _check_study(study, obj: Objective, recorded: Recorded) -> None:
         study.set_user_attr("autoexit:space", obj.space.to_dict())
         study.set_user_attr("autoexit:settings", json.loads(json.dumps(obj.settings.to_dict(), default=str)))
         study.set_user_attr("autoexit:candidates", list(recorded.names))
+        if split != "val":
+            study.set_user_attr("autoexit:search_split", split)
     if not study.metric_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1459,7 +1540,11 @@ def _feasible(t) -> bool:
 
 @dataclass
 class OuterSearchResult:
-    """The study, its feasible Pareto front (val), the pick and its held-out test numbers."""
+    """The study, its feasible Pareto front (on the split the trials were scored on), the pick, its val
+    numbers (and certificate, for the certified pick) and its held-out test numbers.
+
+    ``chosen_trial`` is None when the certified pick certified no front point: ``chosen`` then keeps no exit
+    (the backbone alone)."""
 
     study: Any
     chosen: ExitPlan
@@ -1473,6 +1558,17 @@ class OuterSearchResult:
     baseline: dict | None = None
     front_rows: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    certificate: dict | None = None  # the certified pick's Learn-then-Test record (None for the other rules)
+    pick: PickRule | None = None  # the rule the pick was made by (default: settings.pick)
+
+    def __post_init__(self):
+        if self.pick is None:
+            self.pick = self.settings.pick
+
+    @property
+    def search_key(self) -> str:
+        """The split the trials were scored on, as their user attr is named: ``val``, or ``fit`` (train)."""
+        return "fit" if self.pick.certified else "val"
 
     def __iter__(self):
         yield self.study
@@ -1482,37 +1578,58 @@ class OuterSearchResult:
     def from_study(cls, study, recorded: Recorded, obj: Objective | None = None, test: bool = True,
                    pick: PickRule | None = None) -> OuterSearchResult:
         optuna = _optuna()
-        obj = obj or Objective(recorded, OuterSpace.from_dict(study.user_attrs.get("autoexit:space")),
-                               OuterSettings.from_dict({}))
-        settings = obj.settings
+        settings = obj.settings if obj is not None else OuterSettings.from_dict({})
         pick = pick or settings.pick
+        if pick.certified and recorded.fit is None:
+            recorded.search_view()  # raises: says how to record the train split
+        if obj is None:
+            space = OuterSpace.from_dict(study.user_attrs.get("autoexit:space"))
+            obj = Objective(recorded.search_view() if pick.certified else recorded, space, settings)
+        key = "fit" if pick.certified else "val"  # the split the trials were scored on (their user attr)
         done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if "plan" in t.user_attrs and "val" in t.user_attrs]
+                if "plan" in t.user_attrs and key in t.user_attrs]
         feas = [t for t in done if _feasible(t)]
         if not feas:
+            other = "val" if key == "fit" else "fit"
+            hint = (f" (its trials were scored on {'train' if other == 'fit' else 'val'}: "
+                    f"{'use the certified pick' if other == 'fit' else 'use pick rule min_cost'} or a new study)"
+                    if any(other in t.user_attrs for t in study.get_trials(deepcopy=False)) else "")
             raise AutoExitError(
-                f"study {study.study_name!r} has no feasible completed trial ({len(done)} completed); run more "
-                "trials or loosen the budgets")
+                f"study {study.study_name!r} has no feasible completed trial ({len(done)} completed){hint}; run "
+                "more trials or loosen the budgets")
         cost_key = "latency_ms" if settings.cost == "latency" else "flops"
-        cost = np.array([t.user_attrs["val"][cost_key] for t in feas])
-        drop = np.array([t.user_attrs["val"]["drop_pp"] for t in feas])
+        base = recorded.costs(settings.cost).base
+        cost = np.array([t.user_attrs[key][cost_key] for t in feas])
+        drop = np.array([t.user_attrs[key]["drop_pp"] for t in feas])
         mask = pareto_mask(cost, drop)
         front, seen = [], set()
-        for t in sorted([t for t, m in zip(feas, mask) if m], key=lambda t: (t.user_attrs["val"][cost_key], t.number)):
-            key = (t.user_attrs["val"][cost_key], t.user_attrs["val"]["drop_pp"])
-            if key not in seen:  # the same point reached by several trials is listed once (the earliest)
-                seen.add(key)
+        for t in sorted([t for t, m in zip(feas, mask) if m], key=lambda t: (t.user_attrs[key][cost_key], t.number)):
+            k = (t.user_attrs[key][cost_key], t.user_attrs[key]["drop_pp"])
+            if k not in seen:  # the same point reached by several trials is listed once (the earliest)
+                seen.add(k)
                 front.append(t)
-        chosen = _apply_pick(front, pick, cost_key, recorded.costs(settings.cost).base)
-        plan = ExitPlan.from_dict(chosen.user_attrs["plan"])
+        certificate = None
+        if pick.certified:
+            chosen, certificate = certify_front(front, recorded, pick, settings)
+            plan = (ExitPlan.from_dict(chosen.user_attrs["plan"]) if chosen is not None
+                    else ExitPlan(pick.max_drop, "halving", "certified", front[0].user_attrs["plan"]["signal"], (), ()))
+        else:
+            chosen = _apply_pick(front, pick, cost_key, base)
+            plan = ExitPlan.from_dict(chosen.user_attrs["plan"])
         val = evaluate_plan(recorded, plan, "val", settings.accuracy)
         tst = evaluate_plan(recorded, plan, "test", settings.accuracy) if test and recorded.test is not None else None
+        by_trial = {c["trial"]: c for c in (certificate or {}).get("tested", [])}
         rows = []
         for t in front:
             p = ExitPlan.from_dict(t.user_attrs["plan"])
             row = {"trial": t.number, "plan": p.describe(), "k": len(p.kept),
-                   "val_cost_fraction": t.user_attrs["val"][cost_key] / recorded.costs(settings.cost).base,
-                   "val_drop_pp": t.user_attrs["val"]["drop_pp"], "chosen": t.number == chosen.number}
+                   f"{key}_cost_fraction": t.user_attrs[key][cost_key] / base,
+                   f"{key}_drop_pp": t.user_attrs[key]["drop_pp"], "chosen": chosen is not None and t.number == chosen.number}
+            if pick.certified:
+                m = evaluate_plan(recorded, p, "val", settings.accuracy)
+                row.update(val_cost_fraction=m["latency_fraction"] if settings.cost == "latency"
+                           else m["flops_fraction"], val_drop_pp=m["drop_pp"],
+                           certified=by_trial[t.number]["certified"], pvalue=by_trial[t.number]["pvalue"])
             if test and recorded.test is not None:
                 m = evaluate_plan(recorded, p, "test", settings.accuracy)
                 row.update(test_cost_fraction=(m["latency_fraction"] if settings.cost == "latency"
@@ -1521,12 +1638,14 @@ class OuterSearchResult:
         baseline = None
         if settings.baseline_tolerance is not None:
             sig = "max_softmax" if "max_softmax" in recorded.signals else recorded.signals[0]
+            # the fixed rule as the core runs it (thresholds estimated on val; its temperatures are this recording's)
             bp = fixed_rule(recorded, settings.baseline_tolerance, "halving", sig, settings.basis, 16, settings.cost)
             baseline = {"plan": bp.to_dict(), "describe": bp.describe(),
                         "val": _headline(evaluate_plan(recorded, bp, "val", settings.accuracy))}
             if test and recorded.test is not None:
                 baseline["test"] = _headline(evaluate_plan(recorded, bp, "test", settings.accuracy))
-        return cls(study, plan, chosen, front, val, tst, recorded, settings, obj.space, baseline, rows)
+        return cls(study, plan, chosen, front, val, tst, recorded, settings, obj.space, baseline, rows,
+                   certificate=certificate, pick=pick)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -1540,7 +1659,11 @@ class OuterSearchResult:
         done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if len(done) < 4:
             return out
-        targets = {"cost": lambda t: t.user_attrs["val"][self.cost_key], "drop": lambda t: t.user_attrs["val"]["drop_pp"]}
+        key = self.search_key
+        done = [t for t in done if key in t.user_attrs]
+        if len(done) < 4:
+            return out
+        targets = {"cost": lambda t: t.user_attrs[key][self.cost_key], "drop": lambda t: t.user_attrs[key]["drop_pp"]}
         for name, fn in targets.items():
             try:
                 with warnings.catch_warnings():
@@ -1562,9 +1685,11 @@ class OuterSearchResult:
             "n_trials": len(self.study.get_trials(deepcopy=False)),
             "space": self.space.to_dict(),
             "settings": json.loads(json.dumps(self.settings.to_dict(), default=str)),
-            "pick_rule": self.settings.pick.describe(),
-            "chosen_trial": self.chosen_trial.number,
+            "pick_rule": self.pick.describe(),
+            "search_split": "train" if self.search_key == "fit" else "val",
+            "chosen_trial": None if self.chosen_trial is None else self.chosen_trial.number,
             "chosen": self.chosen.to_dict(),
+            "certificate": self.certificate,
             "val": _headline(self.val),
             "test": _headline(self.test) if self.test else None,
             "front": self.front_rows,
@@ -1582,19 +1707,25 @@ class OuterSearchResult:
 
         optuna = _optuna()
         base = self.recorded.costs(self.settings.cost).base
+        key = self.search_key
+        on = "train" if key == "fit" else "val"
         done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if "val" in t.user_attrs]
+                if key in t.user_attrs]
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         ok = [t for t in done if _feasible(t)]
         bad = [t for t in done if not _feasible(t)]
         for group, style in ((bad, dict(c="#d9a0a0", marker="x", s=12, label="infeasible")),
                              (ok, dict(c="#9aa8b8", s=10, label="trials"))):
             if group:
-                ax.scatter([100 * t.user_attrs["val"][self.cost_key] / base for t in group],
-                           [t.user_attrs["val"]["drop_pp"] for t in group], **style)
-        fx = [100 * r["val_cost_fraction"] for r in self.front_rows]
-        fy = [r["val_drop_pp"] for r in self.front_rows]
-        ax.plot(fx, fy, "-o", c="C0", ms=4, label="Pareto front (val)")
+                ax.scatter([100 * t.user_attrs[key][self.cost_key] / base for t in group],
+                           [t.user_attrs[key]["drop_pp"] for t in group], **style)
+        fx = [100 * r[f"{key}_cost_fraction"] for r in self.front_rows]
+        fy = [r[f"{key}_drop_pp"] for r in self.front_rows]
+        ax.plot(fx, fy, "-o", c="C0", ms=4, label=f"Pareto front ({on})")
+        if key == "fit":
+            cx = [100 * r["val_cost_fraction"] for r in self.front_rows if r["certified"]]
+            cy = [r["val_drop_pp"] for r in self.front_rows if r["certified"]]
+            ax.scatter(cx, cy, marker="s", s=16, c="C2", zorder=4, label="certified points (val)")
         if self.front_rows and "test_cost_fraction" in self.front_rows[0]:
             ax.plot([100 * r["test_cost_fraction"] for r in self.front_rows],
                     [r["test_drop_pp"] for r in self.front_rows], "--", c="C1", lw=1, label="same points on test")
@@ -1608,8 +1739,8 @@ class OuterSearchResult:
             key = "latency_fraction" if self.settings.cost == "latency" else "flops_fraction"
             ax.scatter([100 * self.baseline["val"][key]], [self.baseline["val"]["drop_pp"]], marker="D", s=40,
                        c="k", zorder=5, label="fixed rule (val)")
-        if self.settings.pick.max_drop is not None and self.settings.pick.rule == "min_cost":
-            ax.axhline(self.settings.pick.max_drop, color="C3", lw=0.8, ls=":")
+        if self.pick.max_drop is not None and self.pick.rule in ("min_cost", "certified"):
+            ax.axhline(self.pick.max_drop, color="C3", lw=0.8, ls=":")
         unit = "latency" if self.settings.cost == "latency" else "FLOPs"
         ax.set_xlabel(f"expected {unit} per sample (% of the backbone)")
         ax.set_ylabel(f"accuracy drop (points, {self.val['drop_kind']})")
@@ -1646,21 +1777,43 @@ class OuterSearchResult:
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f} %"
 
+        def pts(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        cert = self.certificate is not None
         rows = []
         for r in self.front_rows:
-            rows.append((r["trial"], "yes" if r["chosen"] else "", r["plan"], pct(r["val_cost_fraction"]),
-                         f"{r['val_drop_pp']:.2f}", pct(r.get("test_cost_fraction")),
-                         "-" if r.get("test_drop_pp") is None else f"{r['test_drop_pp']:.2f}"))
-        head = ("trial", "chosen", "configuration", "val cost", "val drop (pts)", "test cost", "test drop (pts)")
+            row = [r["trial"], "yes" if r["chosen"] else "", r["plan"]]
+            if cert:
+                row += [pct(r["fit_cost_fraction"]), pts(r["fit_drop_pp"]), pct(r["val_cost_fraction"]),
+                        pts(r["val_drop_pp"]), "yes" if r["certified"] else "no", f"{r['pvalue']:.3g}"]
+            else:
+                row += [pct(r["val_cost_fraction"]), pts(r["val_drop_pp"])]
+            row += [pct(r.get("test_cost_fraction")), pts(r.get("test_drop_pp"))]
+            rows.append(row)
+        head = ["trial", "chosen", "configuration"]
+        head += (["train cost", "train drop (pts)", "val cost", "val drop (pts)", "certified", "p-value"] if cert
+                 else ["val cost", "val drop (pts)"])
+        head += ["test cost", "test drop (pts)"]
         table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
         for r in rows:
             table += "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
         table += "</table>"
+        chosen = (f"chosen trial {self.chosen_trial.number}: {html.escape(self.chosen.describe())}"
+                  if self.chosen_trial is not None else "no trial chosen: the backbone alone")
         intro = (f"<p>Study <b>{html.escape(self.study.study_name)}</b>: "
                  f"{len(self.study.get_trials(deepcopy=False))} trials. Pick rule: "
-                 f"{html.escape(self.settings.pick.describe())}; chosen trial {self.chosen_trial.number}: "
-                 f"{html.escape(self.chosen.describe())}. The front and the pick are chosen on <b>val</b>; "
-                 "the test columns are held out and were not used to choose.</p>")
+                 f"{html.escape(self.pick.describe())}; {chosen}. ")
+        if cert:
+            c = self.certificate
+            intro += (f"The trials, their thresholds and the front were computed on the <b>train</b> split only; "
+                      f"the {c['tested_points']} front points were then tested on the {c['n']} <b>val</b> samples "
+                      f"in the order of their train drop ({c['certified_points']} certified) and the cheapest "
+                      f"certified one on val is emitted. <b>Guarantee:</b> {html.escape(c['statement'])}. The test "
+                      "columns are held out and were not used to choose.</p>")
+        else:
+            intro += ("The front and the pick are chosen on <b>val</b>; the test columns are held out and were "
+                      "not used to choose. No guarantee: use pick rule <code>certified</code> for one.</p>")
         out = [("Outer search: Pareto front", intro + table)]
         if self.baseline:
             b = self.baseline
@@ -1698,19 +1851,89 @@ class OuterSearchResult:
             raise AutoExitError("applying the chosen plan needs the EnableResult (heads and backbone) the recorded "
                                 "predictions came from; pass it: search_result.apply(enable_result)")
         plan = self.chosen
-        sub = subset_result(self.recorded, plan, self.settings.basis)
+        cert = self.certificate
+        sub = subset_result(self.recorded, plan, self.settings.basis, "fit" if cert else "val")
         scheme = plan.scheme if plan.scheme else "halving"  # weights (a tuple) are kept as such in the manifest
         over: dict[str, Any] = {"tolerance": plan.tolerance, "scheme": scheme, "signal": plan.signal,
                                 "basis": self.settings.basis}
         if "policy" in {f.name for f in fields(base.config)}:
             over["policy"] = "paper003"  # thresholds from a split tolerance on one confidence signal
+        if cert:  # the budget is the certified one, at the pick's delta
+            over.update(tolerance=float(cert["max_drop_pp"]), delta=float(cert["delta"]))
         cfg = dc_replace(base.config, **over)
         if not isinstance(cfg, EnableConfig):  # pragma: no cover
             raise AutoExitError("unexpected configuration type")
         out = assemble(cfg, base.backbone, base.points, base.recording, base.heads, subset=sub,
-                       timings=dict(base.timings))
+                       timings=dict(base.timings), temperatures_on="train" if cert else None)
+        if cert:
+            temps = np.array([out.temperatures[n] for n in self.recorded.names])
+            if not np.allclose(temps, self.recorded.temperatures, rtol=1e-6, atol=1e-9):
+                raise AutoExitError("the heads' train-split temperatures differ from the recorded ones; the heads "
+                                    "differ from the ones the study was run on (re-run the search on this machine)")
+            out.extra["policy"] = {
+                "policy": "outer search, certified", "risk": cert["risk"], "statement": cert["statement"],
+                "guarantee": {k: cert[k] for k in ("delta", "max_drop_pp", "method", "n", "tested_points",
+                                                   "certified_points")},
+                "cal_n": cert["n"], "fitted_on": "train split (trials, thresholds, front); val certified the front",
+                "plan": plan.describe()}
         out.extra["outer_plan"] = plan.to_dict()
         return self.attach(out)
+
+
+def plan_losses(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy: str = "auto") -> np.ndarray:
+    """Per-sample loss of ``plan`` on ``split``: 1 where its answer differs from the backbone's (``agreement``),
+    or ``1[backbone right] - 1[plan right]`` in {-1, 0, 1} (``gt``; ``auto``: ``gt`` when labelled)."""
+    sp = {"val": recorded.val, "test": recorded.test, "fit": recorded.fit}[split]
+    if sp is None:
+        raise AutoExitError(f"no {split} split in the recorded predictions")
+    idx = [recorded.names.index(n) for n in plan.kept]
+    out = simulate_exits(sp.scores[plan.signal][idx], sp.pred[idx], sp.backbone_pred,
+                         np.asarray(plan.thresholds, dtype=np.float64), recorded.flops.c1[idx],
+                         recorded.flops.before[idx], recorded.flops.base, recorded.flops.fixed)
+    mode = ("gt" if sp.labels is not None else "agreement") if accuracy == "auto" else accuracy
+    if mode == "gt":
+        if sp.labels is None:
+            raise AutoExitError("accuracy 'gt' needs labelled data; use accuracy: agreement (label-free) or auto")
+        return (sp.backbone_pred == sp.labels).astype(np.float64) - (out.pred == sp.labels).astype(np.float64)
+    return (out.pred != sp.backbone_pred).astype(np.float64)
+
+
+def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings):
+    """Learn-then-Test of the front's points on val; returns ``(chosen trial or None, certificate dict)``.
+
+    The points are tested in the order of their drop on the split the trials were scored on (train), lowest
+    first: an order fixed before val is read. Fixed-sequence testing (:func:`autoexit.policies.risk.
+    fixed_sequence`, level ``pick.delta``) certifies the longest prefix whose drop on new data is <=
+    ``pick.max_drop`` points; every certified point holds at once with probability >= 1 - delta, so the one
+    cheapest on val is chosen. None: no point certified (emit the backbone alone).
+    """
+    from ..policies.risk import fixed_sequence
+
+    cost_key = "latency_ms" if settings.cost == "latency" else "flops"
+    order = sorted(front, key=lambda t: (t.user_attrs["fit"]["drop_pp"], -t.user_attrs["fit"][cost_key], t.number))
+    plans = [ExitPlan.from_dict(t.user_attrs["plan"]) for t in order]
+    mode = settings.accuracy
+    if mode == "auto":
+        mode = "gt" if recorded.val.labels is not None else "agreement"
+    losses = np.stack([plan_losses(recorded, p, "val", mode) for p in plans]) if plans else np.zeros((0, recorded.val.n))
+    method, bounds = ("binomial", (0.0, 1.0)) if mode == "agreement" else ("wsr", (-1.0, 1.0))
+    rc = fixed_sequence(losses, pick.max_drop / 100.0, pick.delta, method, bounds)
+    certified = order[: rc.index + 1]
+    chosen = None
+    if certified:
+        vals = {t.number: evaluate_plan(recorded, p, "val", mode) for t, p in zip(order, plans) if t in certified}
+        chosen = min(certified, key=lambda t: (vals[t.number][cost_key], vals[t.number]["drop_pp"], t.number))
+    what = "disagreement with the backbone" if mode == "agreement" else "accuracy drop"
+    cert = {
+        "delta": pick.delta, "max_drop_pp": pick.max_drop, "risk": "disagreement" if mode == "agreement" else "drop",
+        "method": method, "n": int(recorded.val.n), "tested_points": len(order), "certified_points": len(certified),
+        "statement": rc.statement(what) if certified else (
+            f"no front point could be certified at {pick.max_drop:g} % on the {recorded.val.n} val samples "
+            f"(delta = {pick.delta:g}): the backbone alone is emitted"),
+        "tested": [{"trial": t.number, "order": j, "certified": j <= rc.index, "pvalue": float(rc.pvalues[j]),
+                    "val_risk_pp": 100.0 * float(rc.empirical_risk[j])} for j, t in enumerate(order)],
+    }
+    return chosen, cert
 
 
 def _apply_pick(front: list, pick: PickRule, cost_key: str, base: float):

@@ -341,14 +341,15 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
     t0 = time.perf_counter()
     heads = _heads_stage(cfg, backbone, data, tb, points, rec, enable_cfg, progress, head_search)
     timings["heads_s"] = time.perf_counter() - t0
-    recorded = Recorded.from_heads(tb, rec, heads)  # every signal: any outer space can run on this file
+    certified = settings.pick.certified  # its trials read the train split, with temperatures fitted there
+    recorded = Recorded.from_heads(tb, rec, heads, fit=certified)  # every signal: any outer space can run on it
     # the core's fixed rule with these heads: the baseline the report compares with, and the base to emit from
     sig = enable_cfg.signal if enable_cfg.signal in recorded.signals else "max_softmax"
     fixed = fixed_rule(recorded, enable_cfg.tolerance, enable_cfg.scheme if isinstance(enable_cfg.scheme, str)
                        else "halving", sig, enable_cfg.basis, enable_cfg.exhaustive_limit)
     base_cfg = _paper003(enable_cfg)
     baseline = assemble(base_cfg, tb, points, rec, heads, subset=subset_result(recorded, fixed, enable_cfg.basis),
-                        timings=dict(timings))
+                        timings=dict(timings), temperatures_on="train" if certified else None)
     recorded.source = baseline
     evaluator = None
     if settings.cost == "latency":

@@ -164,3 +164,47 @@ def test_head_search_experiment_files_are_valid(path):
     H.load_head_space(cfg.space)
     pipeline_keys = ("search", "space", "strategy", "max_trials", "port")
     ExperimentConfig.from_dict({**d, "heads": {k: v for k, v in d["heads"].items() if k in pipeline_keys}})
+
+
+def test_trials_scored_on_a_train_holdout_never_read_val(digits_backbone, digits_data, tmp_path, monkeypatch):
+    """``score_on: holdout``: a trial trains on part of the train split and is scored (and its epoch chosen) on
+    the rest; val, the split the guarantee is certified on, is never read."""
+    from autoexit.data import Recording
+    from autoexit.distill import agreement, predict_head
+    from autoexit.pipeline import EnableConfig, prepare
+
+    tb, points, rec = prepare(digits_backbone, digits_data, EnableConfig(cache_dir=str(tmp_path / "rec")),
+                              progress=False)
+    p = points[-1]
+    cfg = H.HeadSearchConfig(score_on="holdout", holdout=0.25, seed=3, train={"epochs": 3, "patience": 0})
+    ctx = H.trial_context(rec, p, cfg, tmp_path / "store", total_flops=float(tb.total_flops))
+    read = []
+    for name in ("activations", "logits"):
+        orig = getattr(Recording, name)
+
+        def spy(self, *a, _orig=orig, **k):
+            read.append(a[-1] if a else k.get("split"))
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(Recording, name, spy)
+    H._DATA_CACHE.clear()
+    spec = H.canonical_spec({"conv": "none", "fc_layers": 1}, p.shape)
+    r = H.run_trial(ctx, spec, "t0")
+    assert "val" not in read and "train" in read
+    fit, held = H.holdout_split(len(rec.logits("train")), 0.25, 3)
+    assert len(held) == round(0.25 * len(rec.logits("train"))) and not set(fit.tolist()) & set(held.tolist())
+    # the score is the agreement on the held-out train rows, and chance is measured there too
+    head = build_head(spec, p.shape, rec.num_classes)
+    head.load_state_dict(torch.load(Path(ctx["store"]) / "weights" / r["weights"], weights_only=True))
+    x, t = rec.activations(p, "train")[held], rec.logits("train")[held]
+    assert r["metrics"]["agreement"] == pytest.approx(agreement(predict_head(head, x), t))
+    assert ctx["chance"] == pytest.approx(H.chance_agreement(rec, "train", held))
+    # searches scored differently are cached apart; scoring on val keeps its old key
+    space = H.load_head_space("ci")
+    keys = {H.search_key(rec, p.name, space, c, None) for c in
+            (H.HeadSearchConfig(), H.HeadSearchConfig(score_on="holdout"), H.HeadSearchConfig(score_on="holdout",
+                                                                                                holdout=0.3))}
+    assert len(keys) == 3
+    for bad, match in [({"score_on": "test"}, "score_on"), ({"score_on": "holdout", "holdout": 1.0}, "holdout")]:
+        with pytest.raises(AutoExitError, match=match):
+            H.HeadSearchConfig.from_dict(bad)

@@ -50,7 +50,9 @@ def test_trials_read_only_the_train_split(rec):
 def test_certificate_is_fixed_sequence_over_the_front_in_train_drop_order(rec):
     res = _run(rec)
     front = res.front
-    order = sorted(front, key=lambda t: (t.user_attrs["fit"]["drop_pp"], -t.user_attrs["fit"]["flops"], t.number))
+    order = sorted(front, key=lambda t: (1 - t.user_attrs["fit"]["agreement"], -t.user_attrs["fit"]["flops"], t.number))
+    # with accuracy 'agreement' the drop is the disagreement: the front is Optuna's own (cost, drop) front
+    assert {t.number for t in front} <= {t.number for t in res.study.best_trials}
     # brute force: each front point's disagreement on val, tested in that order
     losses = []
     for t in order:
@@ -85,6 +87,12 @@ def test_certificate_is_fixed_sequence_over_the_front_in_train_drop_order(rec):
 def test_labelled_certificate_tests_the_accuracy_drop(rec):
     res = _run(rec, {"pick": {"rule": "certified", "max_drop": 1.0}, "accuracy": "gt"}, n_trials=60)
     c = res.certificate
+    # the tested points are the train front in (cost, disagreement), most costly first
+    fit = [(t.user_attrs["fit"]["flops"], 1 - t.user_attrs["fit"]["agreement"]) for t in res.front]
+    assert O.pareto_mask(np.array([f[0] for f in fit]), np.array([f[1] for f in fit])).all()
+    order = [x["trial"] for x in sorted(c["tested"], key=lambda x: x["order"])]
+    cost = {t.number: t.user_attrs["fit"]["flops"] for t in res.front}
+    assert [cost[k] for k in order] == sorted(cost.values(), reverse=True)
     assert c["risk"] == "drop" and c["method"] == "wsr" and "accuracy drop" in c["statement"]
     assert c["certified_points"] >= 1 and res.chosen.kept
     # the per-sample loss is 1[backbone right] - 1[plan right]: its mean is the labelled drop

@@ -308,7 +308,11 @@ class HeadSearchConfig:
     would cost more than the backbone it lets samples skip);
     trial_samples: train samples a trial uses (default all of the train split);
     threads: torch threads per trial; max_duration: per point, NNI syntax (``10m``);
-    resume: reuse finished points of an identical earlier search.
+    resume: reuse finished points of an identical earlier search;
+    score_on: the data a trial is scored (and its epoch chosen) on: ``val`` (default), or
+    ``holdout``, a random ``holdout`` share of the train split that the trials do not train
+    on, so that nothing the search chooses reads val, the split the exit policies'
+    guarantee is certified on (docs/policies.md).
     """
 
     space: str = "default"
@@ -332,6 +336,8 @@ class HeadSearchConfig:
     max_duration: str | None = None
     resume: bool = True
     top_k: int = 5
+    score_on: str = "val"
+    holdout: float = 0.2
 
     def __post_init__(self):
         s = str(self.strategy).lower()
@@ -382,6 +388,12 @@ class HeadSearchConfig:
             raise AutoExitError(f"heads.train.teacher {self.train.teacher!r}: the head-search trials train on the "
                                 "recorded activations; set the teacher in heads.final_train (the winners' "
                                 "retraining) instead")
+        if self.score_on not in SCORE_ON:
+            raise AutoExitError(f"heads.score_on must be 'val' or 'holdout' (a share of the train split, keeping val "
+                                f"for the guarantee), got {self.score_on!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
+            raise AutoExitError(f"heads.holdout must be a share of the train split in (0, 1), e.g. 0.2, got "
+                                f"{self.holdout!r}")
         object.__setattr__(self, "final_train", _train_config(self.final_train, "heads.final_train"))
         object.__setattr__(self, "cost_weight", float(self.cost_weight))
         object.__setattr__(self, "chance_margin", float(self.chance_margin))
@@ -427,6 +439,8 @@ def search_key(recording, point: str, space: HeadSpace, cfg: HeadSearchConfig, e
         "max_cost_fraction": cfg.max_cost_fraction,
         "evaluator": evaluator_key if cfg.cost == "latency" else None,
     }
+    if cfg.score_on != "val":  # (only then: searches scored on val keep the keys they were saved under)
+        payload.update(score_on=cfg.score_on, holdout=cfg.holdout)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -480,11 +494,26 @@ class TrialStore:
 # --------------------------------------------------------------------------- the trial objective
 
 
-def chance_agreement(recording, split: str = "val") -> float:
-    """Agreement of a constant head: the share of the backbone's most frequent class on ``split``."""
+SCORE_ON = ("val", "holdout")
+
+
+def holdout_split(n: int, fraction: float, seed: int):
+    """``(fit, holdout)`` row indices of a split of ``n`` samples: a seeded random ``fraction`` held out."""
+    import torch
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    k = min(max(1, int(round(fraction * n))), n - 1)
+    return perm[k:], perm[:k]
+
+
+def chance_agreement(recording, split: str = "val", rows=None) -> float:
+    """Agreement of a constant head: the share of the backbone's most frequent class on ``split`` (its
+    ``rows`` only, when given)."""
     import torch
 
     pred = recording.logits(split).argmax(1)
+    if rows is not None:
+        pred = pred[rows]
     if not len(pred):
         return 0.0
     return float(torch.bincount(pred, minlength=recording.num_classes).max()) / len(pred)
@@ -507,6 +536,14 @@ def recording_context(recording) -> dict:
             "split": list(recording.split_fractions)}
 
 
+def scoring_chance(recording, cfg: HeadSearchConfig) -> float:
+    """:func:`chance_agreement` on the data the trials are scored on (val, or the train split's holdout)."""
+    if cfg.score_on == "holdout":
+        n = len(recording.logits("train"))
+        return chance_agreement(recording, "train", holdout_split(n, cfg.holdout, cfg.seed)[1])
+    return chance_agreement(recording)
+
+
 def trial_context(recording, point, cfg: HeadSearchConfig, store: str | Path, *, total_flops: float,
                   chance: float | None = None, evaluator: Mapping | None = None,
                   base_latency_ms: float | None = None) -> dict:
@@ -515,7 +552,8 @@ def trial_context(recording, point, cfg: HeadSearchConfig, store: str | Path, *,
     ctx = {"point": point.name, "recording": recording_context(recording), "store": str(store),
            "engine": cfg.engine, "train": {k: v for k, v in cfg.train.to_dict().items() if k != "threads"},
            "threads": cfg.threads, "trial_samples": cfg.trial_samples, "search_seed": cfg.seed,
-           "chance": chance_agreement(recording) if chance is None else float(chance),
+           "chance": scoring_chance(recording, cfg) if chance is None else float(chance),
+           "score_on": cfg.score_on, "holdout": cfg.holdout,
            "chance_margin": cfg.chance_margin, "max_cost_fraction": cfg.max_cost_fraction, "cost": cfg.cost,
            "cost_weight": cfg.cost_weight, "cost_basis": cfg.cost_basis, "base_flops": float(base_flops),
            "evaluator": evaluator}
@@ -533,16 +571,24 @@ def _trial_data(ctx: Mapping):
     """Train/val activations and teacher logits of the context's point (kept in memory for in-process trials)."""
     import torch
 
-    key = (ctx["recording"]["path"], ctx["point"], ctx.get("trial_samples"), ctx["search_seed"])
+    score_on = ctx.get("score_on", "val")
+    key = (ctx["recording"]["path"], ctx["point"], ctx.get("trial_samples"), ctx["search_seed"], score_on,
+           ctx.get("holdout"))
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()
         rec = open_recording(ctx)
         x_tr, t_tr = rec.activations(ctx["point"], "train"), rec.logits("train")
+        if score_on == "holdout":  # val is never read: a share of train scores the trials
+            fit, held = holdout_split(len(x_tr), float(ctx["holdout"]), int(ctx["search_seed"]))
+            x_va, t_va = x_tr[held], t_tr[held]
+            x_tr, t_tr = x_tr[fit], t_tr[fit]
+        else:
+            x_va, t_va = rec.activations(ctx["point"], "val"), rec.logits("val")
         n = ctx.get("trial_samples")
         if n and n < len(x_tr):
             idx = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(int(ctx["search_seed"])))[:n]
             x_tr, t_tr = x_tr[idx], t_tr[idx]
-        _DATA_CACHE[key] = (x_tr, t_tr, rec.activations(ctx["point"], "val"), rec.logits("val"))
+        _DATA_CACHE[key] = (x_tr, t_tr, x_va, t_va)
     return _DATA_CACHE[key]
 
 

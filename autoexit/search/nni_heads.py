@@ -61,10 +61,10 @@ from .head_space import (
     HeadSpace,
     PointResult,
     TrialStore,
-    chance_agreement,
     load_head_space,
     point_dir,
     run_trial,
+    scoring_chance,
     search_key,
     trial_context,
 )
@@ -632,9 +632,9 @@ def search_heads(backbone=None, data=None, space: str | Path | Mapping | HeadSpa
     retrain = None
     if cfg.retrain:
         retrain = cfg.final_train or (enable_cfg.train if enable is not None else TrainConfig())
-        if retrain == cfg.train and not cfg.trial_samples:
-            retrain = None  # the trials trained exactly so: keep their weights
-    chance = chance_agreement(rec)
+        if retrain == cfg.train and not cfg.trial_samples and cfg.score_on == "val":
+            retrain = None  # the trials trained exactly so (on all of train): keep their weights
+    chance = scoring_chance(rec, cfg)
     t_start = time.perf_counter()
     results: dict[str, PointResult] = {}
     bar = None

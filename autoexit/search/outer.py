@@ -312,8 +312,8 @@ class PickRule:
 
     ``certified``: the trials are scored on the *train* split (thresholds, exits and
     the front all come from it) and val certifies the front afterwards with
-    Learn-then-Test: its points are tested in order of their train drop (fixed-sequence,
-    at level ``delta``) against ``max_drop``, and the cheapest certified point on val is
+    Learn-then-Test: the train front in (cost, disagreement) is tested most costly point
+    first (fixed-sequence, at level ``delta``) against ``max_drop``, and the cheapest certified point on val is
     emitted (the backbone alone when none is). With probability >= 1 - ``delta`` over the
     val data, the emitted configuration's drop on new data from the same distribution
     is then <= ``max_drop`` points: the guarantee of ``autoexit.policies``. The drop is
@@ -1599,12 +1599,17 @@ class OuterSearchResult:
                 "more trials or loosen the budgets")
         cost_key = "latency_ms" if settings.cost == "latency" else "flops"
         base = recorded.costs(settings.cost).base
+        # the certified pick's front is taken in (cost, disagreement with the backbone) on train, whatever the
+        # accuracy: on the split the heads were trained on the labelled drop is often below zero, so a (cost,
+        # drop) front there keeps no conservative point and its first test on val fails. The disagreement is
+        # never negative and bounds the drop, so its front runs from the backbone alone to the cheapest point.
+        risk = ((lambda t: 100.0 * (1.0 - t.user_attrs[key]["agreement"])) if pick.certified
+                else (lambda t: t.user_attrs[key]["drop_pp"]))
         cost = np.array([t.user_attrs[key][cost_key] for t in feas])
-        drop = np.array([t.user_attrs[key]["drop_pp"] for t in feas])
-        mask = pareto_mask(cost, drop)
+        mask = pareto_mask(cost, np.array([risk(t) for t in feas]))
         front, seen = [], set()
         for t in sorted([t for t, m in zip(feas, mask) if m], key=lambda t: (t.user_attrs[key][cost_key], t.number)):
-            k = (t.user_attrs[key][cost_key], t.user_attrs[key]["drop_pp"])
+            k = (t.user_attrs[key][cost_key], risk(t))
             if k not in seen:  # the same point reached by several trials is listed once (the earliest)
                 seen.add(k)
                 front.append(t)
@@ -1808,7 +1813,7 @@ class OuterSearchResult:
             c = self.certificate
             intro += (f"The trials, their thresholds and the front were computed on the <b>train</b> split only; "
                       f"the {c['tested_points']} front points were then tested on the {c['n']} <b>val</b> samples "
-                      f"in the order of their train drop ({c['certified_points']} certified) and the cheapest "
+                      f"most costly first ({c['certified_points']} certified) and the cheapest "
                       f"certified one on val is emitted. <b>Guarantee:</b> {html.escape(c['statement'])}. The test "
                       "columns are held out and were not used to choose.</p>")
         else:
@@ -1901,8 +1906,11 @@ def plan_losses(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy
 def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings):
     """Learn-then-Test of the front's points on val; returns ``(chosen trial or None, certificate dict)``.
 
-    The points are tested in the order of their drop on the split the trials were scored on (train), lowest
-    first: an order fixed before val is read. Fixed-sequence testing (:func:`autoexit.policies.risk.
+    The points are tested in the order of their disagreement with the backbone on the split the trials were
+    scored on (train), lowest first, i.e. most costly first along a (cost, disagreement) front: an order fixed
+    before val is read. (The disagreement, not the labelled drop, orders them even when the drop is tested: on
+    the heads' own training data the drop is biased low, often below zero, and a bad order stops the test
+    early.) Fixed-sequence testing (:func:`autoexit.policies.risk.
     fixed_sequence`, level ``pick.delta``) certifies the longest prefix whose drop on new data is <=
     ``pick.max_drop`` points; every certified point holds at once with probability >= 1 - delta, so the one
     cheapest on val is chosen. None: no point certified (emit the backbone alone).
@@ -1910,7 +1918,8 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
     from ..policies.risk import fixed_sequence
 
     cost_key = "latency_ms" if settings.cost == "latency" else "flops"
-    order = sorted(front, key=lambda t: (t.user_attrs["fit"]["drop_pp"], -t.user_attrs["fit"][cost_key], t.number))
+    order = sorted(front, key=lambda t: (1.0 - t.user_attrs["fit"]["agreement"], -t.user_attrs["fit"][cost_key],
+                                         t.number))
     plans = [ExitPlan.from_dict(t.user_attrs["plan"]) for t in order]
     mode = settings.accuracy
     if mode == "auto":

@@ -385,6 +385,27 @@ def nni_blocks() -> dict[str, str]:
     return out
 
 
+def outer_certified_blocks() -> dict[str, str]:
+    res = _load("outer_certified")
+    if not res:
+        return {}
+    env = res.get("environment", {})
+    rows = []
+    for d in res.get("depths", {}).values():
+        for r in d["rows"]:
+            rows.append({**r, "viol": "-" if r.get("viol(drop)") is None else f"{r['viol(drop)']:.2f}",
+                         "pop": "-" if r.get("population viol") is None else f"{r['population viol']:.3f}"})
+    note = (f"Run {env.get('date', '?')} at commit {env.get('commit', '?')} "
+            f"(`{res.get('command', 'python bench/outer_certified.py')}`), "
+            + ", ".join(f"ResNet-{d['depth']}: {d['trials']} trials per study" for d in res["depths"].values())
+            + ". Drops in points on the 3,000-image test split; re-split and population columns as described above.")
+    return {"outer-certified": note + "\n\n" + table(rows, [
+        ("model", "network", 0), ("T %", "T %", 1), ("method", "method", 0), ("exits", "exits", 0),
+        ("saving %", "FLOPs saved %", 1), ("drop %", "test drop pts", 2), ("disagree %", "disagreement %", 2),
+        ("certified", "certified points", 0), ("resplit saving %", "saved % (re-splits)", 1),
+        ("viol", "violation rate (re-splits)", 0), ("pop", "violation rate (population)", 0)])}
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     done = []
     for name, body in blocks.items():
@@ -401,7 +422,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks()},
              POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
-                            **guarantee_blocks()}, NNI_DOC: nni_blocks()}
+                            **guarantee_blocks()}, NNI_DOC: nni_blocks(),
+             REPO / "docs" / "optuna.md": outer_certified_blocks()}
     if args.print:
         for blocks in pages.values():
             for name, body in blocks.items():

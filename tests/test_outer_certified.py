@@ -11,6 +11,7 @@ optuna = pytest.importorskip("optuna", reason="the outer search needs the 'searc
 
 from test_outer_support import make_recorded, synthetic_split  # noqa: E402
 
+from autoexit.calibrate import assign_thresholds  # noqa: E402
 from autoexit.errors import AutoExitError  # noqa: E402
 from autoexit.policies.risk import fixed_sequence  # noqa: E402
 from autoexit.search import outer as O  # noqa: E402
@@ -47,36 +48,55 @@ def test_trials_read_only_the_train_split(rec):
     assert [t.number for t in a.front] == [t.number for t in b.front]
 
 
-def test_certificate_is_fixed_sequence_over_the_front_in_train_drop_order(rec):
+def test_certificate_is_fixed_sequence_over_the_front_and_its_ladders(rec):
+    """Brute force: the front in train-disagreement order, each point after its safer ladder steps, walked by
+    fixed-sequence testing on val; the cheapest certified setting on val is deployed."""
+    from autoexit.subset import simulate_exits
+
     res = _run(rec)
-    front = res.front
-    order = sorted(front, key=lambda t: (1 - t.user_attrs["fit"]["agreement"], -t.user_attrs["fit"]["flops"], t.number))
+    order = sorted(res.front, key=lambda t: (1 - t.user_attrs["fit"]["agreement"], -t.user_attrs["fit"]["flops"],
+                                             t.number))
     # with accuracy 'agreement' the drop is the disagreement: the front is Optuna's own (cost, drop) front
-    assert {t.number for t in front} <= {t.number for t in res.study.best_trials}
-    # brute force: each front point's disagreement on val, tested in that order
-    losses = []
+    assert {t.number for t in res.front} <= {t.number for t in res.study.best_trials}
+    seq = []
     for t in order:
         plan = O.ExitPlan.from_dict(t.user_attrs["plan"])
         idx = [rec.names.index(n) for n in plan.kept]
-        from autoexit.subset import simulate_exits
-
-        out = simulate_exits(rec.val.scores[plan.signal][idx], rec.val.pred[idx], rec.val.backbone_pred,
-                             np.asarray(plan.thresholds), rec.flops.c1[idx], rec.flops.before[idx], rec.flops.base)
+        for f in (*O.LADDER, 1.0):
+            if not idx and f != 1.0:
+                continue
+            # each step: the plan's exits and scheme, its tolerance scaled, thresholds derived on train
+            thr = assign_thresholds(rec.fit.scores[plan.signal][idx], rec.fit.agree[idx], plan.tolerance * f,
+                                    plan.scheme, list(plan.kept), "total").thresholds if idx else []
+            seq.append((t.number, f, plan.signal, idx, np.asarray(thr, dtype=float)))
+    losses, costs = [], []
+    for _n, _f, sig, idx, thr in seq:
+        out = simulate_exits(rec.val.scores[sig][idx], rec.val.pred[idx], rec.val.backbone_pred, thr,
+                             rec.flops.c1[idx], rec.flops.before[idx], rec.flops.base)
         losses.append((out.pred != rec.val.backbone_pred).astype(float))
+        costs.append(out.flops.mean())
     rc = fixed_sequence(np.stack(losses), 0.02, 0.1, "binomial")
-    assert rc.index >= 1, "the synthetic front should certify a few points"
-    certified = order[: rc.index + 1]
-    assert res.certificate["certified_points"] == len(certified)
-    assert {c["trial"] for c in res.certificate["tested"] if c["certified"]} == {t.number for t in certified}
-    best = min(certified, key=lambda t: (O.evaluate_plan(rec, O.ExitPlan.from_dict(t.user_attrs["plan"]), "val",
-                                                         "agreement")["flops"], t.number))
-    assert res.chosen_trial.number == best.number
+    n_cert = rc.index + 1
+    assert n_cert >= 2, "the synthetic front should certify a few settings"
+    c = res.certificate
+    assert c["certified_points"] == n_cert and c["sequence_length"] == len(seq)
+    assert c["tested_points"] == min(len(seq), n_cert + 1)  # the walk stops at the first failure
+    assert [(x["trial"], x["step"]) for x in c["tested"]] == [(n, f) for n, f, *_ in seq[: c["tested_points"]]]
+    best = min(range(n_cert), key=lambda j: (costs[j], losses[j].mean(), j))
+    assert res.chosen_trial.number == seq[best][0]
+    assert res.chosen.tolerance == pytest.approx(O.ExitPlan.from_dict(res.chosen_trial.user_attrs["plan"]).tolerance
+                                                 * seq[best][1])
+    assert np.allclose(res.chosen.thresholds, seq[best][4])
     assert res.val == O.evaluate_plan(rec, res.chosen, "val", "agreement")
     assert res.test == O.evaluate_plan(rec, res.chosen, "test", "agreement")
-    assert "probability >= 90%" in res.certificate["statement"] and "2 %" in res.certificate["statement"]
+    assert "probability >= 90%" in c["statement"] and "2 %" in c["statement"]
+    # the ladder's steps only make a point safer: each step lets at most as many samples exit on train
+    plan = O.ExitPlan.from_dict(order[-1].user_attrs["plan"])
+    exits = [O.evaluate_plan(rec.search_view(), p, "val", "agreement")["saving"] for p in O.ladder(rec, plan)]
+    assert exits == sorted(exits)
     rows = {r["trial"]: r for r in res.front_rows}
-    assert all(rows[t.number]["certified"] for t in certified)
-    assert sum(r["certified"] for r in res.front_rows) == len(certified)
+    certified_points = {x["trial"] for x in c["tested"] if x["certified"] and x["step"] == 1.0}
+    assert {n for n, r in rows.items() if r["certified"]} == certified_points
     d = res.to_dict()
     assert d["search_split"] == "train" and d["certificate"]["n"] == rec.val.n
     html = "".join(b for _, b in res.report_sections())
@@ -90,9 +110,9 @@ def test_labelled_certificate_tests_the_accuracy_drop(rec):
     # the tested points are the train front in (cost, disagreement), most costly first
     fit = [(t.user_attrs["fit"]["flops"], 1 - t.user_attrs["fit"]["agreement"]) for t in res.front]
     assert O.pareto_mask(np.array([f[0] for f in fit]), np.array([f[1] for f in fit])).all()
-    order = [x["trial"] for x in sorted(c["tested"], key=lambda x: x["order"])]
-    cost = {t.number: t.user_attrs["fit"]["flops"] for t in res.front}
-    assert [cost[k] for k in order] == sorted(cost.values(), reverse=True)
+    points = [x["trial"] for x in sorted(c["tested"], key=lambda x: x["order"]) if x["step"] == 1.0]
+    cost = [next(t.user_attrs["fit"]["flops"] for t in res.front if t.number == k) for k in points]
+    assert len(points) >= 2 and cost == sorted(cost, reverse=True)
     assert c["risk"] == "drop" and c["method"] == "wsr" and "accuracy drop" in c["statement"]
     assert c["certified_points"] >= 1 and res.chosen.kept
     # the per-sample loss is 1[backbone right] - 1[plan right]: its mean is the labelled drop
@@ -117,9 +137,10 @@ def test_the_certified_pick_keeps_its_budget_over_calibration_draws(rec):
     res = _run(rec, n_trials=120)
     pop = synthetic_split(7, 200_000)
     big = replace(rec, val=pop)
-    risk = {t.number: O.plan_losses(big, O.ExitPlan.from_dict(t.user_attrs["plan"]), "val", "agreement").mean()
-            for t in res.front}
-    assert min(risk.values()) < 0.02 < max(risk.values()), "the front should straddle the budget"
+    point_risk = [O.plan_losses(big, O.ExitPlan.from_dict(t.user_attrs["plan"]), "val", "agreement").mean()
+                  for t in res.front]
+    assert min(point_risk) < 0.02 < max(point_risk), "the front should straddle the budget"
+    risk: dict = {}
     rng = np.random.default_rng(0)
     draws, bad, chosen = 150, 0, set()
     pick = O.PickRule("certified", 2.0, delta=0.1)
@@ -128,10 +149,12 @@ def test_the_certified_pick_keeps_its_budget_over_calibration_draws(rec):
         i = rng.integers(0, pop.n, 2000)
         cal = O.SplitData(pop.pred[:, i], {k: v[:, i] for k, v in pop.scores.items()}, pop.backbone_pred[i],
                           pop.labels[i])
-        t, _cert = O.certify_front(res.front, replace(rec, val=cal), pick, settings)
+        t, plan, _cert = O.certify_front(res.front, replace(rec, val=cal), pick, settings)
         if t is not None:
-            chosen.add(t.number)
-            bad += risk[t.number] > 0.02
+            chosen.add((t.number, plan.tolerance))
+            if plan.tolerance not in risk.setdefault(t.number, {}):
+                risk[t.number][plan.tolerance] = O.plan_losses(big, plan, "val", "agreement").mean()
+            bad += risk[t.number][plan.tolerance] > 0.02
     rate = bad / draws
     assert rate <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / draws), rate
     assert len(chosen) >= 2  # the emitted point moves with the draw: the case the prefix-wide guarantee is for

@@ -27,8 +27,11 @@ drop when labels are known, else the disagreement with the backbone.
 SQLite file or any Optuna storage), caps its total trials exactly across
 workers (:class:`TrialCap`), picks the configuration from the feasible Pareto
 front by a :class:`PickRule`, and reports the pick's test-split numbers apart
-from the val numbers it was chosen on. Optuna is imported lazily (extra
-``search``).
+from the val numbers it was chosen on. With ``PickRule(rule="certified")`` the
+trials read the train split instead (:meth:`Recorded.search_view`) and val only
+certifies the front afterwards (:func:`certify_front`, Learn-then-Test), so the
+emitted configuration keeps its budget on new data with probability >= 1 - delta.
+Optuna is imported lazily (extra ``search``).
 """
 
 from __future__ import annotations
@@ -1615,15 +1618,15 @@ class OuterSearchResult:
                 front.append(t)
         certificate = None
         if pick.certified:
-            chosen, certificate = certify_front(front, recorded, pick, settings)
-            plan = (ExitPlan.from_dict(chosen.user_attrs["plan"]) if chosen is not None
-                    else ExitPlan(pick.max_drop, "halving", "certified", front[0].user_attrs["plan"]["signal"], (), ()))
+            chosen, plan, certificate = certify_front(front, recorded, pick, settings)
+            if plan is None:  # nothing certified: no exit
+                plan = ExitPlan(pick.max_drop, "halving", "certified", front[0].user_attrs["plan"]["signal"], (), ())
         else:
             chosen = _apply_pick(front, pick, cost_key, base)
             plan = ExitPlan.from_dict(chosen.user_attrs["plan"])
         val = evaluate_plan(recorded, plan, "val", settings.accuracy)
         tst = evaluate_plan(recorded, plan, "test", settings.accuracy) if test and recorded.test is not None else None
-        by_trial = {c["trial"]: c for c in (certificate or {}).get("tested", [])}
+        by_trial = {c["trial"]: c for c in (certificate or {}).get("tested", []) if c["step"] == 1.0}
         rows = []
         for t in front:
             p = ExitPlan.from_dict(t.user_attrs["plan"])
@@ -1632,9 +1635,10 @@ class OuterSearchResult:
                    f"{key}_drop_pp": t.user_attrs[key]["drop_pp"], "chosen": chosen is not None and t.number == chosen.number}
             if pick.certified:
                 m = evaluate_plan(recorded, p, "val", settings.accuracy)
+                c = by_trial.get(t.number)  # None: the test stopped before this point
                 row.update(val_cost_fraction=m["latency_fraction"] if settings.cost == "latency"
                            else m["flops_fraction"], val_drop_pp=m["drop_pp"],
-                           certified=by_trial[t.number]["certified"], pvalue=by_trial[t.number]["pvalue"])
+                           certified=bool(c and c["certified"]), pvalue=None if c is None else c["pvalue"])
             if test and recorded.test is not None:
                 m = evaluate_plan(recorded, p, "test", settings.accuracy)
                 row.update(test_cost_fraction=(m["latency_fraction"] if settings.cost == "latency"
@@ -1791,7 +1795,8 @@ class OuterSearchResult:
             row = [r["trial"], "yes" if r["chosen"] else "", r["plan"]]
             if cert:
                 row += [pct(r["fit_cost_fraction"]), pts(r["fit_drop_pp"]), pct(r["val_cost_fraction"]),
-                        pts(r["val_drop_pp"]), "yes" if r["certified"] else "no", f"{r['pvalue']:.3g}"]
+                        pts(r["val_drop_pp"]), "yes" if r["certified"] else "no",
+                        "-" if r["pvalue"] is None else f"{r['pvalue']:.3g}"]
             else:
                 row += [pct(r["val_cost_fraction"]), pts(r["val_drop_pp"])]
             row += [pct(r.get("test_cost_fraction")), pts(r.get("test_drop_pp"))]
@@ -1885,64 +1890,111 @@ class OuterSearchResult:
         return self.attach(out)
 
 
-def plan_losses(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy: str = "auto") -> np.ndarray:
-    """Per-sample loss of ``plan`` on ``split``: 1 where its answer differs from the backbone's (``agreement``),
-    or ``1[backbone right] - 1[plan right]`` in {-1, 0, 1} (``gt``; ``auto``: ``gt`` when labelled)."""
+def _simulate(recorded: Recorded, plan: ExitPlan, split: str, costs: ExitCosts | None = None):
     sp = {"val": recorded.val, "test": recorded.test, "fit": recorded.fit}[split]
     if sp is None:
         raise AutoExitError(f"no {split} split in the recorded predictions")
+    c = costs or recorded.flops
     idx = [recorded.names.index(n) for n in plan.kept]
     out = simulate_exits(sp.scores[plan.signal][idx], sp.pred[idx], sp.backbone_pred,
-                         np.asarray(plan.thresholds, dtype=np.float64), recorded.flops.c1[idx],
-                         recorded.flops.before[idx], recorded.flops.base, recorded.flops.fixed)
-    mode = ("gt" if sp.labels is not None else "agreement") if accuracy == "auto" else accuracy
+                         np.asarray(plan.thresholds, dtype=np.float64), c.c1[idx], c.before[idx], c.base, c.fixed)
+    return sp, out
+
+
+def _losses(sp, pred: np.ndarray, mode: str) -> np.ndarray:
     if mode == "gt":
         if sp.labels is None:
             raise AutoExitError("accuracy 'gt' needs labelled data; use accuracy: agreement (label-free) or auto")
-        return (sp.backbone_pred == sp.labels).astype(np.float64) - (out.pred == sp.labels).astype(np.float64)
-    return (out.pred != sp.backbone_pred).astype(np.float64)
+        return (sp.backbone_pred == sp.labels).astype(np.float64) - (pred == sp.labels).astype(np.float64)
+    return (pred != sp.backbone_pred).astype(np.float64)
+
+
+def plan_losses(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy: str = "auto") -> np.ndarray:
+    """Per-sample loss of ``plan`` on ``split``: 1 where its answer differs from the backbone's (``agreement``),
+    or ``1[backbone right] - 1[plan right]`` in {-1, 0, 1} (``gt``; ``auto``: ``gt`` when labelled)."""
+    sp, out = _simulate(recorded, plan, split)
+    mode = ("gt" if sp.labels is not None else "agreement") if accuracy == "auto" else accuracy
+    return _losses(sp, out.pred, mode)
+
+
+LADDER = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the certified pick's steps towards each front point
+
+
+def ladder(recorded: Recorded, plan: ExitPlan, basis: str = "total", steps: Sequence[float] = LADDER) -> list:
+    """``plan`` and, before it, the same exits, signal and split scheme at ``steps`` x its tolerance (thresholds
+    derived on the train split like the plan's own): the safer settings the certified pick tests on the way to
+    the plan. On the data the heads were trained on, even a front point's train disagreement overstates how
+    safe it is; without these steps one optimistic point early in the sequence would stop the whole test."""
+    if not plan.kept or recorded.fit is None:
+        return [plan]
+    idx = [recorded.names.index(n) for n in plan.kept]
+    sc, ag = recorded.fit.scores[plan.signal][idx], recorded.fit.agree[idx]
+    out = []
+    for f in steps:
+        thr = assign_thresholds(sc, ag, plan.tolerance * f, plan.scheme, list(plan.kept), basis).thresholds
+        out.append(replace(plan, tolerance=plan.tolerance * f, thresholds=tuple(float(x) for x in thr)))
+    return [*out, plan]
 
 
 def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings):
-    """Learn-then-Test of the front's points on val; returns ``(chosen trial or None, certificate dict)``.
+    """Learn-then-Test of the front on val; returns ``(trial, plan, certificate)``: the trial whose point (or one
+    of its safer steps) is deployed and that plan, or ``(None, None, certificate)`` when nothing certifies
+    (emit the backbone alone).
 
-    The points are tested in the order of their disagreement with the backbone on the split the trials were
-    scored on (train), lowest first, i.e. most costly first along a (cost, disagreement) front: an order fixed
-    before val is read. (The disagreement, not the labelled drop, orders them even when the drop is tested: on
-    the heads' own training data the drop is biased low, often below zero, and a bad order stops the test
-    early.) Fixed-sequence testing (:func:`autoexit.policies.risk.
-    fixed_sequence`, level ``pick.delta``) certifies the longest prefix whose drop on new data is <=
-    ``pick.max_drop`` points; every certified point holds at once with probability >= 1 - delta, so the one
-    cheapest on val is chosen. None: no point certified (emit the backbone alone).
+    The sequence, fixed before val is read: the front's points in the order of their disagreement with the
+    backbone on train, lowest (most costly) first, each preceded by its :func:`ladder` of safer steps. The
+    disagreement, not the labelled drop, orders them even when the drop is tested: on the heads' own training
+    data the drop is biased low, often below zero. Fixed-sequence testing (level ``pick.delta``; exact binomial
+    for the disagreement, Waudby-Smith--Ramdas for the drop) walks it until the first setting whose risk it
+    cannot bound by ``pick.max_drop`` points; every setting before holds at once with probability >= 1 - delta,
+    so the one cheapest on val is deployed.
     """
-    from ..policies.risk import fixed_sequence
+    from ..policies.risk import fixed_sequence, pvalues
 
     cost_key = "latency_ms" if settings.cost == "latency" else "flops"
+    costs = recorded.costs(settings.cost)
     order = sorted(front, key=lambda t: (1.0 - t.user_attrs["fit"]["agreement"], -t.user_attrs["fit"][cost_key],
                                          t.number))
-    plans = [ExitPlan.from_dict(t.user_attrs["plan"]) for t in order]
     mode = settings.accuracy
     if mode == "auto":
         mode = "gt" if recorded.val.labels is not None else "agreement"
-    losses = np.stack([plan_losses(recorded, p, "val", mode) for p in plans]) if plans else np.zeros((0, recorded.val.n))
     method, bounds = ("binomial", (0.0, 1.0)) if mode == "agreement" else ("wsr", (-1.0, 1.0))
-    rc = fixed_sequence(losses, pick.max_drop / 100.0, pick.delta, method, bounds)
-    certified = order[: rc.index + 1]
-    chosen = None
-    if certified:
-        vals = {t.number: evaluate_plan(recorded, p, "val", mode) for t, p in zip(order, plans) if t in certified}
-        chosen = min(certified, key=lambda t: (vals[t.number][cost_key], vals[t.number]["drop_pp"], t.number))
+    alpha = pick.max_drop / 100.0
+    seq = [(t, k, p) for t in order for k, p in enumerate(ladder(recorded, ExitPlan.from_dict(t.user_attrs["plan"]),
+                                                                 settings.basis))]
+    losses, val_cost = [], []
+    for _t, _k, p in seq:  # the p-values are per setting: the walk stops at the first failure, as the test does
+        sp, out = _simulate(recorded, p, "val", costs)
+        loss = _losses(sp, out.pred, mode)
+        losses.append(loss)
+        val_cost.append(float(out.flops.mean()))
+        if pvalues(loss[None], alpha, method, pick.delta, bounds)[0] > pick.delta:
+            break
+    rc = fixed_sequence(np.stack(losses) if losses else np.zeros((0, recorded.val.n)), alpha, pick.delta, method,
+                        bounds)
+    n_cert = rc.index + 1
+    chosen = chosen_plan = None
+    if n_cert:
+        j = min(range(n_cert), key=lambda j: (val_cost[j], float(losses[j].mean()), j))
+        chosen, _, chosen_plan = seq[j]
     what = "disagreement with the backbone" if mode == "agreement" else "accuracy drop"
+    steps = len(LADDER) + 1
     cert = {
         "delta": pick.delta, "max_drop_pp": pick.max_drop, "risk": "disagreement" if mode == "agreement" else "drop",
-        "method": method, "n": int(recorded.val.n), "tested_points": len(order), "certified_points": len(certified),
-        "statement": rc.statement(what) if certified else (
-            f"no front point could be certified at {pick.max_drop:g} % on the {recorded.val.n} val samples "
+        "method": method, "n": int(recorded.val.n), "front_points": len(order), "sequence_length": len(seq),
+        "tested_points": len(losses), "certified_points": n_cert,
+        "ladder": [float(f) for f in LADDER],
+        "statement": rc.statement(what) if n_cert else (
+            f"no setting could be certified at {pick.max_drop:g} % on the {recorded.val.n} val samples "
             f"(delta = {pick.delta:g}): the backbone alone is emitted"),
-        "tested": [{"trial": t.number, "order": j, "certified": j <= rc.index, "pvalue": float(rc.pvalues[j]),
-                    "val_risk_pp": 100.0 * float(rc.empirical_risk[j])} for j, t in enumerate(order)],
+        "tested": [{"trial": t.number, "step": float(LADDER[k]) if k < steps - 1 else 1.0, "order": j,
+                    "certified": j < n_cert, "pvalue": float(rc.pvalues[j]),
+                    "val_risk_pp": 100.0 * float(rc.empirical_risk[j])}
+                   for j, (t, k, _p) in enumerate(seq[: len(losses)])],
     }
-    return chosen, cert
+    if chosen_plan is not None:
+        cert["chosen_step"] = float(chosen_plan.tolerance / ExitPlan.from_dict(chosen.user_attrs["plan"]).tolerance)
+    return chosen, chosen_plan, cert
 
 
 def _apply_pick(front: list, pick: PickRule, cost_key: str, base: float):

@@ -77,10 +77,10 @@ def outer_resplits(res, recorded, pool, splits, n_val: int, tol: float, accuracy
 
     pick = PickRule("certified", tol, delta=0.1)
     settings = OuterSettings(accuracy=accuracy, pick=pick)
-    savings, viol, chosen = [], 0, {}
+    savings, viol, chosen, ladders = [], 0, {}, {}
     for perm in splits:
         cal, tst = _rows(pool, perm[:n_val]), _rows(pool, perm[n_val:])
-        t, plan, _ = certify_front(res.front, replace(recorded, val=cal), pick, settings)
+        t, plan, _ = certify_front(res.front, replace(recorded, val=cal), pick, settings, ladders)
         if t is None:
             savings.append(0.0)
             continue
@@ -106,9 +106,10 @@ def outer_population(res, recorded, pool, draws: int, n_cal: int, tol: float, ac
     risk: dict = {}  # population risk per deployed setting (a front point or one of its ladder steps)
     rng = np.random.default_rng(seed)
     bad = none = 0
+    ladders: dict = {}
     for _ in range(draws):
         t, plan, _ = certify_front(res.front, replace(recorded, val=_rows(pool, rng.integers(0, pool.n, n_cal))),
-                                   pick, settings)
+                                   pick, settings, ladders)
         if t is None:
             none += 1
             continue

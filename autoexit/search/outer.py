@@ -1936,7 +1936,8 @@ def ladder(recorded: Recorded, plan: ExitPlan, basis: str = "total", steps: Sequ
     return [*out, plan]
 
 
-def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings):
+def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings,
+                  ladders: dict | None = None):
     """Learn-then-Test of the front on val; returns ``(trial, plan, certificate)``: the trial whose point (or one
     of its safer steps) is deployed and that plan, or ``(None, None, certificate)`` when nothing certifies
     (emit the backbone alone).
@@ -1948,6 +1949,9 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
     for the disagreement, Waudby-Smith--Ramdas for the drop) walks it until the first setting whose risk it
     cannot bound by ``pick.max_drop`` points; every setting before holds at once with probability >= 1 - delta,
     so the one cheapest on val is deployed.
+
+    ``ladders``: a dict to keep the ladders in between calls on the same front and train split (they depend on
+    nothing else), e.g. when re-certifying one front on many calibration draws.
     """
     from ..policies.risk import fixed_sequence, pvalues
 
@@ -1960,11 +1964,22 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
         mode = "gt" if recorded.val.labels is not None else "agreement"
     method, bounds = ("binomial", (0.0, 1.0)) if mode == "agreement" else ("wsr", (-1.0, 1.0))
     alpha = pick.max_drop / 100.0
-    seq = [(t, k, p) for t in order for k, p in enumerate(ladder(recorded, ExitPlan.from_dict(t.user_attrs["plan"]),
-                                                                 settings.basis))]
-    losses, val_cost = [], []
-    for _t, _k, p in seq:  # the p-values are per setting: the walk stops at the first failure, as the test does
-        sp, out = _simulate(recorded, p, "val", costs)
+    ladders = {} if ladders is None else ladders
+    plans = [ExitPlan.from_dict(t.user_attrs["plan"]) for t in order]
+    length = sum(len(LADDER) + 1 if p.kept else 1 for p in plans)
+
+    def sequence():  # built as far as the walk goes: each ladder is derived (on train) when it is reached
+        for t, plan in zip(order, plans):
+            key = (t.number, settings.basis)
+            if key not in ladders:
+                ladders[key] = ladder(recorded, plan, settings.basis)
+            for k, p in enumerate(ladders[key]):
+                yield t, k if plan.kept else len(LADDER), p
+
+    seq, losses, val_cost = [], [], []
+    for item in sequence():  # the p-values are per setting: the walk stops at the first failure, as the test does
+        seq.append(item)
+        sp, out = _simulate(recorded, item[2], "val", costs)
         loss = _losses(sp, out.pred, mode)
         losses.append(loss)
         val_cost.append(float(out.flops.mean()))
@@ -1981,7 +1996,7 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
     steps = len(LADDER) + 1
     cert = {
         "delta": pick.delta, "max_drop_pp": pick.max_drop, "risk": "disagreement" if mode == "agreement" else "drop",
-        "method": method, "n": int(recorded.val.n), "front_points": len(order), "sequence_length": len(seq),
+        "method": method, "n": int(recorded.val.n), "front_points": len(order), "sequence_length": length,
         "tested_points": len(losses), "certified_points": n_cert,
         "ladder": [float(f) for f in LADDER],
         "statement": rc.statement(what) if n_cert else (
@@ -1990,7 +2005,7 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
         "tested": [{"trial": t.number, "step": float(LADDER[k]) if k < steps - 1 else 1.0, "order": j,
                     "certified": j < n_cert, "pvalue": float(rc.pvalues[j]),
                     "val_risk_pp": 100.0 * float(rc.empirical_risk[j])}
-                   for j, (t, k, _p) in enumerate(seq[: len(losses)])],
+                   for j, (t, k, _p) in enumerate(seq)],
     }
     if chosen_plan is not None:
         cert["chosen_step"] = float(chosen_plan.tolerance / ExitPlan.from_dict(chosen.user_attrs["plan"]).tolerance)

@@ -62,12 +62,18 @@ def test_certificate_is_fixed_sequence_over_the_front_and_its_ladders(rec):
     for t in order:
         plan = O.ExitPlan.from_dict(t.user_attrs["plan"])
         idx = [rec.names.index(n) for n in plan.kept]
+        base = assign_thresholds(rec.fit.scores[plan.signal][idx], rec.fit.agree[idx], plan.tolerance, plan.scheme,
+                                 list(plan.kept), "total").thresholds if idx else np.zeros(0)
+        assert np.allclose(base, plan.thresholds)  # the plan's thresholds were derived on train
         for f in (*O.LADDER, 1.0):
             if not idx and f != 1.0:
                 continue
-            # each step: the plan's exits and scheme, its tolerance scaled, thresholds derived on train
-            thr = assign_thresholds(rec.fit.scores[plan.signal][idx], rec.fit.agree[idx], plan.tolerance * f,
-                                    plan.scheme, list(plan.kept), "total").thresholds if idx else []
+            # each step: the plan's exits, each letting out the top f of the train inputs its threshold passes
+            thr = [] if f < 1.0 else list(base)  # the point itself keeps its own thresholds
+            for i, th in zip(idx if f < 1.0 else [], base):
+                passing = sorted(rec.fit.scores[plan.signal][i][rec.fit.scores[plan.signal][i] >= th])
+                keep = int(np.floor(f * len(passing)))
+                thr.append(max(th, passing[-keep] if keep else np.inf) if passing else th)
             seq.append((t.number, f, plan.signal, idx, np.asarray(thr, dtype=float)))
     losses, costs = [], []
     for _n, _f, sig, idx, thr in seq:
@@ -84,8 +90,8 @@ def test_certificate_is_fixed_sequence_over_the_front_and_its_ladders(rec):
     assert [(x["trial"], x["step"]) for x in c["tested"]] == [(n, f) for n, f, *_ in seq[: c["tested_points"]]]
     best = min(range(n_cert), key=lambda j: (costs[j], losses[j].mean(), j))
     assert res.chosen_trial.number == seq[best][0]
-    assert res.chosen.tolerance == pytest.approx(O.ExitPlan.from_dict(res.chosen_trial.user_attrs["plan"]).tolerance
-                                                 * seq[best][1])
+    assert res.chosen.step == seq[best][1] and res.chosen.kept == tuple(
+        O.ExitPlan.from_dict(res.chosen_trial.user_attrs["plan"]).kept)
     assert np.allclose(res.chosen.thresholds, seq[best][4])
     assert res.val == O.evaluate_plan(rec, res.chosen, "val", "agreement")
     assert res.test == O.evaluate_plan(rec, res.chosen, "test", "agreement")
@@ -93,7 +99,11 @@ def test_certificate_is_fixed_sequence_over_the_front_and_its_ladders(rec):
     # the ladder's steps only make a point safer: each step lets at most as many samples exit on train
     plan = O.ExitPlan.from_dict(order[-1].user_attrs["plan"])
     exits = [O.evaluate_plan(rec.search_view(), p, "val", "agreement")["saving"] for p in O.ladder(rec, plan)]
-    assert exits == sorted(exits)
+    assert exits == sorted(exits) and exits[0] < exits[-1]
+    # a step round-trips through the plan's dict and is rebuilt from the train split when applied
+    step = O.ladder(rec, plan)[2]
+    assert O.ExitPlan.from_dict(step.to_dict()) == step and "step" in step.describe()
+    assert np.allclose(O.subset_result(rec, step, split="fit").thresholds.thresholds, step.thresholds)
     rows = {r["trial"]: r for r in res.front_rows}
     certified_points = {x["trial"] for x in c["tested"] if x["certified"] and x["step"] == 1.0}
     assert {n for n, r in rows.items() if r["certified"]} == certified_points

@@ -777,22 +777,28 @@ class ExitPlan:
     kept: tuple[str, ...]
     thresholds: tuple[float, ...]
     k: int | None = None
+    step: float = 1.0  # < 1: a safer step of the plan (certified pick): each exit lets out this share of its inputs
 
     def to_dict(self) -> dict:
-        return {"tolerance": self.tolerance, "scheme": list(self.scheme) if isinstance(self.scheme, tuple)
-                else self.scheme, "selection": self.selection, "signal": self.signal, "kept": list(self.kept),
-                "thresholds": [_jsonable_float(t) for t in self.thresholds], "k": self.k}
+        d = {"tolerance": self.tolerance, "scheme": list(self.scheme) if isinstance(self.scheme, tuple)
+             else self.scheme, "selection": self.selection, "signal": self.signal, "kept": list(self.kept),
+             "thresholds": [_jsonable_float(t) for t in self.thresholds], "k": self.k}
+        if self.step != 1.0:
+            d["step"] = self.step
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ExitPlan:
         sch = d["scheme"]
         return cls(float(d["tolerance"]), tuple(float(x) for x in sch) if isinstance(sch, list) else str(sch),
                    str(d["selection"]), str(d["signal"]), tuple(d["kept"]),
-                   tuple(float(t) for t in d["thresholds"]), d.get("k"))
+                   tuple(float(t) for t in d["thresholds"]), d.get("k"), float(d.get("step", 1.0)))
 
     def describe(self) -> str:
         sch = "weights " + "/".join(f"{w:.2f}" for w in self.scheme) if isinstance(self.scheme, tuple) else self.scheme
-        return f"T={self.tolerance:.3g} %, {sch}, {self.selection}, {self.signal}: {', '.join(self.kept) or 'no exit'}"
+        step = f" (step: {self.step:.3g} of its exits on train)" if self.step != 1.0 else ""
+        return (f"T={self.tolerance:.3g} %, {sch}, {self.selection}, {self.signal}: "
+                f"{', '.join(self.kept) or 'no exit'}{step}")
 
 
 def _jsonable_float(x: float) -> float | str:
@@ -918,6 +924,14 @@ def subset_result(recorded: Recorded, plan: ExitPlan, basis: str = "total", spli
     agree = sp.agree[idx]
     if idx:
         thr = assign_thresholds(scores, agree, plan.tolerance, plan.scheme, list(plan.kept), basis)
+        if plan.step != 1.0:  # a safer step of the searched plan (certified pick): its thresholds from the plan's
+            stepped = _step_thresholds(scores, thr.thresholds, plan.step)
+            out = simulate_exits(scores, sp.pred[idx], sp.backbone_pred, stepped, recorded.flops.c1[idx],
+                                 recorded.flops.before[idx], recorded.flops.base)
+            reached = np.array([(out.exit_index >= i).sum() for i in range(len(idx))])
+            wrong = np.array([((out.exit_index == i) & (out.pred != sp.backbone_pred)).sum()
+                              for i in range(len(idx))])
+            thr = ThresholdResult(list(plan.kept), stepped, thr.budgets, reached, out.hits[:-1], wrong, sp.n, basis)
         if not np.allclose(thr.thresholds, np.asarray(plan.thresholds, dtype=np.float64), rtol=0, atol=1e-9):
             raise AutoExitError("the chosen plan's thresholds cannot be reproduced from these predictions; the heads "
                                 "differ from the ones the study was run on (re-run the search on this machine)")
@@ -1920,20 +1934,31 @@ def plan_losses(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy
 LADDER = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the certified pick's steps towards each front point
 
 
-def ladder(recorded: Recorded, plan: ExitPlan, basis: str = "total", steps: Sequence[float] = LADDER) -> list:
-    """``plan`` and, before it, the same exits, signal and split scheme at ``steps`` x its tolerance (thresholds
-    derived on the train split like the plan's own): the safer settings the certified pick tests on the way to
-    the plan. On the data the heads were trained on, even a front point's train disagreement overstates how
-    safe it is; without these steps one optimistic point early in the sequence would stop the whole test."""
+def _step_thresholds(scores: np.ndarray, thresholds: np.ndarray, step: float) -> np.ndarray:
+    """Each exit's threshold raised so that, on ``scores`` (the train split), ``step`` of the inputs that pass its
+    own threshold still do (the highest-scoring ones); never lowered."""
+    out = np.array(thresholds, dtype=np.float64)
+    for i, (sc, th) in enumerate(zip(scores, thresholds)):
+        passing = np.sort(sc[sc >= th].astype(np.float64))
+        if len(passing):
+            keep = int(np.floor(step * len(passing)))
+            out[i] = max(th, np.inf if keep == 0 else float(passing[len(passing) - keep]))
+    return out
+
+
+def ladder(recorded: Recorded, plan: ExitPlan, steps: Sequence[float] = LADDER) -> list:
+    """``plan`` and, before it, safer steps of it: the same exits, each letting out only ``step`` of the train
+    inputs that pass its threshold (the most confident ones). The certified pick tests them on the way to the
+    plan: on the data the heads were trained on even a cautious point looks safer than it is (its most
+    confident train inputs are all right), and without these steps one such point early in the sequence would
+    stop the whole test."""
     if not plan.kept or recorded.fit is None:
         return [plan]
     idx = [recorded.names.index(n) for n in plan.kept]
-    sc, ag = recorded.fit.scores[plan.signal][idx], recorded.fit.agree[idx]
-    out = []
-    for f in steps:
-        thr = assign_thresholds(sc, ag, plan.tolerance * f, plan.scheme, list(plan.kept), basis).thresholds
-        out.append(replace(plan, tolerance=plan.tolerance * f, thresholds=tuple(float(x) for x in thr)))
-    return [*out, plan]
+    sc = recorded.fit.scores[plan.signal][idx]
+    thr = np.asarray(plan.thresholds, dtype=np.float64)
+    return [*(replace(plan, thresholds=tuple(float(x) for x in _step_thresholds(sc, thr, f)), step=float(f))
+              for f in steps), plan]
 
 
 def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings,
@@ -1970,9 +1995,9 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
 
     def sequence():  # built as far as the walk goes: each ladder is derived (on train) when it is reached
         for t, plan in zip(order, plans):
-            key = (t.number, settings.basis)
+            key = t.number
             if key not in ladders:
-                ladders[key] = ladder(recorded, plan, settings.basis)
+                ladders[key] = ladder(recorded, plan)
             for k, p in enumerate(ladders[key]):
                 yield t, k if plan.kept else len(LADDER), p
 
@@ -2008,7 +2033,7 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
                    for j, (t, k, _p) in enumerate(seq)],
     }
     if chosen_plan is not None:
-        cert["chosen_step"] = float(chosen_plan.tolerance / ExitPlan.from_dict(chosen.user_attrs["plan"]).tolerance)
+        cert["chosen_step"] = chosen_plan.step
     return chosen, chosen_plan, cert
 
 

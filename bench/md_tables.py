@@ -393,7 +393,9 @@ def outer_certified_blocks() -> dict[str, str]:
     rows = []
     for d in res.get("depths", {}).values():
         for r in d["rows"]:
-            rows.append({**r, "viol": "-" if r.get("viol(drop)") is None else f"{r['viol(drop)']:.2f}",
+            cert = {"True": "policy's own", "False": "none"}.get(r["certified"], r["certified"])
+            rows.append({**r, "certified": cert,
+                         "viol": "-" if r.get("viol(drop)") is None else f"{r['viol(drop)']:.2f}",
                          "pop": "-" if r.get("population viol") is None else f"{r['population viol']:.3f}"})
     note = (f"Run {env.get('date', '?')} at commit {env.get('commit', '?')} "
             f"(`{res.get('command', 'python bench/outer_certified.py')}`), "

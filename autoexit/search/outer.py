@@ -1998,13 +1998,13 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
             key = t.number
             if key not in ladders:
                 ladders[key] = ladder(recorded, plan)
-            for k, p in enumerate(ladders[key]):
-                yield t, k if plan.kept else len(LADDER), p
+            for p in ladders[key]:
+                yield t, p
 
     seq, losses, val_cost = [], [], []
     for item in sequence():  # the p-values are per setting: the walk stops at the first failure, as the test does
         seq.append(item)
-        sp, out = _simulate(recorded, item[2], "val", costs)
+        sp, out = _simulate(recorded, item[1], "val", costs)
         loss = _losses(sp, out.pred, mode)
         losses.append(loss)
         val_cost.append(float(out.flops.mean()))
@@ -2016,9 +2016,8 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
     chosen = chosen_plan = None
     if n_cert:
         j = min(range(n_cert), key=lambda j: (val_cost[j], float(losses[j].mean()), j))
-        chosen, _, chosen_plan = seq[j]
+        chosen, chosen_plan = seq[j]
     what = "disagreement with the backbone" if mode == "agreement" else "accuracy drop"
-    steps = len(LADDER) + 1
     cert = {
         "delta": pick.delta, "max_drop_pp": pick.max_drop, "risk": "disagreement" if mode == "agreement" else "drop",
         "method": method, "n": int(recorded.val.n), "front_points": len(order), "sequence_length": length,
@@ -2027,10 +2026,9 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
         "statement": rc.statement(what) if n_cert else (
             f"no setting could be certified at {pick.max_drop:g} % on the {recorded.val.n} val samples "
             f"(delta = {pick.delta:g}): the backbone alone is emitted"),
-        "tested": [{"trial": t.number, "step": float(LADDER[k]) if k < steps - 1 else 1.0, "order": j,
-                    "certified": j < n_cert, "pvalue": float(rc.pvalues[j]),
-                    "val_risk_pp": 100.0 * float(rc.empirical_risk[j])}
-                   for j, (t, k, _p) in enumerate(seq)],
+        "tested": [{"trial": t.number, "step": p.step, "order": j, "certified": j < n_cert,
+                    "pvalue": float(rc.pvalues[j]), "val_risk_pp": 100.0 * float(rc.empirical_risk[j])}
+                   for j, (t, p) in enumerate(seq)],
     }
     if chosen_plan is not None:
         cert["chosen_step"] = chosen_plan.step

@@ -55,19 +55,14 @@ def _concat(a, b):
                      None if a.labels is None else np.concatenate([a.labels, b.labels]))
 
 
-def _rows(sp, idx):
-    from autoexit.search.outer import SplitData
-
-    return SplitData(sp.pred[:, idx], {k: v[:, idx] for k, v in sp.scores.items()}, sp.backbone_pred[idx],
-                     None if sp.labels is None else sp.labels[idx])
-
-
-def study(recorded, accuracy: str, trials: int, certified: bool, tol: float = 1.0):
+def study(recorded, accuracy: str, trials: int, certified: bool):
+    """One study; the trials do not depend on the pick's budget (the tolerance is searched), so each T re-picks
+    from it (``OuterSearchResult.from_study(..., pick=...)``)."""
     import optuna
 
     from autoexit.search.outer import optimize
 
-    pick = {"rule": "certified", "max_drop": tol, "delta": 0.1} if certified else {"rule": "min_cost", "max_drop": tol}
+    pick = {"rule": "certified" if certified else "min_cost", "max_drop": 1.0}
     return optimize(recorded, storage=optuna.storages.InMemoryStorage(), n_trials=trials, progress=False,
                     space="outer", settings={"accuracy": accuracy, "pick": pick, "seed": 0})
 
@@ -79,7 +74,7 @@ def outer_resplits(res, recorded, pool, splits, n_val: int, tol: float, accuracy
     settings = OuterSettings(accuracy=accuracy, pick=pick)
     savings, viol, chosen, ladders = [], 0, {}, {}
     for perm in splits:
-        cal, tst = _rows(pool, perm[:n_val]), _rows(pool, perm[n_val:])
+        cal, tst = pool.take(perm[:n_val]), pool.take(perm[n_val:])
         t, plan, _ = certify_front(res.front, replace(recorded, val=cal), pick, settings, ladders)
         if t is None:
             savings.append(0.0)
@@ -108,7 +103,7 @@ def outer_population(res, recorded, pool, draws: int, n_cal: int, tol: float, ac
     bad = none = 0
     ladders: dict = {}
     for _ in range(draws):
-        t, plan, _ = certify_front(res.front, replace(recorded, val=_rows(pool, rng.integers(0, pool.n, n_cal))),
+        t, plan, _ = certify_front(res.front, replace(recorded, val=pool.take(rng.integers(0, pool.n, n_cal))),
                                    pick, settings, ladders)
         if t is None:
             none += 1
@@ -165,8 +160,7 @@ def run_depth(depth: int, trials: int, log, draws: int = 1000) -> dict:
                          "disagree %": 100 * m["disagreement"], "certified": f"{len(fp.chain) > 0}",
                          "resplit saving %": rs["resplit saving %"], "viol(drop)": rs["viol(drop)"]})
         for acc, label in (("agreement", "outer, certified"), ("gt", "outer, certified+drop")):
-            res = OuterSearchResult.from_study(studies[acc].study, recorded, obj=_objective(recorded, acc, tol, True),
-                                               pick=PickRule("certified", tol, delta=0.1))
+            res = OuterSearchResult.from_study(studies[acc].study, recorded, pick=PickRule("certified", tol, delta=0.1))
             m = evaluate_plan(recorded, res.chosen, "test", "gt")
             rs = outer_resplits(res, recorded, pool, splits, n_val, tol, acc)
             t0 = time.perf_counter()
@@ -178,8 +172,7 @@ def run_depth(depth: int, trials: int, log, draws: int = 1000) -> dict:
                          "certified": f"{c['certified_points']}/{c['sequence_length']}", **rs,
                          "plan": res.chosen.describe()})
         for acc, label in (("agreement", "outer, min_cost (val)"), ("gt", "outer, min_cost+drop (val)")):
-            res = OuterSearchResult.from_study(plain[acc].study, valrec, obj=_objective(valrec, acc, tol, False),
-                                               pick=PickRule("min_cost", tol))
+            res = OuterSearchResult.from_study(plain[acc].study, valrec, pick=PickRule("min_cost", tol))
             m = evaluate_plan(valrec, res.chosen, "test", "gt")
             rows.append({"model": f"resnet{depth}", "T %": tol, "method": label,
                          "exits": len(res.chosen.kept), "saving %": 100 * m["saving"], "drop %": m["drop_pp"],
@@ -192,13 +185,6 @@ def run_depth(depth: int, trials: int, log, draws: int = 1000) -> dict:
     return {"depth": depth, "candidates": names, "trials": trials, "n": {"val": int(recorded.val.n),
             "test": int(recorded.test.n), "train": int(recorded.fit.n)}, "rows": rows,
             "study_seconds": {"certified (2 studies)": t_cert, "min_cost on val (2 studies)": t_plain}}
-
-
-def _objective(recorded, accuracy: str, tol: float, certified: bool):
-    from autoexit.search.outer import Objective, OuterSettings, PickRule
-
-    settings = OuterSettings(accuracy=accuracy, pick=PickRule("certified" if certified else "min_cost", tol))
-    return Objective(recorded.search_view() if certified else recorded, "outer", settings)
 
 
 def main(argv=None) -> int:

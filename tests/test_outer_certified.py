@@ -157,8 +157,7 @@ def test_the_certified_pick_keeps_its_budget_over_calibration_draws(rec):
     settings = O.OuterSettings(accuracy="agreement", pick=pick)
     for _ in range(draws):
         i = rng.integers(0, pop.n, 2000)
-        cal = O.SplitData(pop.pred[:, i], {k: v[:, i] for k, v in pop.scores.items()}, pop.backbone_pred[i],
-                          pop.labels[i])
+        cal = pop.take(i)
         t, plan, _cert = O.certify_front(res.front, replace(rec, val=cal), pick, settings)
         if t is not None:
             chosen.add((t.number, plan.tolerance))
@@ -192,3 +191,11 @@ def test_bad_input_is_refused_clearly(rec):
     O.optimize(rec, storage=storage, study_name="c", n_trials=3, progress=False, settings=CERT)
     with pytest.raises(AutoExitError, match="scored its trials on the train split"):
         O.optimize(rec, storage=storage, study_name="c", n_trials=3, progress=False)
+
+
+def test_re_picking_a_finished_study_uses_its_own_settings(rec):
+    """``from_study`` without an objective reads the settings the study stored (here: label-free accuracy)."""
+    res = _run(rec, n_trials=40)
+    again = O.OuterSearchResult.from_study(res.study, rec)
+    assert again.certificate["risk"] == "disagreement" and again.chosen == res.chosen
+    assert again.val == res.val

@@ -459,6 +459,11 @@ class SplitData:
     def n(self) -> int:
         return int(self.backbone_pred.shape[0])
 
+    def take(self, idx) -> SplitData:
+        """The samples ``idx`` of this split (e.g. one calibration draw of a re-certification)."""
+        return SplitData(self.pred[:, idx], {k: v[:, idx] for k, v in self.scores.items()}, self.backbone_pred[idx],
+                         None if self.labels is None else self.labels[idx])
+
     @property
     def agree(self) -> np.ndarray:
         if not hasattr(self, "_agree"):
@@ -851,17 +856,35 @@ def _truthy(v) -> bool:
     return v in (True, 1, "1", "true", "True", "yes")
 
 
-def evaluate_plan(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy: str = "auto") -> dict:
-    """What ``plan`` does on ``split`` of the recorded predictions: cost, accuracy drop, exit rates."""
-    sp = recorded.val if split == "val" else recorded.test
+def _simulate(recorded: Recorded, plan: ExitPlan, split: str, costs: ExitCosts | None = None):
+    sp = {"val": recorded.val, "test": recorded.test, "fit": recorded.fit}[split]
     if sp is None:
         raise AutoExitError(f"no {split} split in the recorded predictions")
+    c = costs or recorded.flops
     idx = [recorded.names.index(n) for n in plan.kept]
-    scores = sp.scores[plan.signal][idx]
-    pred = sp.pred[idx]
-    thr = np.asarray(plan.thresholds, dtype=np.float64)
-    out_f = simulate_exits(scores, pred, sp.backbone_pred, thr, recorded.flops.c1[idx],
-                           recorded.flops.before[idx], recorded.flops.base, recorded.flops.fixed)
+    out = simulate_exits(sp.scores[plan.signal][idx], sp.pred[idx], sp.backbone_pred,
+                         np.asarray(plan.thresholds, dtype=np.float64), c.c1[idx], c.before[idx], c.base, c.fixed)
+    return sp, out
+
+
+def _accuracy_mode(accuracy: str, sp: SplitData) -> str:
+    """``agreement`` or ``gt``: what the drop is on ``sp`` (``auto``: the GT drop when it is labelled)."""
+    mode = ("gt" if sp.labels is not None else "agreement") if accuracy == "auto" else accuracy
+    if mode == "gt" and sp.labels is None:
+        raise AutoExitError("accuracy 'gt' needs labelled data; use accuracy: agreement (label-free) or auto")
+    return mode
+
+
+def _losses(sp, pred: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "gt":
+        return (sp.backbone_pred == sp.labels).astype(np.float64) - (pred == sp.labels).astype(np.float64)
+    return (pred != sp.backbone_pred).astype(np.float64)
+
+
+def evaluate_plan(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy: str = "auto") -> dict:
+    """What ``plan`` does on ``split`` of the recorded predictions: cost, accuracy drop, exit rates."""
+    sp, out_f = _simulate(recorded, plan, split)
+    idx = [recorded.names.index(n) for n in plan.kept]
     n = sp.n
     m: dict[str, Any] = {
         "n": n,
@@ -874,28 +897,21 @@ def evaluate_plan(recorded: Recorded, plan: ExitPlan, split: str = "val", accura
     }
     if recorded.latency is not None:
         lat = recorded.latency
-        out_l = simulate_exits(scores, pred, sp.backbone_pred, thr, lat.c1[idx], lat.before[idx], lat.base,
-                               lat.fixed)
+        out_l = _simulate(recorded, plan, split, lat)[1]
         m["latency_ms"] = float(out_l.flops.mean())
         m["latency_fraction"] = float(out_l.flops.mean() / lat.base)
-    agree = out_f.pred == sp.backbone_pred
-    m["agreement"] = float(agree.mean())
+    d_dis = _losses(sp, out_f.pred, "agreement")
+    m["agreement"] = float((out_f.pred == sp.backbone_pred).mean())
     m["disagreement_pp"] = 100.0 * (1.0 - m["agreement"])
-    d_dis = (~agree).astype(np.float64)
     m["disagreement_se_pp"] = 100.0 * float(d_dis.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     if sp.labels is not None:
-        bc = sp.backbone_pred == sp.labels
-        ec = out_f.pred == sp.labels
-        d = bc.astype(np.float64) - ec.astype(np.float64)
-        m.update(accuracy=float(ec.mean()), backbone_accuracy=float(bc.mean()), gt_drop_pp=100.0 * float(d.mean()),
+        d = _losses(sp, out_f.pred, "gt")
+        m.update(accuracy=float((out_f.pred == sp.labels).mean()),
+                 backbone_accuracy=float((sp.backbone_pred == sp.labels).mean()), gt_drop_pp=100.0 * float(d.mean()),
                  gt_drop_se_pp=100.0 * float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0)
     else:
         m.update(accuracy=None, backbone_accuracy=None, gt_drop_pp=None, gt_drop_se_pp=None)
-    mode = accuracy
-    if mode == "auto":
-        mode = "gt" if sp.labels is not None else "agreement"
-    if mode == "gt" and sp.labels is None:
-        raise AutoExitError("accuracy 'gt' needs labelled data; use accuracy: agreement (label-free) or auto")
+    mode = _accuracy_mode(accuracy, sp)
     m["drop_kind"] = mode
     m["drop_pp"] = m["gt_drop_pp"] if mode == "gt" else m["disagreement_pp"]
     m["drop_se_pp"] = m["gt_drop_se_pp"] if mode == "gt" else m["disagreement_se_pp"]
@@ -1595,13 +1611,14 @@ class OuterSearchResult:
     def from_study(cls, study, recorded: Recorded, obj: Objective | None = None, test: bool = True,
                    pick: PickRule | None = None) -> OuterSearchResult:
         optuna = _optuna()
-        settings = obj.settings if obj is not None else OuterSettings.from_dict({})
+        # without an objective: the settings the study was run with (accuracy, cost, basis), as it stored them
+        settings = obj.settings if obj is not None else OuterSettings.from_dict(
+            study.user_attrs.get("autoexit:settings") or {})
         pick = pick or settings.pick
-        if pick.certified and recorded.fit is None:
-            recorded.search_view()  # raises: says how to record the train split
+        # what the trials read: the train split for the certified pick (an error says how to record it)
+        search = recorded.search_view() if pick.certified else recorded
         if obj is None:
-            space = OuterSpace.from_dict(study.user_attrs.get("autoexit:space"))
-            obj = Objective(recorded.search_view() if pick.certified else recorded, space, settings)
+            obj = Objective(search, OuterSpace.from_dict(study.user_attrs.get("autoexit:space")), settings)
         key = "fit" if pick.certified else "val"  # the split the trials were scored on (their user attr)
         done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 if "plan" in t.user_attrs and key in t.user_attrs]
@@ -1904,31 +1921,11 @@ class OuterSearchResult:
         return self.attach(out)
 
 
-def _simulate(recorded: Recorded, plan: ExitPlan, split: str, costs: ExitCosts | None = None):
-    sp = {"val": recorded.val, "test": recorded.test, "fit": recorded.fit}[split]
-    if sp is None:
-        raise AutoExitError(f"no {split} split in the recorded predictions")
-    c = costs or recorded.flops
-    idx = [recorded.names.index(n) for n in plan.kept]
-    out = simulate_exits(sp.scores[plan.signal][idx], sp.pred[idx], sp.backbone_pred,
-                         np.asarray(plan.thresholds, dtype=np.float64), c.c1[idx], c.before[idx], c.base, c.fixed)
-    return sp, out
-
-
-def _losses(sp, pred: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "gt":
-        if sp.labels is None:
-            raise AutoExitError("accuracy 'gt' needs labelled data; use accuracy: agreement (label-free) or auto")
-        return (sp.backbone_pred == sp.labels).astype(np.float64) - (pred == sp.labels).astype(np.float64)
-    return (pred != sp.backbone_pred).astype(np.float64)
-
-
 def plan_losses(recorded: Recorded, plan: ExitPlan, split: str = "val", accuracy: str = "auto") -> np.ndarray:
     """Per-sample loss of ``plan`` on ``split``: 1 where its answer differs from the backbone's (``agreement``),
     or ``1[backbone right] - 1[plan right]`` in {-1, 0, 1} (``gt``; ``auto``: ``gt`` when labelled)."""
     sp, out = _simulate(recorded, plan, split)
-    mode = ("gt" if sp.labels is not None else "agreement") if accuracy == "auto" else accuracy
-    return _losses(sp, out.pred, mode)
+    return _losses(sp, out.pred, _accuracy_mode(accuracy, sp))
 
 
 LADDER = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # the certified pick's steps towards each front point
@@ -1984,9 +1981,7 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
     costs = recorded.costs(settings.cost)
     order = sorted(front, key=lambda t: (1.0 - t.user_attrs["fit"]["agreement"], -t.user_attrs["fit"][cost_key],
                                          t.number))
-    mode = settings.accuracy
-    if mode == "auto":
-        mode = "gt" if recorded.val.labels is not None else "agreement"
+    mode = _accuracy_mode(settings.accuracy, recorded.val)
     method, bounds = ("binomial", (0.0, 1.0)) if mode == "agreement" else ("wsr", (-1.0, 1.0))
     alpha = pick.max_drop / 100.0
     ladders = {} if ladders is None else ladders

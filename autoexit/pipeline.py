@@ -72,7 +72,8 @@ class EnableConfig:
     cross_fit: when >= 2, the policy is fitted on out-of-fold predictions of the train split (cut into
     ``cross_fit`` folds, each predicted by heads trained on the others: about ``cross_fit - 1`` more head trainings),
     so it sees the heads as new data will; the deployed heads are still trained on the whole train split
-    and certified on val. 0 (default): fitted on the heads' own training data.
+    and certified on val. 0 (default): fitted on the heads' own training data. The outer search's certified
+    pick (``outer.pick.rule: certified``) reads it too: its trials are then scored on those predictions.
 
     cost: what the guaranteed policies minimise when they choose exits and thresholds: ``flops``
     (counted, the default) or ``latency`` (each backbone stage and head timed on a device evaluator,
@@ -253,6 +254,9 @@ class EnableResult:
     timings: dict
     latency: dict | None = None
     extra: dict = field(default_factory=dict)
+    # the train split's predictions the policy was fitted on when they are not the heads' own (cross_fit: out of
+    # fold); the outer search's certified pick scores its trials on them (Recorded.from_result(..., fit=True))
+    fit_predictions: ExitPredictions | None = None
 
     @property
     def kept(self) -> list[str]:
@@ -774,6 +778,7 @@ def enable(
     if config.cross_fit:
         result.extra["policy"]["fitted_on"] = (f"out-of-fold predictions of the train split ({config.cross_fit} "
                                                "folds)")
+        result.fit_predictions = predictions["train"]
     # the chain a guaranteed policy chose on the fit split (before val certified its thresholds and unused exits
     # were dropped), so the cascade heads, like every head, do not depend on the calibration split
     chain = list(result.extra["policy"].get("fit_chain", result.kept)) if config.cascade_heads else []

@@ -11,6 +11,10 @@ default heads, 50/20/30, seed 0). In one process run, per network and tolerance 
   is searched; only the certificate depends on T).
 * ``max_softmax`` / ``max_softmax+drop``: the core's guaranteed default policy on the same heads (the rows
   of ``bench/policies.py``).
+* ``... (cross-fitted, 2 folds)``: the four rows above again, with the train split replaced by its out-of-fold
+  predictions (each half predicted by heads trained on the other half; ``--cross-fit``, 0 skips them): the
+  certified search with ``enable.cross_fit: 2``, and the policies with ``EnableConfig(cross_fit=2)``. The
+  deployed heads, val and test are the same; temperatures are fitted on the out-of-fold predictions.
 * ``outer, min_cost (val)``: the search as it ran before (trials and pick on val, temperatures on val, the
   cheapest front point with val drop <= T): no guarantee. Test numbers only: re-splitting it would mean
   re-running the study per draw.
@@ -24,8 +28,11 @@ on the whole pool: see :func:`outer_population`).
 
     python bench/outer_certified.py                  # ResNet-20 and -56, 400 trials
     python bench/outer_certified.py --depths 20 --trials 200
+    python bench/outer_certified.py --cross-fit 0    # without the cross-fitted rows
 
-Writes ``bench/results/outer_certified.json``. Heads come from the cache ``bench/policies.py`` fills.
+Writes ``bench/results/outer_certified.json``. Heads come from the cache ``bench/policies.py`` fills; the
+out-of-fold predictions from the cache of ``bench.head_levers.out_of_fold`` (computed when missing: about
+12 min for ResNet-20 and 40 for ResNet-56 on 2 cores).
 """
 
 from __future__ import annotations
@@ -115,76 +122,108 @@ def outer_population(res, recorded, pool, draws: int, n_cal: int, tol: float, ac
     return {"population viol": bad / draws, "population draws": draws, "population none certified": none / draws}
 
 
-def run_depth(depth: int, trials: int, log, draws: int = 1000) -> dict:
+def _policy_rows(depth: int, tol: float, tables: dict, costs, splits, suffix: str) -> list[dict]:
+    """The core's guaranteed default policy, label-free and labelled, on ``tables`` (its fit split: train)."""
+    from autoexit.policies import PolicyContext, make_policy
+    from bench.policies import _pool, resplit_violations
+
+    pool_t, rows = _pool(tables["val"], tables["test"]), []
+    for label, policy, risk in (("max_softmax", "max_softmax", "disagreement"),
+                                ("max_softmax+drop", "max_softmax", "drop")):
+        fp = make_policy(policy).fit(PolicyContext(tables["train"], tables["val"], costs, tol, 0.1, risk))
+        m = fp.evaluate(tables["test"], costs)
+        rs = resplit_violations(fp, policy, pool_t, splits, tables["val"].n, costs, tol)
+        rows.append({"model": f"resnet{depth}", "T %": tol, "method": label + suffix, "exits": len(fp.chain),
+                     "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
+                     "disagree %": 100 * m["disagreement"], "certified": f"{len(fp.chain) > 0}",
+                     "resplit saving %": rs["resplit saving %"], "viol(drop)": rs["viol(drop)"]})
+    return rows
+
+
+def _certified_rows(depth: int, tol: float, studies: dict, recorded, splits, draws: int, log,
+                    suffix: str) -> list[dict]:
+    """The certified outer search's pick at ``tol`` from each study (label-free, labelled) on ``recorded``."""
+    from autoexit.search.outer import OuterSearchResult, PickRule, evaluate_plan
+
+    pool, n_val, rows = _concat(recorded.val, recorded.test), recorded.val.n, []
+    for acc, label in (("agreement", "outer, certified"), ("gt", "outer, certified+drop")):
+        res = OuterSearchResult.from_study(studies[acc].study, recorded, pick=PickRule("certified", tol, delta=0.1))
+        m = evaluate_plan(recorded, res.chosen, "test", "gt")
+        rs = outer_resplits(res, recorded, pool, splits, n_val, tol, acc)
+        t0 = time.perf_counter()
+        rs.update(outer_population(res, recorded, pool, draws, n_val, tol, acc))
+        log(f"  population check ({draws} draws): {time.perf_counter() - t0:.0f} s")
+        c = res.certificate
+        rows.append({"model": f"resnet{depth}", "T %": tol, "method": label + suffix, "exits": len(res.chosen.kept),
+                     "saving %": 100 * m["saving"], "drop %": m["drop_pp"], "disagree %": m["disagreement_pp"],
+                     "certified": f"{c['certified_points']}/{c['sequence_length']}", **rs,
+                     "plan": res.chosen.describe()})
+    return rows
+
+
+def run_depth(depth: int, trials: int, log, draws: int = 1000, cross_fit: int = 2) -> dict:
     from autoexit.calibrate import calibrate_temperatures
-    from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
+    from autoexit.policies import ExitCosts, ExitTable
     from autoexit.search.outer import OuterSearchResult, PickRule, Recorded, evaluate_plan
-    from bench.policies import _pool, resplit_violations, setup, split_data
+    from bench.policies import cross_fitted_data, setup, split_data
 
     t0 = time.perf_counter()
     cfg, tb, points, rec, heads = setup(depth)
     data = split_data(rec, heads)
     names = [p.name for p in rec.points if p.name in heads]
     log(f"resnet{depth}: {len(names)} candidate exits, setup {time.perf_counter() - t0:.0f} s")
-    # the guaranteed policies, as bench/policies.py fits them (temperatures on train)
-    temps = calibrate_temperatures(data["train"][0])
-    tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
     costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
                       float(tb.total_flops))
-    pool_t = _pool(tables["val"], tables["test"])
-    n_val = tables["val"].n
+
+    def tables_of(d):  # the guaranteed policies, as bench/policies.py fits them (temperatures on train)
+        temps = calibrate_temperatures(d["train"][0])
+        return temps, {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in d.items()}
+
+    temps, tables = tables_of(data)
     rng = np.random.default_rng(12345)  # bench/policies.py's re-splits
-    splits = [rng.permutation(pool_t.n) for _ in range(RESPLITS)]
+    splits = [rng.permutation(tables["val"].n + tables["test"].n) for _ in range(RESPLITS)]
 
     recorded = Recorded.from_heads(tb, rec, heads, fit=True)
     assert np.allclose(recorded.temperatures, temps)
-    pool = _concat(recorded.val, recorded.test)
     valrec = Recorded.from_heads(tb, rec, heads)  # the search as it ran before: everything on val
+    variants = [("", recorded, tables)]
+    if cross_fit:  # the same, with the trials (and the policies) on out-of-fold train predictions
+        data_cf = cross_fitted_data(depth, rec, heads, data, cross_fit, cfg.train, log)
+        temps_cf, tables_cf = tables_of(data_cf)
+        rec_cf = Recorded.from_heads(tb, rec, heads, fit=True, fit_predictions=data_cf["train"][0], folds=cross_fit)
+        assert np.allclose(rec_cf.temperatures, temps_cf)
+        variants.append((f" (cross-fitted, {cross_fit} folds)", rec_cf, tables_cf))
 
-    rows = []
-    t0 = time.perf_counter()
-    studies = {acc: study(recorded, acc, trials, True) for acc in ("agreement", "gt")}
-    t_cert = time.perf_counter() - t0
+    rows, timing = [], {}
+    studies = {}
+    for suffix, r, _ in variants:
+        t0 = time.perf_counter()
+        studies[suffix] = {acc: study(r, acc, trials, True) for acc in ("agreement", "gt")}
+        timing[f"certified{suffix} (2 studies)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = {acc: study(valrec, acc, trials, False) for acc in ("agreement", "gt")}
-    t_plain = time.perf_counter() - t0
-    log(f"  studies: certified {t_cert:.0f} s (2 x {trials} trials), min_cost on val {t_plain:.0f} s")
+    timing["min_cost on val (2 studies)"] = time.perf_counter() - t0
+    log("  studies: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()))
     for tol in TOLERANCES:
-        for label, policy, risk in (("max_softmax", "max_softmax", "disagreement"),
-                                    ("max_softmax+drop", "max_softmax", "drop")):
-            fp = make_policy(policy).fit(PolicyContext(tables["train"], tables["val"], costs, tol, 0.1, risk))
-            m = fp.evaluate(tables["test"], costs)
-            rs = resplit_violations(fp, policy, pool_t, splits, n_val, costs, tol)
-            rows.append({"model": f"resnet{depth}", "T %": tol, "method": label, "exits": len(fp.chain),
-                         "saving %": 100 * m["saving"], "drop %": 100 * m["drop"],
-                         "disagree %": 100 * m["disagreement"], "certified": f"{len(fp.chain) > 0}",
-                         "resplit saving %": rs["resplit saving %"], "viol(drop)": rs["viol(drop)"]})
-        for acc, label in (("agreement", "outer, certified"), ("gt", "outer, certified+drop")):
-            res = OuterSearchResult.from_study(studies[acc].study, recorded, pick=PickRule("certified", tol, delta=0.1))
-            m = evaluate_plan(recorded, res.chosen, "test", "gt")
-            rs = outer_resplits(res, recorded, pool, splits, n_val, tol, acc)
-            t0 = time.perf_counter()
-            rs.update(outer_population(res, recorded, pool, draws, n_val, tol, acc))
-            log(f"  population check ({draws} draws): {time.perf_counter() - t0:.0f} s")
-            c = res.certificate
-            rows.append({"model": f"resnet{depth}", "T %": tol, "method": label, "exits": len(res.chosen.kept),
-                         "saving %": 100 * m["saving"], "drop %": m["drop_pp"], "disagree %": m["disagreement_pp"],
-                         "certified": f"{c['certified_points']}/{c['sequence_length']}", **rs,
-                         "plan": res.chosen.describe()})
+        new = []
+        for suffix, r, tabs in variants:
+            new += _policy_rows(depth, tol, tabs, costs, splits, suffix)
+            new += _certified_rows(depth, tol, studies[suffix], r, splits, draws, log, suffix)
         for acc, label in (("agreement", "outer, min_cost (val)"), ("gt", "outer, min_cost+drop (val)")):
             res = OuterSearchResult.from_study(plain[acc].study, valrec, pick=PickRule("min_cost", tol))
             m = evaluate_plan(valrec, res.chosen, "test", "gt")
-            rows.append({"model": f"resnet{depth}", "T %": tol, "method": label,
-                         "exits": len(res.chosen.kept), "saving %": 100 * m["saving"], "drop %": m["drop_pp"],
-                         "disagree %": m["disagreement_pp"], "certified": "no guarantee",
-                         "resplit saving %": None, "viol(drop)": None, "plan": res.chosen.describe()})
-        for r in rows[-6:]:
-            log(f"  T={tol} {r['method']:24s} exits={r['exits']:2d} saving={r['saving %']:5.1f}% "
+            new.append({"model": f"resnet{depth}", "T %": tol, "method": label,
+                        "exits": len(res.chosen.kept), "saving %": 100 * m["saving"], "drop %": m["drop_pp"],
+                        "disagree %": m["disagreement_pp"], "certified": "no guarantee",
+                        "resplit saving %": None, "viol(drop)": None, "plan": res.chosen.describe()})
+        for r in new:
+            log(f"  T={tol} {r['method']:45s} exits={r['exits']:2d} saving={r['saving %']:5.1f}% "
                 f"drop={r['drop %']:5.2f} cert={r['certified']} resplit="
                 + ("-" if r["resplit saving %"] is None else f"{r['resplit saving %']:.1f}% viol={r['viol(drop)']:.2f}"))
-    return {"depth": depth, "candidates": names, "trials": trials, "n": {"val": int(recorded.val.n),
-            "test": int(recorded.test.n), "train": int(recorded.fit.n)}, "rows": rows,
-            "study_seconds": {"certified (2 studies)": t_cert, "min_cost on val (2 studies)": t_plain}}
+        rows += new
+    return {"depth": depth, "candidates": names, "trials": trials, "cross_fit": cross_fit,
+            "n": {"val": int(recorded.val.n), "test": int(recorded.test.n), "train": int(recorded.fit.n)},
+            "rows": rows, "study_seconds": timing}
 
 
 def main(argv=None) -> int:
@@ -192,7 +231,11 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     ap.add_argument("--trials", type=int, default=400)
     ap.add_argument("--draws", type=int, default=1000, help="population draws of the guarantee check")
+    ap.add_argument("--cross-fit", type=int, default=2,
+                    help="also run every row on out-of-fold train predictions of this many folds (0: skip)")
     args = ap.parse_args(argv)
+    if args.cross_fit == 1 or args.cross_fit < 0:
+        raise SystemExit(f"--cross-fit must be 0 (off) or a number of folds >= 2, got {args.cross_fit}")
     require_fixtures()
 
     def log(msg: str) -> None:
@@ -201,7 +244,7 @@ def main(argv=None) -> int:
     out = {"command": " ".join(["python bench/outer_certified.py", *(sys.argv[1:] if argv is None else argv)]),
            "depths": {}}
     for d in args.depths:
-        out["depths"][str(d)] = run_depth(d, args.trials, log, args.draws)
+        out["depths"][str(d)] = run_depth(d, args.trials, log, args.draws, args.cross_fit)
     rows = [r for d in out["depths"].values() for r in d["rows"]]
     print_table(rows, "Outer search with a certificate vs the guaranteed policy (test split; re-splits)",
                 ["model", "T %", "method", "exits", "saving %", "drop %", "disagree %", "certified",

@@ -191,6 +191,13 @@ def test_bad_input_is_refused_clearly(rec):
     O.optimize(rec, storage=storage, study_name="c", n_trials=3, progress=False, settings=CERT)
     with pytest.raises(AutoExitError, match="scored its trials on the train split"):
         O.optimize(rec, storage=storage, study_name="c", n_trials=3, progress=False)
+    # nor can a study scored on in-sample train predictions be continued on out-of-fold ones (or the reverse)
+    oof = replace(rec, fit=synthetic_split(7, rec.fit.n), info={**rec.info, "fit_predictions": "out-of-fold (2 folds)"})
+    with pytest.raises(AutoExitError, match="in-sample train predictions, these are out-of-fold"):
+        O.optimize(oof, storage=storage, study_name="c", n_trials=3, progress=False, settings=CERT)
+    O.optimize(oof, storage=storage, study_name="o", n_trials=3, progress=False, settings=CERT)
+    with pytest.raises(AutoExitError, match="out-of-fold .2 folds. train predictions, these are in-sample"):
+        O.optimize(rec, storage=storage, study_name="o", n_trials=3, progress=False, settings=CERT)
 
 
 def test_re_picking_a_finished_study_uses_its_own_settings(rec):
@@ -199,3 +206,31 @@ def test_re_picking_a_finished_study_uses_its_own_settings(rec):
     again = O.OuterSearchResult.from_study(res.study, rec)
     assert again.certificate["risk"] == "disagreement" and again.chosen == res.chosen
     assert again.val == res.val
+
+
+def test_a_cross_fitted_enable_result_gives_out_of_fold_trials(digits_backbone, digits_data, tmp_path):
+    """``Recorded.from_result(result, fit=True)`` on ``enable(cross_fit=2)``: the train split the trials read is the
+    result's out-of-fold predictions, temperatures fitted there; the chosen plan applies to that result (and is
+    refused on one without them); bad ``fit_predictions`` are refused in one line."""
+    from autoexit.calibrate import ExitPredictions, calibrate_temperatures
+    from autoexit.distill import TrainConfig
+    from autoexit.pipeline import EnableConfig, enable
+
+    res = enable(digits_backbone, digits_data, config=EnableConfig(
+        tolerance=2.0, cache_dir=str(tmp_path / "c"), cross_fit=2, train=TrainConfig(epochs=2, batch_size=128)),
+        progress=False)
+    assert res.fit_predictions is not None
+    rec = O.Recorded.from_result(res, fit=True)
+    assert rec.info["fit_predictions"] == "out-of-fold (2 folds)"
+    assert np.array_equal(rec.fit.pred, res.fit_predictions.logits.argmax(-1).numpy())
+    assert rec.temperatures == pytest.approx(np.asarray(calibrate_temperatures(res.fit_predictions)), rel=1e-6)
+    out = _run(rec, n_trials=12).apply(res)
+    assert "out-of-fold" in out.extra["policy"]["fitted_on"] and out.fit_predictions is res.fit_predictions
+    assert [out.temperatures[n] for n in rec.names] == pytest.approx(list(rec.temperatures), rel=1e-6)
+    with pytest.raises(AutoExitError, match="lacks"):
+        _run(rec, n_trials=2).apply(replace(res, fit_predictions=None))
+    bad = ExitPredictions(rec.names[:-1], res.fit_predictions.logits[:-1], res.fit_predictions.backbone_logits)
+    with pytest.raises(AutoExitError, match="fit_predictions must hold the train split's logits of exits"):
+        O.Recorded.from_heads(res.backbone, res.recording, res.heads, fit=True, fit_predictions=bad)
+    with pytest.raises(AutoExitError, match="pass fit=True too"):
+        O.Recorded.from_heads(res.backbone, res.recording, res.heads, fit_predictions=res.fit_predictions)

@@ -347,3 +347,77 @@ def test_certified_pick_emits_a_model_with_its_guarantee(tmp_path, capsys):
     assert main(["search", "--config", str(path), "--quiet", "--no-emit"]) == 0
     out = capsys.readouterr().out
     assert "trials on train, certified on val" in out and "guarantee" in out
+
+
+def test_cross_fitted_certified_pick_scores_its_trials_out_of_fold(tmp_path, monkeypatch, capsys):
+    """``enable.cross_fit: 2`` with the certified pick: the trials and the temperatures read out-of-fold train
+    predictions (each from a head that never saw the sample), cached in the run directory and reused on resume;
+    the emitted model still answers val exactly as the certificate's simulation; bad combinations are refused."""
+    import torch
+    import yaml
+
+    import autoexit.pipeline as core
+    from autoexit.calibrate import ExitPredictions, calibrate_temperatures
+    from autoexit.pipeline import predictions_for_splits
+    from autoexit.search.outer import Recorded, evaluate_plan
+    from autoexit.subset import simulate_exits
+
+    cfg = _tiny(tmp_path, pick={"rule": "certified", "max_drop": 5.0, "delta": 0.2}, n_trials=16)
+    cfg["enable"]["cross_fit"] = 2
+    run = P.run_search(cfg, progress=False)
+    run_dir = tmp_path / "run"
+    rec = Recorded.load(run_dir / "recorded.npz")
+    assert rec.info["fit_predictions"] == "out-of-fold (2 folds)"
+    (cache,) = (run_dir / "heads").glob("oof-*.pt")
+    base = run.baseline
+    names = list(rec.names)
+    oof = ExitPredictions(names, torch.load(cache, weights_only=True), base.recording.logits("train"),
+                          base.recording.labels("train"))
+    # the recorded train split and the temperatures are the out-of-fold ones, not the heads' own
+    assert np.array_equal(rec.fit.pred, oof.logits.argmax(-1).numpy())
+    assert rec.temperatures == pytest.approx(np.asarray(calibrate_temperatures(oof)), rel=1e-6)
+    own = predictions_for_splits(base.recording, base.heads, ["train"])["train"]
+    assert (rec.fit.pred != own.logits.argmax(-1).numpy()).any()
+    assert run.outer.study.user_attrs["autoexit:fit_predictions"] == "out-of-fold (2 folds)"
+    # each trial's numbers are the out-of-fold split's
+    for t in run.outer.study.trials[:5]:
+        from autoexit.search.outer import ExitPlan
+
+        plan = ExitPlan.from_dict(t.user_attrs["plan"])
+        assert t.user_attrs["fit"]["flops"] == pytest.approx(
+            evaluate_plan(rec.search_view(), plan, "val", "agreement")["flops"])
+    # the artifact: out-of-fold temperatures, the certificate's decisions on val
+    m = autoexit.load(run.artifact).manifest
+    plan = run.outer.chosen
+    assert "out-of-fold" in m["policy"]["fitted_on"]
+    assert json.loads((run_dir / "search.json").read_text())["train_predictions"] == "out-of-fold (2 folds)"
+    assert "(out-of-fold (2 folds) predictions)" in (run.artifact / "report.html").read_text()
+    assert [e["temperature"] for e in m["exits"]] == pytest.approx([float(rec.temperatures[names.index(n)])
+                                                                     for n in plan.kept])
+    if plan.kept:
+        with torch.no_grad():
+            logits, exit_index = autoexit.load(run.artifact)(run.result.recording.inputs("val"))
+        idx = [names.index(n) for n in plan.kept]
+        sim = simulate_exits(rec.val.scores[plan.signal][idx], rec.val.pred[idx], rec.val.backbone_pred,
+                             np.asarray(plan.thresholds), rec.flops.c1[idx], rec.flops.before[idx], rec.flops.base)
+        assert np.array_equal(logits.argmax(1).numpy(), sim.pred)
+        assert np.array_equal(exit_index.numpy(), sim.exit_index)
+    # a resumed run reads the cached predictions instead of training the fold heads again
+
+    def no_refit(*a, **k):
+        raise AssertionError("out-of-fold predictions recomputed")
+
+    monkeypatch.setattr(core, "out_of_fold_predictions", no_refit)
+    again = P.run_search(cfg, progress=False, emit=False)
+    assert again.outer.chosen == plan
+    path = tmp_path / "oof.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["search", "--config", str(path), "--quiet", "--no-emit"]) == 0
+    assert "trials on train (out-of-fold (2 folds))" in capsys.readouterr().out
+    # the same study on in-sample train predictions is refused, and so is cross_fit without the certified pick
+    monkeypatch.undo()
+    with pytest.raises(AutoExitError, match="out-of-fold .2 folds. train predictions, these are in-sample"):
+        P.run_search({**cfg, "enable": {**cfg["enable"], "cross_fit": 0}}, progress=False, emit=False)
+    with pytest.raises(AutoExitError, match="set outer.pick.rule: certified, or drop cross_fit"):
+        P.run_search(_tiny(tmp_path, pick={"rule": "min_cost", "max_drop": 5.0}) | {"enable": cfg["enable"]},
+                     progress=False)

@@ -121,7 +121,9 @@ def _print_outer(res, artifact, recorded_path) -> None:
 
     con = Console()
     cert = res.certificate is not None
-    how = "trials on train, certified on val" if cert else "chosen on val"
+    oof = str(res.recorded.info.get("fit_predictions", "in-sample"))
+    how = (f"trials on train{'' if oof == 'in-sample' else f' ({oof})'}, certified on val" if cert
+           else "chosen on val")
     t = Table(title=f"Pareto front of study {res.study.study_name} ({how}; test held out)", title_justify="left")
     cols = ["trial", "", "configuration", *(["train cost", "train drop"] if cert else []), "val cost", "val drop",
             *(["certified"] if cert else []), "test cost", "test drop"]

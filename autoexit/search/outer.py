@@ -514,11 +514,13 @@ class Recorded:
         """From ``autoexit.enable`` / ``pipeline.assemble``: its val/test predictions, temperatures and costs.
 
         fit: also record the train split, with every temperature fitted there (not the result's), as the
-        certified pick (``PickRule(rule="certified")``) needs: its trials never read val.
+        certified pick (``PickRule(rule="certified")``) needs: its trials never read val. When the result was
+        cross-fitted (``EnableConfig(cross_fit=K)``), the train split is its out-of-fold predictions.
         """
         if fit:
+            folds = int(getattr(result.config, "cross_fit", 0) or 0) if result.fit_predictions is not None else 0
             return cls.from_heads(result.backbone, result.recording, result.heads, signals, latency, fit=True,
-                                  _source=result)
+                                  fit_predictions=result.fit_predictions, folds=folds, _source=result)
         temps = [float(result.temperatures[n]) for n in result.val.names]
         rec = cls._build(result.val, result.test, temps, result.heads, float(result.backbone.total_flops), signals,
                          latency, _info(result.backbone, result.recording))
@@ -527,17 +529,37 @@ class Recorded:
 
     @classmethod
     def from_heads(cls, backbone, recording, heads: Mapping, signals: Sequence[str] = tuple(SIGNALS),
-                   latency: ExitCosts | None = None, fit: bool = False, _source=None) -> Recorded:
+                   latency: ExitCosts | None = None, fit: bool = False, fit_predictions=None, folds: int = 0,
+                   _source=None) -> Recorded:
         """From a traced backbone, its recording and trained heads (temperatures fitted on val here; with
-        ``fit``, on the train split, which is recorded too: what the certified pick needs)."""
+        ``fit``, on the train split, which is recorded too: what the certified pick needs).
+
+        fit_predictions: the train split's ``ExitPredictions`` to record instead of the heads' own, namely
+        out-of-fold ones (``autoexit.pipeline.out_of_fold_predictions``, ``folds`` folds): trials and
+        temperatures then see the heads as new data will, not as the data they were trained on.
+        """
         from ..calibrate import calibrate_temperatures
         from ..pipeline import predictions_for_splits
 
-        splits = ("val", "test", "train") if fit else ("val", "test")
+        if fit_predictions is not None:
+            if not fit:
+                raise AutoExitError("fit_predictions are the train split of the certified pick; pass fit=True too")
+            names = [p.name for p in recording.points if p.name in heads]
+            n = len(recording.logits("train"))
+            if list(fit_predictions.names) != names or tuple(fit_predictions.logits.shape[:2]) != (len(names), n):
+                raise AutoExitError(
+                    f"fit_predictions must hold the train split's logits of exits {names} ({n} samples), got "
+                    f"{list(fit_predictions.names)} with shape {tuple(fit_predictions.logits.shape)}; build "
+                    "them with autoexit.pipeline.out_of_fold_predictions on this recording and these heads")
+        splits = ("val", "test", "train") if fit and fit_predictions is None else ("val", "test")
         preds = predictions_for_splits(recording, heads, splits, "train" if fit else "val")
+        if fit_predictions is not None:
+            preds["train"] = fit_predictions
         tsplit = "train" if fit else "val"
         temps = calibrate_temperatures(preds[tsplit]).tolist()
         info = {**_info(backbone, recording), "temperature_split": tsplit}
+        if fit:
+            info["fit_predictions"] = f"out-of-fold ({folds} folds)" if fit_predictions is not None else "in-sample"
         rec = cls._build(preds["val"], preds["test"], temps, heads, float(backbone.total_flops), signals, latency,
                          info, fit=preds["train"] if fit else None)
         rec.source = _source
@@ -1534,6 +1556,12 @@ def _check_study(study, obj: Objective, recorded: Recorded) -> None:
         raise AutoExitError(
             f"study {study.study_name!r} scored its trials on the {old_split} split, but this pick "
             f"({obj.settings.pick.rule}) needs them scored on {split}; use a new study name (--study-name)")
+    source = recorded.info.get("fit_predictions", "in-sample")
+    old_source = attrs.get("autoexit:fit_predictions", "in-sample") if "autoexit:recorded" in attrs else source
+    if split == "train" and old_source != source:
+        raise AutoExitError(
+            f"study {study.study_name!r} scored its trials on {old_source} train predictions, these are {source}; "
+            "set the same cross_fit as the study's first run, or use a new study name (--study-name)")
     old = attrs.get("autoexit:recorded")
     if old is not None and old != fp:
         raise AutoExitError(
@@ -1546,6 +1574,8 @@ def _check_study(study, obj: Objective, recorded: Recorded) -> None:
         study.set_user_attr("autoexit:candidates", list(recorded.names))
         if split != "val":
             study.set_user_attr("autoexit:search_split", split)
+            if source != "in-sample":
+                study.set_user_attr("autoexit:fit_predictions", source)
     if not study.metric_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1727,6 +1757,8 @@ class OuterSearchResult:
             "settings": json.loads(json.dumps(self.settings.to_dict(), default=str)),
             "pick_rule": self.pick.describe(),
             "search_split": "train" if self.search_key == "fit" else "val",
+            **({"train_predictions": self.recorded.info.get("fit_predictions", "in-sample")}
+               if self.search_key == "fit" else {}),
             "chosen_trial": None if self.chosen_trial is None else self.chosen_trial.number,
             "chosen": self.chosen.to_dict(),
             "certificate": self.certificate,
@@ -1847,7 +1879,10 @@ class OuterSearchResult:
                  f"{html.escape(self.pick.describe())}; {chosen}. ")
         if cert:
             c = self.certificate
-            intro += (f"The trials, their thresholds and the front were computed on the <b>train</b> split only; "
+            oof = str(self.recorded.info.get("fit_predictions", "in-sample"))
+            where = f" ({html.escape(oof)} predictions)" if oof != "in-sample" else ""
+            intro += (f"The trials, their thresholds and the front were computed on the <b>train</b> split{where} "
+                      "only; "
                       f"the {c['tested_points']} front points were then tested on the {c['n']} <b>val</b> samples "
                       f"most costly first ({c['certified_points']} certified) and the cheapest "
                       f"certified one on val is emitted. <b>Guarantee:</b> {html.escape(c['statement'])}. The test "
@@ -1899,14 +1934,22 @@ class OuterSearchResult:
                                 "basis": self.settings.basis}
         if "policy" in {f.name for f in fields(base.config)}:
             over["policy"] = "paper003"  # thresholds from a split tolerance on one confidence signal
+            over["cross_fit"] = 0  # (a core policy's option; the plan's thresholds were derived by the search)
         if cert:  # the budget is the certified one, at the pick's delta
             over.update(tolerance=float(cert["max_drop_pp"]), delta=float(cert["delta"]))
         cfg = dc_replace(base.config, **over)
         if not isinstance(cfg, EnableConfig):  # pragma: no cover
             raise AutoExitError("unexpected configuration type")
+        oof = str(self.recorded.info.get("fit_predictions", "in-sample")).startswith("out-of-fold")
+        if cert and oof and base.fit_predictions is None:
+            raise AutoExitError("the study's trials read out-of-fold train predictions, which this EnableResult lacks; "
+                                "apply it to the result the recorded predictions came from (enable with the same "
+                                "cross_fit)")
         out = assemble(cfg, base.backbone, base.points, base.recording, base.heads, subset=sub,
-                       timings=dict(base.timings), temperatures_on="train" if cert else None)
+                       timings=dict(base.timings), temperatures_on="train" if cert else None,
+                       predictions={"train": base.fit_predictions} if cert and oof else None)
         if cert:
+            out.fit_predictions = base.fit_predictions if oof else None
             temps = np.array([out.temperatures[n] for n in self.recorded.names])
             if not np.allclose(temps, self.recorded.temperatures, rtol=1e-6, atol=1e-9):
                 raise AutoExitError("the heads' train-split temperatures differ from the recorded ones; the heads "
@@ -1915,7 +1958,9 @@ class OuterSearchResult:
                 "policy": "outer search, certified", "risk": cert["risk"], "statement": cert["statement"],
                 "guarantee": {k: cert[k] for k in ("delta", "max_drop_pp", "method", "n", "tested_points",
                                                    "certified_points")},
-                "cal_n": cert["n"], "fitted_on": "train split (trials, thresholds, front); val certified the front",
+                "cal_n": cert["n"], "fitted_on": ("out-of-fold predictions of the train split" if oof else
+                                                  "train split") + " (trials, thresholds, front); val certified "
+                                                                   "the front",
                 "plan": plan.describe()}
         out.extra["outer_plan"] = plan.to_dict()
         return self.attach(out)

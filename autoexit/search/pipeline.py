@@ -328,28 +328,41 @@ def run_search(config: str | Path | Mapping | ExperimentConfig, *, head_search: 
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = cfg.outer_settings(seed=seed)
     space = load_space(cfg.outer.get("space"))
+    enable_cfg = cfg.enable_config()
+    certified = settings.pick.certified  # its trials read the train split, with temperatures fitted there
+    folds = int(enable_cfg.cross_fit)
+    if folds and not certified:
+        raise AutoExitError(f"enable.cross_fit: {folds} has the certified pick score its trials on out-of-fold train "
+                            f"predictions, but outer.pick.rule is {settings.pick.rule!r}, whose trials read val; "
+                            "set outer.pick.rule: certified, or drop cross_fit")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
     backbone = build_backbone(cfg, progress=progress, example=data.example())
     timings["backbone_s"] = time.perf_counter() - t0
-    enable_cfg = cfg.enable_config()
     t0 = time.perf_counter()
     tb, points, rec = prepare(backbone, data, enable_cfg, progress=progress)
     timings["record_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     heads = _heads_stage(cfg, backbone, data, tb, points, rec, enable_cfg, progress, head_search)
     timings["heads_s"] = time.perf_counter() - t0
-    certified = settings.pick.certified  # its trials read the train split, with temperatures fitted there
-    recorded = Recorded.from_heads(tb, rec, heads, fit=certified)  # every signal: any outer space can run on it
+    oof = None
+    if folds:  # the trials see the heads as new data will (their own train data flatters the late ones)
+        t0 = time.perf_counter()
+        oof = out_of_fold_cached(rec, heads, enable_cfg, run_dir / "heads", progress=progress, backbone=tb)
+        timings["cross_fit_s"] = time.perf_counter() - t0
+    # every signal: any outer space can run on it
+    recorded = Recorded.from_heads(tb, rec, heads, fit=certified, fit_predictions=oof, folds=folds)
     # the core's fixed rule with these heads: the baseline the report compares with, and the base to emit from
     sig = enable_cfg.signal if enable_cfg.signal in recorded.signals else "max_softmax"
     fixed = fixed_rule(recorded, enable_cfg.tolerance, enable_cfg.scheme if isinstance(enable_cfg.scheme, str)
                        else "halving", sig, enable_cfg.basis, enable_cfg.exhaustive_limit)
     base_cfg = _paper003(enable_cfg)
     baseline = assemble(base_cfg, tb, points, rec, heads, subset=subset_result(recorded, fixed, enable_cfg.basis),
-                        timings=dict(timings), temperatures_on="train" if certified else None)
+                        timings=dict(timings), temperatures_on="train" if certified else None,
+                        predictions=None if oof is None else {"train": oof})
+    baseline.fit_predictions = oof
     recorded.source = baseline
     evaluator = None
     if settings.cost == "latency":
@@ -411,8 +424,8 @@ def _paper003(enable_cfg):
     """The config with paper 003's threshold rule named, where exit policies are configurable."""
     from dataclasses import replace
 
-    if "policy" in {f.name for f in fields(enable_cfg)}:
-        return replace(enable_cfg, policy="paper003")
+    if "policy" in {f.name for f in fields(enable_cfg)}:  # (cross_fit is a guaranteed policy's option)
+        return replace(enable_cfg, policy="paper003", cross_fit=0)
     return enable_cfg
 
 
@@ -468,6 +481,43 @@ def head_cache_key(recording, name: str, spec, train) -> str:
     h.update(f"v1|{Path(recording.path).name}|{recording.backbone_hash}|{recording.data_identity}|{recording.seed}|"
              f"{name}|{spec.to_json()}|{json.dumps(train.to_dict(), sort_keys=True)}".encode())
     return h.hexdigest()[:24]
+
+
+def out_of_fold_cached(recording, heads: Mapping, config, cache_dir: str | Path | None = None,
+                       progress: bool = True, backbone=None):
+    """:func:`autoexit.pipeline.out_of_fold_predictions` (``config.cross_fit`` folds) with one cached file.
+
+    The key is every head's :func:`head_cache_key` and the number of folds; the file holds the logits only,
+    written atomically, and a damaged one is recomputed.
+    """
+    import torch
+
+    from ..calibrate import ExitPredictions
+    from ..pipeline import out_of_fold_predictions
+
+    names = [p.name for p in recording.points if p.name in heads]
+    h = hashlib.sha256(f"oof-v1|{config.cross_fit}".encode())
+    for n in names:
+        h.update(f"|{head_cache_key(recording, n, heads[n].spec, config.train)}".encode())
+    f = Path(cache_dir) / f"oof-{h.hexdigest()[:24]}.pt" if cache_dir is not None else None
+    if f is not None and f.is_file():
+        try:
+            z = torch.load(f, map_location="cpu", weights_only=True)
+            return ExitPredictions(names, z, recording.logits("train"), recording.labels("train"))
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            pass
+    preds = out_of_fold_predictions(recording, heads, config, progress, backbone=backbone)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", dir=f.parent)
+        os.close(fd)
+        try:
+            torch.save(preds.logits, tmp)
+            os.replace(tmp, f)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return preds
 
 
 def train_heads_cached(recording, specs: Mapping | None = None, train=None, cache_dir: str | Path | None = None,

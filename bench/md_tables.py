@@ -397,9 +397,14 @@ def outer_certified_blocks() -> dict[str, str]:
             rows.append({**r, "certified": cert,
                          "viol": "-" if r.get("viol(drop)") is None else f"{r['viol(drop)']:.2f}",
                          "pop": "-" if r.get("population viol") is None else f"{r['population viol']:.3f}"})
-    note = (f"Run {env.get('date', '?')} at commit {env.get('commit', '?')} "
-            f"(`{res.get('command', 'python bench/outer_certified.py')}`), "
-            + ", ".join(f"ResNet-{d['depth']}: {d['trials']} trials per study" for d in res["depths"].values())
+    runs = {}  # a --merge run says per depth which run made its rows
+    for d in res["depths"].values():
+        r = d.get("run") or {"command": res.get("command", "python bench/outer_certified.py"),
+                             "date": env.get("date", "?"), "commit": env.get("commit", "?")}
+        runs.setdefault((r["date"], r["commit"], r["command"]), []).append(
+            f"ResNet-{d['depth']}: {d['trials']} trials per study")
+    note = ("; ".join(f"Run {date} at commit {commit} (`{cmd}`), " + ", ".join(what)
+                      for (date, commit, cmd), what in runs.items())
             + ". Drops in points on the 3,000-image test split; re-split and population columns as described above.")
     return {"outer-certified": note + "\n\n" + table(rows, [
         ("model", "network", 0), ("T %", "T %", 1), ("method", "method", 0), ("exits", "exits", 0),

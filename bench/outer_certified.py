@@ -29,6 +29,7 @@ on the whole pool: see :func:`outer_population`).
     python bench/outer_certified.py                  # ResNet-20 and -56, 400 trials
     python bench/outer_certified.py --depths 20 --trials 200
     python bench/outer_certified.py --cross-fit 0    # without the cross-fitted rows
+    python bench/outer_certified.py --depths 56 --merge   # keeps ResNet-20's rows from the results file
 
 Writes ``bench/results/outer_certified.json``. Heads come from the cache ``bench/policies.py`` fills; the
 out-of-fold predictions from the cache of ``bench.head_levers.out_of_fold`` (computed when missing: about
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     ap.add_argument("--trials", type=int, default=400)
     ap.add_argument("--draws", type=int, default=1000, help="population draws of the guarantee check")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other depths of the existing results file (each row says which run made it)")
     ap.add_argument("--cross-fit", type=int, default=2,
                     help="also run every row on out-of-fold train predictions of this many folds (0: skip)")
     args = ap.parse_args(argv)
@@ -241,10 +244,24 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    out = {"command": " ".join(["python bench/outer_certified.py", *(sys.argv[1:] if argv is None else argv)]),
-           "depths": {}}
+    from bench.common import RESULTS, environment
+
+    command = " ".join(["python bench/outer_certified.py", *(sys.argv[1:] if argv is None else argv)])
+    out = {"command": command, "depths": {}}
+    prior = RESULTS / "outer_certified.json"
+    if args.merge and prior.exists():  # keep the other depths' rows, each with the run that made it
+        import json
+
+        old = json.loads(prior.read_text())
+        for k, v in old.get("depths", {}).items():
+            v.setdefault("run", {"command": old.get("command"), **{x: old.get("environment", {}).get(x)
+                                                                    for x in ("date", "commit")}})
+            out["depths"][k] = v
+    env = environment()
     for d in args.depths:
-        out["depths"][str(d)] = run_depth(d, args.trials, log, args.draws, args.cross_fit)
+        out["depths"][str(d)] = {**run_depth(d, args.trials, log, args.draws, args.cross_fit),
+                                 "run": {"command": command, "date": env["date"], "commit": env["commit"]}}
+    out["depths"] = dict(sorted(out["depths"].items(), key=lambda kv: int(kv[0])))
     rows = [r for d in out["depths"].values() for r in d["rows"]]
     print_table(rows, "Outer search with a certificate vs the guaranteed policy (test split; re-splits)",
                 ["model", "T %", "method", "exits", "saving %", "drop %", "disagree %", "certified",

@@ -1226,6 +1226,10 @@ def _manifest(c: Components, plan: PartitionPlan, blocks: Blocks, profile, expec
     base["policy"] = {"name": "partition", "criterion": plan.criterion, "rule": f"exit i answers when {rule}",
                       "thresholds": [_jf(t) for t in thr], "origin": plan.origin,
                       "source_policy": base.get("policy")}
+    src = base["policy"]["source_policy"] or {}
+    for key in ("statement", "guarantee", "delta"):  # a certified pick's guarantee holds for the partitioned model
+        if src.get("guarantee") and key in src:  # too: the same exits, thresholds and temperatures answer
+            base["policy"][key] = src[key]
     base["expected"] = {s: {k: expected[s].get(k) for k in ("n", "accuracy", "backbone_accuracy", "accuracy_drop",
                                                             "agreement", "expected_flops", "base_flops", "saving",
                                                             "exit_rates", "partition_rates")}
@@ -1678,7 +1682,10 @@ class PartitionedObjective:
             recorded = recorded.with_latency(self.hook.latency_costs())
         self.recorded = recorded
         self.settings = dc_replace(settings, cost="latency")
-        self.base = Objective(recorded, space, self.settings)
+        # the certified pick: trials read the train split only; val certifies the front (certify_front, with
+        # :meth:`val_cost` as each tested setting's cost)
+        self.search = recorded.search_view() if self.settings.pick.certified else recorded
+        self.base = Objective(self.search, space, self.settings)
         self.space = self.base.space
 
     @property
@@ -1693,11 +1700,19 @@ class PartitionedObjective:
         """(ExitPlan, metrics, partition) of a parameter set, on ``split``."""
         from .search.outer import evaluate_plan, plan_from_params
 
-        plan = plan_from_params(self.recorded, params, self.settings, self.space)
-        m = evaluate_plan(self.recorded, plan, split, self.settings.accuracy)
+        plan = plan_from_params(self.search, params, self.settings, self.space)
+        m = evaluate_plan(self.search, plan, split, self.settings.accuracy)
         part = self.hook.partition_of(params)
         m.update(self.hook.metrics(plan.kept, part, m))
         return plan, m, part
+
+    def val_cost(self, trial, plan) -> float:
+        """Partitioned latency (ms) on val of ``plan`` (a front point or a safer step of it) with ``trial``'s split
+        points and placement: what the certified pick compares the certified settings by."""
+        from .search.outer import evaluate_plan
+
+        m = evaluate_plan(self.recorded, plan, "val", self.settings.accuracy)
+        return float(self.hook.metrics(plan.kept, trial.user_attrs["partition"], m)["latency_ms"])
 
     def __call__(self, trial):
         params = self.base.suggest(trial)
@@ -1710,7 +1725,7 @@ class PartitionedObjective:
         from .search.outer import _headline
 
         trial.set_user_attr("plan", plan.to_dict())
-        trial.set_user_attr("val", {**_headline(m), "partition": m["partition"]})
+        trial.set_user_attr(self.base.key, {**_headline(m), "partition": m["partition"]})  # val, or fit (train)
         trial.set_user_attr("partition", {"partitions": part["partitions"], "placement": part["placement"],
                                           "topology": self.partition.topology.name,
                                           "destination": self.partition.topology.names[
@@ -1731,10 +1746,12 @@ def optimize_partitioned(recorded, partition=None, *, space=None, settings=None,
     """
     from dataclasses import replace as dc_replace
 
-    from .search.outer import Recorded, load_space, optimize
+    from .search.outer import OuterSettings, Recorded, load_space, optimize
 
-    if not isinstance(recorded, Recorded):
-        recorded = Recorded.from_result(recorded)
+    if not isinstance(recorded, Recorded):  # an EnableResult; the certified pick needs its train split too
+        certified = OuterSettings.from_dict(settings).pick.certified if not isinstance(settings, OuterSettings) \
+            else settings.pick.certified
+        recorded = Recorded.from_result(recorded, fit=certified)
     space = load_space(space)
     if partition is None:
         partition = space.partition
@@ -1742,18 +1759,22 @@ def optimize_partitioned(recorded, partition=None, *, space=None, settings=None,
         raise AutoExitError("no partition settings: pass partition={topology: ..., profile: ...} or a space whose "
                             "'partition' block names them")
     obj = PartitionedObjective(recorded, partition, dc_replace(space, partition=None), settings)
-    if obj.settings.pick.certified:
-        raise AutoExitError("the certified pick is not available for partitioned searches yet; use pick rule "
-                            "min_cost here, or search without a partition block")
     return optimize(obj.recorded, space=obj.space, settings=obj.settings, objective=obj, **kw)
 
 
 def plan_from_search(result, partition=None) -> PartitionPlan:
     """The :class:`PartitionPlan` of an :func:`optimize_partitioned` result's chosen trial."""
-    part = dict(result.chosen_trial.user_attrs.get("partition") or {})
-    if not part:
-        raise AutoExitError("the chosen trial has no partition; run the search with optimize_partitioned")
     ps = partition if isinstance(partition, PartitionSpace) or partition is None else PartitionSpace.from_dict(partition)
     topo = ps.topology if ps is not None else None
     names = list(result.recorded.names) + ["output"]
+    if result.chosen_trial is None and getattr(result, "certificate", None) is not None:
+        # the certified pick certified nothing: no exit, the whole backbone on the source tier (the latency baseline)
+        if topo is None:
+            raise AutoExitError("nothing was certified, so the backbone alone is emitted on the source tier; pass "
+                                "the partition settings (plan_from_search(result, partition)) to name that tier")
+        part = {"partitions": [len(names)], "placement": [topo.names[topo.source - 1]]}
+        return plan_from_exit_plan(result.chosen, names, part, topo)
+    part = dict(result.chosen_trial.user_attrs.get("partition") or {})
+    if not part:
+        raise AutoExitError("the chosen trial has no partition; run the search with optimize_partitioned")
     return plan_from_exit_plan(result.chosen, names, part, topo)

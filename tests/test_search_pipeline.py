@@ -421,3 +421,67 @@ def test_cross_fitted_certified_pick_scores_its_trials_out_of_fold(tmp_path, mon
     with pytest.raises(AutoExitError, match="set outer.pick.rule: certified, or drop cross_fit"):
         P.run_search(_tiny(tmp_path, pick={"rule": "min_cost", "max_drop": 5.0}) | {"enable": cfg["enable"]},
                      progress=False)
+
+
+def test_partitioned_search_with_the_certified_pick(tmp_path):
+    """A partition block and ``pick.rule: certified``: trials (split points and placement included) read only the
+    train split; val certifies the front, and of the certified settings the one with the lowest *partitioned*
+    latency on val (the trial's split and placement, the setting's exit rates) is emitted as a partitioned
+    artifact that states the guarantee. When nothing certifies, the backbone alone runs on the source tier."""
+    from autoexit.partition import PartitionedObjective, PartitionSpace, load_partitioned, plan_from_search
+    from autoexit.search.outer import ExitPlan, OuterSearchResult, PickRule, Recorded, ladder, load_space
+
+    cfg = _tiny(tmp_path, space="outer_partition_ci", n_trials=16,
+                pick={"rule": "certified", "max_drop": 5.0, "delta": 0.2})
+    run = P.run_search(cfg, progress=False)
+    res = run.outer
+    trials = res.study.trials
+    assert all("fit" in t.user_attrs and "val" not in t.user_attrs and "partition" in t.user_attrs for t in trials)
+    c = res.certificate
+    assert c is not None and c["certified_points"] >= 1
+    # brute force: every certified setting's partitioned latency on val, through a fresh objective
+    rec = Recorded.load(tmp_path / "run" / "recorded.npz")
+    part = {**load_space("outer_partition_ci").partition, "profile": str(tmp_path / "run" / "profile.json")}
+    obj = PartitionedObjective(rec, PartitionSpace.from_dict(part), run.outer.space, res.settings)
+    by_number = {t.number: t for t in trials}
+    best = None
+    for row in c["tested"]:
+        if not row["certified"]:
+            continue
+        t = by_number[row["trial"]]
+        steps = {p.step: p for p in ladder(obj.recorded, ExitPlan.from_dict(t.user_attrs["plan"]))}
+        v = obj.val_cost(t, steps[row["step"]])
+        if best is None or v < best[0] - 1e-12:
+            best = (v, t.number, row["step"])
+    assert (res.chosen_trial.number, res.chosen.step) == best[1:]
+    # the artifact: the chosen trial's split points and placement, the plan's thresholds, the guarantee
+    art, pm_ = load_partitioned(run.artifact)
+    chosen = res.chosen_trial.user_attrs["partition"]
+    assert [p["tier"] for p in pm_["partitions"]] == chosen["placement"]
+    m = art.manifest
+    assert m["policy"]["name"] == "partition" and m["policy"]["source_policy"]["name"] == "outer search, certified"
+    assert "probability >= 80%" in m["policy"]["statement"] and m["policy"]["delta"] == 0.2
+    assert sorted(e["threshold"] for e in m["exits"] if not e["always_exits"]) == pytest.approx(
+        sorted(res.chosen.thresholds))
+    # the partitioned model answers val as the simulation the certificate tested (train temperatures)
+    import torch
+
+    from autoexit.subset import simulate_exits
+
+    plan = res.chosen
+    idx = [rec.names.index(n) for n in plan.kept]
+    assert [e["temperature"] for e in m["exits"] if not e["always_exits"]] == pytest.approx(
+        [float(rec.temperatures[i]) for i in idx])
+    with torch.no_grad():
+        logits, exit_index = art(run.result.recording.inputs("val"))
+    sim = simulate_exits(rec.val.scores[plan.signal][idx], rec.val.pred[idx], rec.val.backbone_pred,
+                         np.asarray(plan.thresholds), rec.flops.c1[idx], rec.flops.before[idx], rec.flops.base)
+    assert np.array_equal(logits.argmax(1).numpy(), sim.pred)
+    assert np.array_equal(exit_index.numpy(), sim.exit_index)
+    # nothing certified (a budget no setting meets): no exit, the whole backbone on the source tier
+    none = OuterSearchResult.from_study(res.study, obj.recorded, pick=PickRule("certified", 1e-6, delta=0.2),
+                                        cost_of=obj.val_cost)
+    assert none.chosen_trial is None and not none.chosen.kept and none.certificate["certified_points"] == 0
+    plan = plan_from_search(none, PartitionSpace.from_dict(part))
+    topo = PartitionSpace.from_dict(part).topology
+    assert plan.partitions == (len(rec.names) + 1,) and plan.placement == (topo.names[topo.source - 1],)

@@ -1444,7 +1444,7 @@ def optimize(
     """Run (or continue) the outer search and pick the configuration to emit.
 
     recorded: a :class:`Recorded`, or an ``EnableResult`` of the core pipeline
-    (``Recorded.from_result`` is applied). study: your own ``optuna.Study`` (its
+    (``Recorded.from_result`` is applied, with ``fit=True`` for the certified pick). study: your own ``optuna.Study`` (its
     directions must match ``(minimize, minimize)``, or one ``minimize`` with
     ``objective: scalar``); without it one is created or loaded (``load_if_exists``)
     as ``study_name`` on ``storage`` (URL, journal file, storage object; default
@@ -1458,10 +1458,10 @@ def optimize(
     Returns an :class:`OuterSearchResult`; ``study, plan = optimize(...)`` also works.
     """
     optuna = _optuna()
-    if not isinstance(recorded, Recorded):
-        recorded = Recorded.from_result(recorded)
     if settings is None or isinstance(settings, Mapping):
         settings = OuterSettings.from_dict(settings)
+    if not isinstance(recorded, Recorded):  # an EnableResult; the certified pick needs its train split too
+        recorded = Recorded.from_result(recorded, fit=settings.pick.certified)
     # the certified pick: trials read the train split only; val certifies the front afterwards
     search = recorded.search_view() if settings.pick.certified else recorded
     obj = Objective(search, space, settings)
@@ -1525,7 +1525,7 @@ def optimize(
     finally:
         optuna.logging.set_verbosity(old_verbosity)
     t_opt = time.perf_counter() - t0
-    res = OuterSearchResult.from_study(study, recorded, obj, test=test)
+    res = OuterSearchResult.from_study(study, recorded, obj, test=test, cost_of=getattr(objective, "val_cost", None))
     res.timings.update({"optimize_s": t_opt, "total_s": time.perf_counter() - t_start,
                         "trials_this_call": len(ran), "trial_numbers": ran,
                         "trials_per_s": len(ran) / t_opt if t_opt > 0 and ran else None})
@@ -1639,7 +1639,10 @@ class OuterSearchResult:
 
     @classmethod
     def from_study(cls, study, recorded: Recorded, obj: Objective | None = None, test: bool = True,
-                   pick: PickRule | None = None) -> OuterSearchResult:
+                   pick: PickRule | None = None, cost_of: Callable | None = None) -> OuterSearchResult:
+        """The front and the pick of ``study``'s completed trials (see :func:`optimize`). ``cost_of(trial, plan)``:
+        a setting's cost on val for the certified pick when it is not the recorded per-exit one (partitioned
+        searches pass the partitioned latency; :func:`certify_front`)."""
         optuna = _optuna()
         # without an objective: the settings the study was run with (accuracy, cost, basis), as it stored them
         settings = obj.settings if obj is not None else OuterSettings.from_dict(
@@ -1679,7 +1682,7 @@ class OuterSearchResult:
                 front.append(t)
         certificate = None
         if pick.certified:
-            chosen, plan, certificate = certify_front(front, recorded, pick, settings)
+            chosen, plan, certificate = certify_front(front, recorded, pick, settings, cost_of=cost_of)
             if plan is None:  # nothing certified: no exit
                 plan = ExitPlan(pick.max_drop, "halving", "certified", front[0].user_attrs["plan"]["signal"], (), ())
         else:
@@ -1697,8 +1700,9 @@ class OuterSearchResult:
             if pick.certified:
                 m = evaluate_plan(recorded, p, "val", settings.accuracy)
                 c = by_trial.get(t.number)  # None: the test stopped before this point
-                row.update(val_cost_fraction=m["latency_fraction"] if settings.cost == "latency"
-                           else m["flops_fraction"], val_drop_pp=m["drop_pp"],
+                vc = (m["latency_fraction"] if settings.cost == "latency" else m["flops_fraction"]) \
+                    if cost_of is None else float(cost_of(t, p)) / base
+                row.update(val_cost_fraction=vc, val_drop_pp=m["drop_pp"],
                            certified=bool(c and c["certified"]), pvalue=None if c is None else c["pvalue"])
             if test and recorded.test is not None:
                 m = evaluate_plan(recorded, p, "test", settings.accuracy)
@@ -2004,7 +2008,7 @@ def ladder(recorded: Recorded, plan: ExitPlan, steps: Sequence[float] = LADDER) 
 
 
 def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings: OuterSettings,
-                  ladders: dict | None = None):
+                  ladders: dict | None = None, cost_of: Callable | None = None):
     """Learn-then-Test of the front on val; returns ``(trial, plan, certificate)``: the trial whose point (or one
     of its safer steps) is deployed and that plan, or ``(None, None, certificate)`` when nothing certifies
     (emit the backbone alone).
@@ -2018,7 +2022,9 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
     so the one cheapest on val is deployed.
 
     ``ladders``: a dict to keep the ladders in between calls on the same front and train split (they depend on
-    nothing else), e.g. when re-certifying one front on many calibration draws.
+    nothing else), e.g. when re-certifying one front on many calibration draws. ``cost_of(trial, plan)``: a
+    setting's cost on val when it is not the recorded per-exit one (a partitioned search: the partitioned
+    latency of the trial's split points and placement with the plan's exit rates on val).
     """
     from ..policies.risk import fixed_sequence, pvalues
 
@@ -2047,7 +2053,7 @@ def certify_front(front: Sequence, recorded: Recorded, pick: PickRule, settings:
         sp, out = _simulate(recorded, item[1], "val", costs)
         loss = _losses(sp, out.pred, mode)
         losses.append(loss)
-        val_cost.append(float(out.flops.mean()))
+        val_cost.append(float(out.flops.mean()) if cost_of is None else float(cost_of(*item)))
         if pvalues(loss[None], alpha, method, pick.delta, bounds)[0] > pick.delta:
             break
     rc = fixed_sequence(np.stack(losses) if losses else np.zeros((0, recorded.val.n)), alpha, pick.delta, method,

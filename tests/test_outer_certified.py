@@ -231,6 +231,8 @@ def test_a_cross_fitted_enable_result_gives_out_of_fold_trials(digits_backbone, 
         _run(rec, n_trials=2).apply(replace(res, fit_predictions=None))
     bad = ExitPredictions(rec.names[:-1], res.fit_predictions.logits[:-1], res.fit_predictions.backbone_logits)
     with pytest.raises(AutoExitError, match="fit_predictions must hold the train split's logits of exits"):
-        O.Recorded.from_heads(res.backbone, res.recording, res.heads, fit=True, fit_predictions=bad)
+        O.Recorded.from_heads(res.backbone, res.recording, res.heads, fit=True, fit_predictions=bad, folds=2)
+    with pytest.raises(AutoExitError, match="folds >= 2"):
+        O.Recorded.from_heads(res.backbone, res.recording, res.heads, fit=True, fit_predictions=res.fit_predictions)
     with pytest.raises(AutoExitError, match="pass fit=True too"):
         O.Recorded.from_heads(res.backbone, res.recording, res.heads, fit_predictions=res.fit_predictions)

@@ -414,6 +414,14 @@ def test_cross_fitted_certified_pick_scores_its_trials_out_of_fold(tmp_path, mon
     path.write_text(yaml.safe_dump(cfg))
     assert main(["search", "--config", str(path), "--quiet", "--no-emit"]) == 0
     assert "trials on train (out-of-fold (2 folds))" in capsys.readouterr().out
+    # a damaged or mis-shaped cache entry is recomputed, not read
+    for damaged in (b"not a tensor", None):
+        if damaged is None:
+            torch.save(torch.zeros(len(names), 3, 10), cache)
+        else:
+            cache.write_bytes(damaged)
+        with pytest.raises(AssertionError, match="recomputed"):
+            P.run_search(cfg, progress=False, emit=False)
     # the same study on in-sample train predictions is refused, and so is cross_fit without the certified pick
     monkeypatch.undo()
     with pytest.raises(AutoExitError, match="out-of-fold .2 folds. train predictions, these are in-sample"):

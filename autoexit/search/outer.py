@@ -544,6 +544,9 @@ class Recorded:
         if fit_predictions is not None:
             if not fit:
                 raise AutoExitError("fit_predictions are the train split of the certified pick; pass fit=True too")
+            if int(folds) < 2:
+                raise AutoExitError(f"fit_predictions are out-of-fold predictions: pass the number of folds they were "
+                                    f"made with (folds >= 2), got folds={folds}")
             names = [p.name for p in recording.points if p.name in heads]
             n = len(recording.logits("train"))
             if list(fit_predictions.names) != names or tuple(fit_predictions.logits.shape[:2]) != (len(names), n):

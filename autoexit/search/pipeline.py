@@ -503,7 +503,9 @@ def out_of_fold_cached(recording, heads: Mapping, config, cache_dir: str | Path 
     if f is not None and f.is_file():
         try:
             z = torch.load(f, map_location="cpu", weights_only=True)
-            return ExitPredictions(names, z, recording.logits("train"), recording.labels("train"))
+            ref = recording.logits("train")
+            if tuple(z.shape) == (len(names), *tuple(ref.shape)) and bool(torch.isfinite(torch.as_tensor(z)).all()):
+                return ExitPredictions(names, z, ref, recording.labels("train"))
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             pass
     preds = out_of_fold_predictions(recording, heads, config, progress, backbone=backbone)

@@ -414,12 +414,11 @@ def test_cross_fitted_certified_pick_scores_its_trials_out_of_fold(tmp_path, mon
     path.write_text(yaml.safe_dump(cfg))
     assert main(["search", "--config", str(path), "--quiet", "--no-emit"]) == 0
     assert "trials on train (out-of-fold (2 folds))" in capsys.readouterr().out
-    # a damaged or mis-shaped cache entry is recomputed, not read
-    for damaged in (b"not a tensor", None):
-        if damaged is None:
-            torch.save(torch.zeros(len(names), 3, 10), cache)
-        else:
-            cache.write_bytes(damaged)
+    # a damaged, mis-shaped or non-finite cache entry is recomputed, not read
+    for damage in (lambda: cache.write_bytes(b"not a tensor"),
+                   lambda: torch.save(torch.zeros(len(names), 3, 10), cache),
+                   lambda: torch.save(oof.logits.clone().fill_(float("nan")), cache)):
+        damage()
         with pytest.raises(AssertionError, match="recomputed"):
             P.run_search(cfg, progress=False, emit=False)
     # the same study on in-sample train predictions is refused, and so is cross_fit without the certified pick

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -258,6 +259,21 @@ def fit_exit_overheads(t_none: float, t_every: float, t_ones, scale: float, hd) 
     return float(fixed), float(decision)
 
 
+ANCHOR_SLACK = 0.05  # share of the no-exit model's time the every-exit anchor may fall short by as noise
+
+
+def anchors_consistent(t_none: float, t_every: float, scale: float, hd) -> bool:
+    """Whether the every-exit anchor is physically possible next to the no-exit one: the model with every
+    candidate exit at +inf does all the no-exit model does plus every head, so it must take at least half
+    its scaled heads longer, less :data:`ANCHOR_SLACK` of the no-exit time for noise. A device that changed
+    speed between the two timings (a busy machine, a Pi that heats up) breaks this, and the exit-decision
+    cost fitted from them then comes out hugely negative: every exit would look like it saves time."""
+    import numpy as np
+
+    heads = scale * float(np.sum(np.asarray(hd, dtype=np.float64)))
+    return t_every - t_none >= 0.5 * heads - ANCHOR_SLACK * t_none
+
+
 ANCHOR_SAMPLES = 64  # real inputs the end-to-end anchors of exit_latency_costs are timed on (at least a batch)
 
 
@@ -303,7 +319,14 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
     segment and anchor keeps its median over the rounds. A device whose speed drifts (a shared VM, a Pi that
     heats up) then drifts under profile and anchors alike, instead of one of them being timed during a slow
-    spell.
+    spell. A speed change can still outlast the rounds: the every-exit model then times faster than the no-exit
+    model plus half its heads (:func:`anchors_consistent`), which no model doing more work can, and the fitted
+    decision cost comes out hugely negative (one such ResNet-56 run fitted -0.48 ms per decision, so every exit
+    seemed to save time and the policy kept 14, running 1.31x the backbone against a predicted 0.89x). Such
+    rounds are discarded and profile and anchors timed afresh (``rounds`` new rounds, new seeds; ``retimed:
+    True`` in the calibration); if they contradict each other again, the decision and fixed costs are left at
+    0 (the scaled profile alone, whose single scale keeps the exits' relative costs), with a warning,
+    ``consistent: False`` in the calibration and a note in ``source``.
 
     ``stat``: which statistic of one timing (its groups of runs) stands for it, for segments and anchors
     alike: ``min_ms`` (default: the fastest group; far steadier than the median on a busy machine whose slow
@@ -378,22 +401,34 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         one = MultiExitModel(backbone.split([points[j].node]), [heads[j].module], [temps[j]], [float("inf")],
                              [names[j]], nc)
         scripted[f"one:{j}"] = to_torchscript(one, backbone.example_input)
-    profiles: list[dict[str, float]] = []
-    timed: dict[str, list[float]] = {k: [] for k in scripted}
-    for r in range(rounds):
-        profiles.append(profile(r))
-        for k in scripted:
-            timed[k].append(float(getattr(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
-                                                                settings=reseeded(ev, settings, r))
-                                          .at(batch_size), stat)) / batch_size)
-    prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
-    call = prof.pop("call")
-    st, hd, before = costs(prof, call)
-    t_none, t_every, t_first = (float(np.median(timed[k])) for k in ("none", "every", "first"))
-    scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
+    for attempt in range(2):  # anchors that contradict each other are timed afresh, with new seeds
+        profiles: list[dict[str, float]] = []
+        timed: dict[str, list[float]] = {k: [] for k in scripted}
+        for r in range(attempt * rounds, (attempt + 1) * rounds):
+            profiles.append(profile(r))
+            for k in scripted:
+                timed[k].append(float(getattr(ev.measure_end_to_end(scripted[k], x, batch_sizes=(batch_size,),
+                                                                    settings=reseeded(ev, settings, r))
+                                              .at(batch_size), stat)) / batch_size)
+        prof = {k: float(np.median([p[k] for p in profiles])) for k in profiles[0]}
+        call = prof.pop("call")
+        st, hd, before = costs(prof, call)
+        t_none, t_every, t_first = (float(np.median(timed[k])) for k in ("none", "every", "first"))
+        scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
+        consistent = anchors_consistent(t_none, t_every, scale, hd)
+        if consistent:
+            break
     t_ones = {j: float(np.median(timed[f"one:{j}"])) for j in ones}
     before = call + scale * before
-    fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
+    if consistent:
+        fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
+    else:  # still contradictory: the scaled profile alone (one scale keeps the exits' relative costs)
+        fixed, decision = 0.0, 0.0
+        warnings.warn(f"latency calibration on {src}: the model with every exit timed {t_every:.3f} ms per sample, "
+                      f"less than the backbone alone ({t_none:.3f} ms) plus half its heads "
+                      f"({0.5 * scale * float(hd.sum()):.3f} ms), twice in {rounds} rounds: the device changed "
+                      "speed while timing, so the exit-decision and fixed costs are left at 0; time on a quiet "
+                      "device or with more rounds", stacklevel=2)
     c1 = np.maximum(scale * hd + decision, 0.0)
     taken = t_first - float(before[0] + c1[0])  # answering early: writing the answer, shrinking the batch
     cal = {"call_ms": call, "scale": scale, "decision_ms": decision, "exit_taken_ms": taken,
@@ -405,12 +440,16 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
            "profile_base_rounds_ms": [float(sum(v for k, v in p.items() if k.startswith("stage")))
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
-           "samples": int(len(x)), "rounds": int(rounds), "batch_size": int(batch_size), "stat": stat}
+           "samples": int(len(x)), "rounds": int(rounds), "retimed": attempt > 0, "consistent": bool(consistent),
+           "batch_size": int(batch_size), "stat": stat}
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
             "base": max(t_none, 1e-9), "fixed": fixed, "unit": "ms",
             "source": f"{src}; segment profile - {call:.3f} ms per segment call, x{scale:.3f} to the no-exit "
                       f"model + {call:.3f} ms per model call, {fixed:+.3f} ms per sample going on past an exit, "
                       f"{decision:+.3f} ms per exit decision, "
                       f"{taken:+.3f} ms per early answer ({stat.removesuffix('_ms')} per timing, median of "
-                      f"{rounds} interleaved rounds)",
+                      f"{rounds} interleaved rounds"
+                      + ("" if not attempt else ", timed again: the first rounds' anchors contradicted each other"
+                         if consistent else "; the anchors contradicted each other twice, so no decision or fixed "
+                         "cost was fitted") + ")",
             "calibration": cal}

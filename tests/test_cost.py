@@ -84,3 +84,17 @@ def test_fixed_cost_of_going_past_an_exit_is_recovered_from_the_anchors_and_robu
     # one candidate: nothing to separate, the decision takes the whole surplus
     f, dd = fit_exit_overheads(t_none, t_none + 0.3 + scale * hd[0], None, scale, hd[:1])
     assert f == 0.0 and dd == pytest.approx(0.3)
+
+
+def test_anchors_consistent_rejects_an_every_exit_model_faster_than_its_parts():
+    """The every-exit model does what the no-exit model does plus every head: timed faster than the no-exit model
+    plus half its scaled heads (less 5 % of the no-exit time as noise), the two timings contradict each other."""
+    from autoexit.cost import ANCHOR_SLACK, anchors_consistent
+
+    hd, scale, t_none = [0.1, 0.2, 0.3], 1.5, 4.0  # scaled heads: 0.9 ms; half: 0.45 ms; slack: 0.2 ms
+    edge = t_none + 0.45 - ANCHOR_SLACK * t_none
+    assert anchors_consistent(t_none, t_none + 0.9 + 0.3, scale, hd)  # heads and decision costs: consistent
+    assert anchors_consistent(t_none, edge + 1e-9, scale, hd)
+    assert not anchors_consistent(t_none, edge - 1e-6, scale, hd)
+    assert not anchors_consistent(t_none, t_none - 1.0, scale, hd)  # faster than the backbone alone
+    assert anchors_consistent(t_none, t_none - 0.1, scale, [0.0, 0.0, 0.0])  # no heads: noise within the slack

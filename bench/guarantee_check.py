@@ -30,7 +30,8 @@ there; ``mixup-cross-fitted``: the ``mixup`` heads with the policies fitted on o
 trained by mixup too, ``--levers mixup-cross-fitted`` there), tolerance
 and policy (the five of ``bench/head_levers.py``; exits, gates and threshold family fitted on train; with
 ``--policies auto auto+drop`` also the ``auto`` policy, which picks the cheapest of the five on each calibration
-draw, each certified at delta / 5):
+draw, each certified at delta / 5; ``--policies auto[ms,gate] auto[ms,gate]+drop`` the cheaper of ``max_softmax``
+and ``gate``, each at delta / 2):
 
 - **re-split**: ``--resplits`` (default 1,000) random val + test re-splits, as in the other benchmarks
   (``bench.policies.resplit_violations``); a violation is a *test* value of the policy's own risk above T;
@@ -69,9 +70,13 @@ from bench.head_levers import POLICIES, mixup_epochs  # noqa: E402
 
 DELTA = 0.1
 # ``auto`` (the cheapest of the five guaranteed policies, each certified at delta / 5 and chosen on the
-# calibration draw): only with --policies, since each of its rows refits five policies per draw
-AUTO_POLICIES = (("auto", "auto", "disagreement"), ("auto+drop", "auto", "drop"))
-CHECK_POLICIES = POLICIES + AUTO_POLICIES
+# calibration draw) and ``auto[ms,gate]`` (the cheaper of max_softmax and gate, each at delta / 2; what
+# bench/policies.py measures under that name): only with --policies, since each of their rows refits every
+# candidate per draw. Each entry: (name, policy, risk, options).
+AUTO_POLICIES = (("auto", "auto", "disagreement", {}), ("auto+drop", "auto", "drop", {}),
+                 ("auto[ms,gate]", "auto", "disagreement", {"candidates": ["max_softmax", "gate"]}),
+                 ("auto[ms,gate]+drop", "auto", "drop", {"candidates": ["max_softmax", "gate"]}))
+CHECK_POLICIES = tuple((*p, {}) for p in POLICIES) + AUTO_POLICIES
 TOLERANCES = (1.0, 2.0)
 VARIANTS = ("baseline", "1250", "2500")
 
@@ -159,11 +164,12 @@ def check_variant(depth: int, variant: str, tables: dict, costs, tolerances, dra
     boot = [rng.integers(0, pool.n, n_val) for _ in range(draws)]
     rows = []
     for tol in tolerances:
-        for name, policy, risk in CHECK_POLICIES:
+        for name, policy, risk, options in CHECK_POLICIES:
             if name not in (policies or [p[0] for p in POLICIES]):
                 continue
             t0 = time.perf_counter()
-            fp = make_policy(policy).fit(PolicyContext(tables["train"], tables["val"], costs, tol, DELTA, risk))
+            fp = make_policy(policy, **options).fit(
+                PolicyContext(tables["train"], tables["val"], costs, tol, DELTA, risk))
             m = fp.evaluate(tables["test"], costs)
             rs = resplit_violations(fp, policy, pool, splits, n_val, costs, tol)
             k_rs = round(rs["viol(drop)" if risk == "drop" else "viol(disagree)"] * resplits)
@@ -208,7 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--policies", nargs="+", choices=[p[0] for p in CHECK_POLICIES], default=None,
                     help="only these policies (default: the five of bench/head_levers.py; auto and auto+drop, the "
-                         "cheapest of them chosen on each calibration draw, only when named)")
+                         "cheapest of them chosen on each calibration draw, and auto[ms,gate](+drop), the cheaper "
+                         "of max_softmax and gate, only when named)")
     ap.add_argument("--draws", type=int, default=1000, help="population draws (calibration sets, with replacement)")
     ap.add_argument("--resplits", type=int, default=1000, help="random val/test re-splits")
     ap.add_argument("--merge", action="store_true",

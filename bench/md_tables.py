@@ -300,7 +300,7 @@ def guarantee_blocks() -> dict[str, str]:
     from bench.guarantee_check import CHECK_POLICIES, core_folds
     from bench.head_levers import mixup_epochs
 
-    policy_order = [name for name, _, _ in CHECK_POLICIES]  # the order the benchmark runs them in
+    policy_order = [p[0] for p in CHECK_POLICIES]  # the order the benchmark runs them in
 
     def heads(v: str) -> tuple[int, int]:  # baseline, cross-fitted, feature, mixup schedules, mixup cross-fitted,
         if v.isdigit():                    # skip, train-subset sizes

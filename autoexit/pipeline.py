@@ -379,7 +379,8 @@ class EnableResult:
                 out[key] = pol[key]
         if pol.get("cost_unit"):  # what the policy minimised, when not counted FLOPs
             out["cost"] = {"unit": pol["cost_unit"], "source": pol.get("cost_source", ""),
-                           "batch_size": self.config.cost_batch_size, "stat": self.config.cost_stat}
+                           "batch_size": self.config.cost_batch_size, "stat": self.config.cost_stat,
+                           **({"calibration": pol["cost_calibration"]} if "cost_calibration" in pol else {})}
         return out
 
     def summary_rows(self) -> list[tuple[str, str]]:

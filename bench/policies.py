@@ -629,6 +629,7 @@ def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 
         if ecfg.cost == "latency":  # what the policy expected (val, calibrated profile) beside what was measured
             out[label]["predicted_ratio_val"] = pol["cal_ms"] / pol["costs"]["base"]
             out[label]["cost_source"] = pol["cost_source"]
+            out[label]["cost_calibration"] = pol.get("cost_calibration")  # anchors, rounds, consistent
         log(f"resnet{depth} latency {label}: ratio {res.latency['ratio']} "
             f"(saving {100 * res.metrics['test']['saving']:.1f} %, exits {res.kept})")
     return out

@@ -286,8 +286,14 @@ def test_latency_costed_policy_minimises_measured_milliseconds(digits_result):
     pol = res.extra["policy"]
     assert pol["cost_unit"] == "ms" and "per segment call" in pol["cost_source"] and "cal_flops" not in pol
     assert "median per timing" in pol["cost_source"]
+    cal = pol["cost_calibration"]  # every figure of the timing travels with the policy, for a later diagnosis
+    assert cal["stat"] == "median_ms" and cal["rounds"] == 3 and isinstance(cal["consistent"], bool)
+    assert cal["no_exit_ms"] == pytest.approx(pol["costs"]["base"])
     assert res.manifest()["policy"]["cost"] == {"unit": "ms", "source": pol["cost_source"], "batch_size": 1,
-                                                "stat": "median_ms"}
+                                                "stat": "median_ms", "calibration": cal}
+    import json
+
+    json.dumps(res.manifest())  # the manifest stays plain JSON
     c = pol["costs"]
     ms = ExitCosts(c["c1"], c["before"], c["base"], "ms", fixed=c["fixed"])
     names = list(r.val.names)

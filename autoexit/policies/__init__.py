@@ -312,6 +312,8 @@ def finalise(policy: str, names: Sequence[str], chain: Sequence[int], rules: Seq
         info["cost_source"] = costs.source
         info["costs"] = {"c1": [float(v) for v in costs.c1], "before": [float(v) for v in costs.before],
                          "base": float(costs.base), "fixed": float(costs.fixed)}  # per candidate exit, in backbone order
+        if costs.calibration is not None:  # every figure of the timing (anchors, rounds, consistent, ...)
+            info["cost_calibration"] = dict(costs.calibration)
     return FittedPolicy(policy, [names[j] for j in keep], [chain[j] for j in keep], [rules[j] for j in keep],
                         np.asarray(family[row], dtype=float)[keep], risk, chosen, info, family, res.delta, res.alpha,
                         (names, chain, rules), costs)

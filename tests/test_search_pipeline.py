@@ -196,6 +196,8 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
     assert [prof[f"stage{i}"] for i in range(len(names) + 1)] == pytest.approx(np.median(stage_rounds, axis=0))
     assert [prof[f"head:{n}"] for n in names] == pytest.approx(np.median([r.c1 for r in raws], axis=0))
     assert c["profile_base_rounds_ms"] == pytest.approx(stage_rounds.sum(axis=1))
+    assert [[p[f"stage{i}"] for i in range(len(names) + 1)] for p in c["profile_rounds_ms"]] == pytest.approx(
+        stage_rounds)  # every round's segments, as timed
     # the formula
     call = c["call_ms"]
     st = np.maximum(np.array([prof[f"stage{i}"] for i in range(len(names) + 1)]) - call, 0.0)
@@ -259,22 +261,36 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
         latency_costs(res, ev, settings=s, rounds=0)
     if (c["scale"] * hd + c["decision_ms"] >= 0).all():
         assert cal.base + cal.fixed + cal.c1.sum() == pytest.approx(c["every_exit_ms"])
-    # stat="min_ms" (the default): the very same timings (cache hits), each standing for its fastest group
+    assert c["round_stat"] == "median" and "median of 3 interleaved rounds" in cal.source
+    # stat="min_ms" (the default): the very same timings (cache hits), each standing for its fastest group, and
+    # the rounds combined by their minimum (round_stat="min", the default with min_ms): the fastest group of all
     mn = latency_costs(res, ev, settings=s, samples=24)
     cm = mn.calibration
     assert cm["stat"] == "min_ms" and "min per timing" in mn.source
+    assert cm["round_stat"] == "min" and "min of 3 interleaved rounds" in mn.source
+    with pytest.raises(AutoExitError, match="round_stat must be 'min' or 'median'"):
+        latency_costs(res, ev, settings=s, samples=24, round_stat="mean")
     if cm["retimed"] != c["retimed"]:  # the minima's anchors judged otherwise: other rounds, nothing to compare
         return
     assert all(cm["profile_ms"][k] <= v + 1e-12 for k, v in prof.items())  # a minimum never exceeds the median
     for key in ("no_exit_ms", "every_exit_ms", "first_exit_ms", "one_exit_ms"):
         assert np.all(np.array(cm[key]) <= np.array(c[key]) + 1e-12)
 
-    def timed_min(m):
-        return float(np.median([ev.measure_end_to_end(to_torchscript(m.eval(), res.backbone.example_input), x,
-                                                      batch_sizes=(1,), settings=replace(s, seed=seed)).at(1).min_ms
-                                for seed in seeds]))
+    def timed_min(m, combine):
+        return float(combine([ev.measure_end_to_end(to_torchscript(m.eval(), res.backbone.example_input), x,
+                                                    batch_sizes=(1,), settings=replace(s, seed=seed)).at(1).min_ms
+                              for seed in seeds]))
 
-    assert timed_min(none) == pytest.approx(cm["no_exit_ms"]) and mn.base == pytest.approx(cm["no_exit_ms"])
+    assert timed_min(none, np.min) == pytest.approx(cm["no_exit_ms"]) and mn.base == pytest.approx(cm["no_exit_ms"])
+    assert timed_min(every, np.min) == pytest.approx(cm["every_exit_ms"])
+    raws_min = [latency_costs(res, ev, settings=replace(s, seed=r), calibrate=False) for r in seeds]  # cache hits
+    stages_min = np.array([np.diff(np.concatenate([[0.0], r.before, [r.base]])) for r in raws_min])
+    assert [cm["profile_ms"][f"stage{i}"] for i in range(len(names) + 1)] == pytest.approx(stages_min.min(axis=0))
+    assert [cm["profile_ms"][f"head:{n}"] for n in names] == pytest.approx(np.min([r.c1 for r in raws_min], axis=0))
+    md = latency_costs(res, ev, settings=s, samples=24, round_stat="median")  # the rounds' median instead
+    if md.calibration["retimed"] == cm["retimed"]:
+        assert md.calibration["no_exit_ms"] == pytest.approx(timed_min(none, np.median))
+        assert md.calibration["no_exit_ms"] >= cm["no_exit_ms"] - 1e-12
     with pytest.raises(AutoExitError, match="stat must be one of median_ms, min_ms, mean_ms"):
         latency_costs(res, ev, settings=s, stat="p99_ms")
 

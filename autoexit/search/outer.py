@@ -702,11 +702,13 @@ def _info(backbone, recording) -> dict:
 
 
 def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, settings=None,
-                  calibrate: bool = True, samples: int = 64, rounds: int = 3, stat: str = "min_ms") -> ExitCosts:
+                  calibrate: bool = True, samples: int = 64, rounds: int = 3, stat: str = "min_ms",
+                  round_stat: str | None = None) -> ExitCosts:
     """Per-exit latency costs (ms per sample) of ``result``'s candidate exits, measured by a device evaluator
     (``autoexit.evaluator``; local CPU by default): :func:`autoexit.cost.exit_latency_costs` on the result's
     backbone, heads, temperatures and val inputs, as an :class:`ExitCosts` in ``ms``. See that function for
-    the segment profile, its calibration (``calibrate``, ``samples``), the interleaved ``rounds`` and ``stat``.
+    the segment profile, its calibration (``calibrate``, ``samples``), the interleaved ``rounds``, ``stat`` and
+    ``round_stat``.
     """
     from ..cost import exit_latency_costs
 
@@ -717,7 +719,8 @@ def latency_costs(result: EnableResult, evaluator=None, batch_size: int = 1, set
         x = None  # the recording kept no inputs: the segment profile alone
     d = exit_latency_costs(result.backbone, [result.heads[n] for n in names],
                            [float(result.temperatures[n]) for n in names], x, evaluator, batch_size=batch_size,
-                           settings=settings, calibrate=calibrate, samples=samples, rounds=rounds, stat=stat)
+                           settings=settings, calibrate=calibrate, samples=samples, rounds=rounds, stat=stat,
+                           round_stat=round_stat)
     return ExitCosts.from_dict(d)
 
 

@@ -233,6 +233,22 @@ def one_exit_anchors(n: int) -> list[int]:
     return sorted({n // 4, n // 2, (3 * n) // 4}) if n > 1 else []
 
 
+def _raw_overheads(t_none: float, t_every: float, t_ones, scale: float, hd) -> tuple[float | None, float]:
+    """(F, d) solved from the anchors as :func:`fit_exit_overheads` describes, F unclipped (None with no
+    one-exit anchor to separate it from d, which then takes the whole surplus)."""
+    import numpy as np
+
+    hd = np.asarray(hd, dtype=np.float64)
+    n = len(hd)
+    surplus = t_every - t_none - scale * float(hd.sum())  # the every-exit model beyond its scaled heads: F + N d
+    ones = dict(t_ones or {})
+    if not (ones and n > 1):
+        return None, surplus / n
+    f_plus_d = float(np.median([t - t_none - scale * float(hd[j]) for j, t in ones.items()]))
+    decision = (surplus - f_plus_d) / (n - 1)
+    return f_plus_d - decision, decision
+
+
 def fit_exit_overheads(t_none: float, t_every: float, t_ones, scale: float, hd) -> tuple[float, float]:
     """The fixed cost F of going on past an exit and the per-decision cost d from the end-to-end anchors
     (:func:`exit_latency_costs`): ``every = none + F + scale * sum(hd) + N d`` and, for each one-exit
@@ -243,35 +259,33 @@ def fit_exit_overheads(t_none: float, t_every: float, t_ones, scale: float, hd) 
     cannot move it), and the every-exit anchor then separates d from F. A negative F (noise) is taken as
     0, d then an equal share of the every-exit model's surplus. Returns (F, d).
     """
-    import numpy as np
-
-    hd = np.asarray(hd, dtype=np.float64)
-    n = len(hd)
-    surplus = t_every - t_none - scale * float(hd.sum())  # the every-exit model beyond its scaled heads: F + N d
-    fixed, decision = 0.0, surplus / n
-    ones = dict(t_ones or {})
-    if ones and n > 1:
-        f_plus_d = float(np.median([t - t_none - scale * float(hd[j]) for j, t in ones.items()]))
-        decision = (surplus - f_plus_d) / (n - 1)
-        fixed = f_plus_d - decision
-    if fixed <= 0.0:
-        fixed, decision = 0.0, surplus / n
+    fixed, decision = _raw_overheads(t_none, t_every, t_ones, scale, hd)
+    if fixed is None:
+        return 0.0, float(decision)
+    if fixed <= 0.0:  # F + N d is the every-exit model's surplus: spread it over the decisions
+        return 0.0, float((fixed + len(hd) * decision) / len(hd))
     return float(fixed), float(decision)
 
 
-ANCHOR_SLACK = 0.05  # share of the no-exit model's time the every-exit anchor may fall short by as noise
+ANCHOR_SLACK = 0.05  # share of the no-exit model's time an anchor may be off by as noise
 
 
-def anchors_consistent(t_none: float, t_every: float, scale: float, hd) -> bool:
-    """Whether the every-exit anchor is physically possible next to the no-exit one: the model with every
-    candidate exit at +inf does all the no-exit model does plus every head, so it must take at least half
-    its scaled heads longer, less :data:`ANCHOR_SLACK` of the no-exit time for noise. A device that changed
-    speed between the two timings (a busy machine, a Pi that heats up) breaks this, and the exit-decision
-    cost fitted from them then comes out hugely negative: every exit would look like it saves time."""
+def anchors_consistent(t_none: float, t_every: float, scale: float, hd, t_ones=None) -> bool:
+    """Whether the anchors are physically possible together. The model with every candidate exit at +inf
+    does all the no-exit model does plus every head, so it must take at least half its scaled heads longer;
+    and it does all that each one-exit model (``t_ones``, as in :func:`fit_exit_overheads`) does beyond the
+    no-exit model, once per exit, so the fixed cost of going on past an exit that the two imply cannot be
+    negative. Each allows :data:`ANCHOR_SLACK` of the no-exit time for noise. A device that changed speed
+    between the timings (a busy machine, a Pi that heats up) breaks them: an every-exit model timed too fast
+    gives a hugely negative decision cost (every exit would look like it saves time), one timed too slow a
+    hugely positive one (every exit would look far dearer than it is)."""
     import numpy as np
 
     heads = scale * float(np.sum(np.asarray(hd, dtype=np.float64)))
-    return t_every - t_none >= 0.5 * heads - ANCHOR_SLACK * t_none
+    if t_every - t_none < 0.5 * heads - ANCHOR_SLACK * t_none:
+        return False
+    fixed, _ = _raw_overheads(t_none, t_every, t_ones, scale, hd)
+    return fixed is None or fixed >= -ANCHOR_SLACK * t_none
 
 
 ANCHOR_SAMPLES = 64  # real inputs the end-to-end anchors of exit_latency_costs are timed on (at least a batch)
@@ -323,8 +337,10 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     spell. A speed change can still outlast the rounds: the every-exit model then times faster than the no-exit
     model plus half its heads (:func:`anchors_consistent`), which no model doing more work can, and the fitted
     decision cost comes out hugely negative (one such ResNet-56 run fitted -0.48 ms per decision, so every exit
-    seemed to save time and the policy kept 14, running 1.31x the backbone against a predicted 0.89x). Such
-    rounds are discarded and profile and anchors timed afresh (``rounds`` new rounds, new seeds; ``retimed:
+    seemed to save time and the policy kept 14, running 1.31x the backbone against a predicted 0.89x). Timed
+    too slow, it says the fixed cost of going on past an exit is negative (its surplus is more than the one-exit
+    models' overheads once per exit), and the decision cost comes out huge instead (a ResNet-20 run: +0.46 ms
+    per decision against heads of 0.14 ms, and no exit kept). Such rounds are discarded and profile and anchors timed afresh (``rounds`` new rounds, new seeds; ``retimed:
     True`` in the calibration); if they contradict each other again, the decision and fixed costs are left at
     0 (the scaled profile alone, whose single scale keeps the exits' relative costs), with a warning,
     ``consistent: False`` in the calibration and a note in ``source``.
@@ -430,20 +446,23 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         st, hd, before = costs(prof, call)
         t_none, t_every, t_first = (float(combine(timed[k])) for k in ("none", "every", "first"))
         scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
-        consistent = anchors_consistent(t_none, t_every, scale, hd)
+        t_ones = {j: float(combine(timed[f"one:{j}"])) for j in ones}
+        consistent = anchors_consistent(t_none, t_every, scale, hd, t_ones)
         if consistent:
             break
-    t_ones = {j: float(combine(timed[f"one:{j}"])) for j in ones}
     before = call + scale * before
     if consistent:
         fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
     else:  # still contradictory: the scaled profile alone (one scale keeps the exits' relative costs)
         fixed, decision = 0.0, 0.0
+        fast = t_every - t_none < 0.5 * scale * float(hd.sum()) - ANCHOR_SLACK * t_none
+        what = (f"less than the backbone alone ({t_none:.3f} ms) plus half its heads "
+                f"({0.5 * scale * float(hd.sum()):.3f} ms)" if fast else
+                "more than the one-exit models' overheads once per exit allow (a negative fixed cost)")
         warnings.warn(f"latency calibration on {src}: the model with every exit timed {t_every:.3f} ms per sample, "
-                      f"less than the backbone alone ({t_none:.3f} ms) plus half its heads "
-                      f"({0.5 * scale * float(hd.sum()):.3f} ms), twice in {rounds} rounds: the device changed "
-                      "speed while timing, so the exit-decision and fixed costs are left at 0; time on a quiet "
-                      "device or with more rounds", stacklevel=2)
+                      f"{what}, twice in {rounds} rounds: the device changed speed while timing, so the "
+                      "exit-decision and fixed costs are left at 0; time on a quiet device or with more rounds",
+                      stacklevel=2)
     c1 = np.maximum(scale * hd + decision, 0.0)
     taken = t_first - float(before[0] + c1[0])  # answering early: writing the answer, shrinking the batch
     cal = {"call_ms": call, "scale": scale, "decision_ms": decision, "exit_taken_ms": taken,

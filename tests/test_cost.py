@@ -86,9 +86,10 @@ def test_fixed_cost_of_going_past_an_exit_is_recovered_from_the_anchors_and_robu
     assert f == 0.0 and dd == pytest.approx(0.3)
 
 
-def test_anchors_consistent_rejects_an_every_exit_model_faster_than_its_parts():
+def test_anchors_consistent_rejects_an_every_exit_model_faster_or_slower_than_its_parts():
     """The every-exit model does what the no-exit model does plus every head: timed faster than the no-exit model
-    plus half its scaled heads (less 5 % of the no-exit time as noise), the two timings contradict each other."""
+    plus half its scaled heads (less 5 % of the no-exit time as noise), the two timings contradict each other;
+    timed slower than the one-exit models' overheads once per exit allow (a negative fixed cost), too."""
     from autoexit.cost import ANCHOR_SLACK, anchors_consistent
 
     hd, scale, t_none = [0.1, 0.2, 0.3], 1.5, 4.0  # scaled heads: 0.9 ms; half: 0.45 ms; slack: 0.2 ms
@@ -98,3 +99,15 @@ def test_anchors_consistent_rejects_an_every_exit_model_faster_than_its_parts():
     assert not anchors_consistent(t_none, edge - 1e-6, scale, hd)
     assert not anchors_consistent(t_none, t_none - 1.0, scale, hd)  # faster than the backbone alone
     assert anchors_consistent(t_none, t_none - 0.1, scale, [0.0, 0.0, 0.0])  # no heads: noise within the slack
+    # with one-exit anchors: the every-exit model does each one-exit model's extra work once per exit, so the
+    # fixed cost F the two imply (every = none + F + heads + N d, one_j = none + F + head_j + d) is >= 0
+    F, d = 0.1, 0.05
+    ones = {j: t_none + F + scale * hd[j] + d for j in (0, 2)}
+    every = t_none + F + scale * sum(hd) + 3 * d
+    assert anchors_consistent(t_none, every, scale, hd, ones)
+    # every-exit timed slow: F = (one-exit overhead) - d < 0; within 5 % of the no-exit time it is noise
+    slow = every + 2 * (F + ANCHOR_SLACK * t_none) - 1e-6  # d grows by half of it, F falls by as much
+    assert anchors_consistent(t_none, slow, scale, hd, ones)
+    assert not anchors_consistent(t_none, slow + 2e-6 + 0.01, scale, hd, ones)
+    assert not anchors_consistent(t_none, every + 5.0, scale, hd, ones)
+    assert anchors_consistent(t_none, every + 5.0, scale, hd[:1] + [0, 0], None)  # no one-exit anchor: no bound

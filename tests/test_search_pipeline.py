@@ -296,11 +296,13 @@ def test_latency_calibration_is_the_segment_profile_corrected_by_its_measured_an
 
 
 class _SlowSpell:
-    """A device (LocalEvaluator underneath) caught in a slow spell whenever it times the no-exit anchor with a
-    measurement seed below ``until``: that timing comes out ``factor`` times slower, the rest as measured."""
+    """A device (LocalEvaluator underneath) caught in a slow spell whenever it times one anchor (``anchor``: its
+    place in a round, 0 the no-exit model, 1 the every-exit one) with a measurement seed below ``until``: that
+    timing comes out ``factor`` times slower, the rest as measured."""
 
-    def __init__(self, ev, anchors_per_round: int, until: int, factor: float = 20.0):
+    def __init__(self, ev, anchors_per_round: int, until: int, factor: float = 20.0, anchor: int = 0):
         self.ev, self.per_round, self.until, self.factor, self.calls = ev, anchors_per_round, until, factor, 0
+        self.anchor = anchor
 
     def __getattr__(self, name):
         return getattr(self.ev, name)
@@ -309,8 +311,8 @@ class _SlowSpell:
         from dataclasses import replace
 
         res = self.ev.measure_end_to_end(model, inputs, batch_sizes=batch_sizes, settings=settings)
-        first_of_round, self.calls = self.calls % self.per_round == 0, self.calls + 1  # the no-exit anchor
-        if not (first_of_round and settings.seed < self.until):
+        hit, self.calls = self.calls % self.per_round == self.anchor, self.calls + 1
+        if not (hit and settings.seed < self.until):
             return res
         f = self.factor
         return replace(res, stats=tuple(replace(t, median_ms=t.median_ms * f, min_ms=t.min_ms * f,
@@ -318,9 +320,10 @@ class _SlowSpell:
 
 
 def test_latency_calibration_retimes_anchors_that_contradict_each_other(digits_result):
-    """The every-exit model does more work than the no-exit one, so timings where it comes out faster (a device
-    that changed speed) are discarded and everything is timed afresh with new seeds; if that contradicts too,
-    no decision or fixed cost is fitted (they would say every exit saves time) and the user is warned."""
+    """The every-exit model does more work than the no-exit one, and each one-exit model's extra work once per
+    exit, so timings where it comes out faster than the first or slower than the second allows (a device that
+    changed speed) are discarded and everything is timed afresh with new seeds; if that contradicts too, no
+    decision or fixed cost is fitted (they would say every exit saves time) and the user is warned."""
     from dataclasses import replace
 
     from autoexit.cost import anchors_consistent, one_exit_anchors
@@ -339,6 +342,12 @@ def test_latency_calibration_retimes_anchors_that_contradict_each_other(digits_r
     for key in ("no_exit_ms", "every_exit_ms", "decision_ms", "exits_fixed_ms", "scale"):
         assert c[key] == pytest.approx(plain.calibration[key])
     assert spell.c1 == pytest.approx(plain.c1) and spell.base == pytest.approx(plain.base)
+    # the every-exit model caught instead: the decision cost would come out huge (a negative fixed cost); the
+    # same re-timing gives the same fit
+    slow_every = latency_costs(res, _SlowSpell(ev, per_round, until=3, anchor=1), settings=s, samples=24)
+    assert slow_every.calibration["retimed"] and slow_every.calibration["consistent"]
+    assert slow_every.calibration["decision_ms"] == pytest.approx(plain.calibration["decision_ms"])
+    assert slow_every.c1 == pytest.approx(plain.c1)
     # a spell that never ends: no decision or fixed cost, a warning, and the calibration says so
     with pytest.warns(UserWarning, match="the device changed speed while timing"):
         stuck = latency_costs(res, _SlowSpell(ev, per_round, until=10 ** 6), settings=s, samples=24)

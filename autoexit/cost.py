@@ -271,21 +271,29 @@ ANCHOR_SLACK = 0.05  # share of the no-exit model's time an anchor may be off by
 
 
 def anchors_consistent(t_none: float, t_every: float, scale: float, hd, t_ones=None) -> bool:
-    """Whether the anchors are physically possible together. The model with every candidate exit at +inf
-    does all the no-exit model does plus every head, so it must take at least half its scaled heads longer;
-    and it does all that each one-exit model (``t_ones``, as in :func:`fit_exit_overheads`) does beyond the
-    no-exit model, once per exit, so the fixed cost of going on past an exit that the two imply cannot be
-    negative. Each allows :data:`ANCHOR_SLACK` of the no-exit time for noise. A device that changed speed
-    between the timings (a busy machine, a Pi that heats up) breaks them: an every-exit model timed too fast
-    gives a hugely negative decision cost (every exit would look like it saves time), one timed too slow a
-    hugely positive one (every exit would look far dearer than it is)."""
+    """Whether the anchors are physically possible together (:func:`anchor_contradiction` says what is not)."""
+    return anchor_contradiction(t_none, t_every, scale, hd, t_ones) is None
+
+
+def anchor_contradiction(t_none: float, t_every: float, scale: float, hd, t_ones=None) -> str | None:
+    """What makes the anchors physically impossible together, or None. The model with every candidate exit at
+    +inf does all the no-exit model does plus every head, so it must take at least half its scaled heads
+    longer; and it does all that each one-exit model (``t_ones``, as in :func:`fit_exit_overheads`) does
+    beyond the no-exit model, once per exit, so the fixed cost of going on past an exit that the two imply
+    cannot be negative. Each allows :data:`ANCHOR_SLACK` of the no-exit time for noise. A device that changed
+    speed between the timings (a busy machine, a Pi that heats up) breaks them: an every-exit model timed too
+    fast gives a hugely negative decision cost (every exit would look like it saves time), one timed too slow
+    a hugely positive one (every exit would look far dearer than it is)."""
     import numpy as np
 
     heads = scale * float(np.sum(np.asarray(hd, dtype=np.float64)))
     if t_every - t_none < 0.5 * heads - ANCHOR_SLACK * t_none:
-        return False
+        return f"less than the backbone alone ({t_none:.3f} ms) plus half its heads ({0.5 * heads:.3f} ms)"
     fixed, _ = _raw_overheads(t_none, t_every, t_ones, scale, hd)
-    return fixed is None or fixed >= -ANCHOR_SLACK * t_none
+    if fixed is not None and fixed < -ANCHOR_SLACK * t_none:
+        return (f"more than the one-exit models' overheads once per exit allow (a fixed cost of "
+                f"{fixed:+.3f} ms)")
+    return None
 
 
 ANCHOR_SAMPLES = 64  # real inputs the end-to-end anchors of exit_latency_costs are timed on (at least a batch)
@@ -447,7 +455,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         t_none, t_every, t_first = (float(combine(timed[k])) for k in ("none", "every", "first"))
         scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
         t_ones = {j: float(combine(timed[f"one:{j}"])) for j in ones}
-        consistent = anchors_consistent(t_none, t_every, scale, hd, t_ones)
+        contradiction = anchor_contradiction(t_none, t_every, scale, hd, t_ones)
+        consistent = contradiction is None
         if consistent:
             break
     before = call + scale * before
@@ -455,12 +464,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
     else:  # still contradictory: the scaled profile alone (one scale keeps the exits' relative costs)
         fixed, decision = 0.0, 0.0
-        fast = t_every - t_none < 0.5 * scale * float(hd.sum()) - ANCHOR_SLACK * t_none
-        what = (f"less than the backbone alone ({t_none:.3f} ms) plus half its heads "
-                f"({0.5 * scale * float(hd.sum()):.3f} ms)" if fast else
-                "more than the one-exit models' overheads once per exit allow (a negative fixed cost)")
         warnings.warn(f"latency calibration on {src}: the model with every exit timed {t_every:.3f} ms per sample, "
-                      f"{what}, twice in {rounds} rounds: the device changed speed while timing, so the "
+                      f"{contradiction}, twice in {rounds} rounds: the device changed speed while timing, so the "
                       "exit-decision and fixed costs are left at 0; time on a quiet device or with more rounds",
                       stacklevel=2)
     c1 = np.maximum(scale * hd + decision, 0.0)

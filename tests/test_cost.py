@@ -111,3 +111,9 @@ def test_anchors_consistent_rejects_an_every_exit_model_faster_or_slower_than_it
     assert not anchors_consistent(t_none, slow + 2e-6 + 0.01, scale, hd, ones)
     assert not anchors_consistent(t_none, every + 5.0, scale, hd, ones)
     assert anchors_consistent(t_none, every + 5.0, scale, hd[:1] + [0, 0], None)  # no one-exit anchor: no bound
+    # and what is wrong, for the warning
+    from autoexit.cost import anchor_contradiction
+
+    assert anchor_contradiction(t_none, every, scale, hd, ones) is None
+    assert "plus half its heads" in anchor_contradiction(t_none, t_none - 1.0, scale, hd, ones)
+    assert "fixed cost of -" in anchor_contradiction(t_none, every + 5.0, scale, hd, ones)

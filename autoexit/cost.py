@@ -456,11 +456,10 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         scale = (t_none - call) / float(st.sum()) if st.sum() > 0 and t_none > call else 1.0
         t_ones = {j: float(combine(timed[f"one:{j}"])) for j in ones}
         contradiction = anchor_contradiction(t_none, t_every, scale, hd, t_ones)
-        consistent = contradiction is None
-        if consistent:
+        if contradiction is None:
             break
     before = call + scale * before
-    if consistent:
+    if contradiction is None:
         fixed, decision = fit_exit_overheads(t_none, t_every, t_ones, scale, hd)
     else:  # still contradictory: the scaled profile alone (one scale keeps the exits' relative costs)
         fixed, decision = 0.0, 0.0
@@ -480,7 +479,7 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
            "profile_rounds_ms": [{k: float(v) for k, v in p.items()} for p in profiles],  # to recombine later
-           "samples": int(len(x)), "rounds": int(rounds), "retimed": attempt > 0, "consistent": bool(consistent),
+           "samples": int(len(x)), "rounds": int(rounds), "retimed": attempt > 0, "consistent": contradiction is None,
            "batch_size": int(batch_size), "stat": stat, "round_stat": round_stat}
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
             "base": max(t_none, 1e-9), "fixed": fixed, "unit": "ms",
@@ -490,6 +489,6 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
                       f"{taken:+.3f} ms per early answer ({stat.removesuffix('_ms')} per timing, {round_stat} of "
                       f"{rounds} interleaved rounds"
                       + ("" if not attempt else ", timed again: the first rounds' anchors contradicted each other"
-                         if consistent else "; the anchors contradicted each other twice, so no decision or fixed "
+                         if contradiction is None else "; the anchors contradicted each other twice, so no decision or fixed "
                          "cost was fitted") + ")",
             "calibration": cal}

@@ -123,6 +123,7 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
     # and the very same timings (cache hits) with the rounds combined by their median, as before round_stat
     lat_min_med = latency_costs(base, evaluator, batch_size=1, settings=replace(settings, seed=settings.seed + 77),
                                 rounds=rounds, stat="min_ms", round_stat="median") if with_min else None
+    min_calibrations = {"min": lat_min, "min, median of rounds": lat_min_med} if with_min else {}
     profile_s = time.perf_counter() - t0
     print(f"profile: {lat.source}; base {lat.base:.3f} ms (segments only {raw.base:.3f} ms)", flush=True)
     ref_model = scripted_backbone(tb)
@@ -181,18 +182,15 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
             "exit counts match": bool(np.array_equal(sim_counts, counts)),
         })
         if lat_min is not None:  # the same timings, each standing for its fastest group
-            p_min = float(plan_outcome(recorded, plan, lat_min, n_samples).flops.mean())
-            p_mm = float(plan_outcome(recorded, plan, lat_min_med, n_samples).flops.mean())
             m_min = float(np.median([float(r.min_ms) for r in ms]))
             d_min = float(np.median([float(r.min_ms) for r in ref_stats])) / ref0_min
-            rows[-1].update({"predicted ms (min)": p_min, "measured ms (min)": m_min,
-                             "error % (min)": 100.0 * (p_min - m_min) / m_min, "drift (min)": d_min,
-                             "predicted ms (min, median of rounds)": p_mm,
-                             "error % (min, median of rounds)": 100.0 * (p_mm - m_min) / m_min,
-                             "drift-corrected error % (min, median of rounds)": 100.0 * (p_mm * d_min - m_min) / m_min,
-                             "drift-corrected error % (min)": 100.0 * (p_min * d_min - m_min) / m_min,
+            rows[-1].update({"measured ms (min)": m_min, "drift (min)": d_min,
                              "rounds spread % (min)": 100.0 * (max(r.min_ms for r in ms) - min(r.min_ms for r in ms))
                              / m_min})
+            for tag, costs in min_calibrations.items():  # rounds by their minimum, and by their median
+                p = float(plan_outcome(recorded, plan, costs, n_samples).flops.mean())
+                rows[-1].update({f"predicted ms ({tag})": p, f"error % ({tag})": 100.0 * (p - m_min) / m_min,
+                                 f"drift-corrected error % ({tag})": 100.0 * (p * d_min - m_min) / m_min})
         print(f"  [{len(rows)}/{n_configs}] {rows[-1]['config']}: predicted {predicted:.3f} ms, "
               f"measured {measured:.3f} ms ({rows[-1]['error %']:+.1f} %; drift {drift:.3f}, corrected "
               f"{rows[-1]['drift-corrected error %']:+.1f} %)", flush=True)
@@ -201,26 +199,16 @@ def run(depth: int, n_configs: int, n_samples: int, evaluator, seed: int, rounds
     err_raw = np.array([abs(r["segments only error %"]) for r in rows])
     mins = {}
     if lat_min is not None and rows:
-        e_min = np.array([abs(r["error % (min)"]) for r in rows])
-        e_min_d = np.array([abs(r["drift-corrected error % (min)"]) for r in rows])
-        e_mm = np.array([abs(r["error % (min, median of rounds)"]) for r in rows])
-        e_mm_d = np.array([abs(r["drift-corrected error % (min, median of rounds)"]) for r in rows])
-        mins = {"within 10 % (min)": float((e_min <= 10).mean()),
-                "within 10 % (min, median of rounds)": float((e_mm <= 10).mean()),
-                "within 10 % (min, median of rounds, drift-corrected)": float((e_mm_d <= 10).mean()),
-                "max |drift-corrected error| % (min)": float(e_min_d.max()),
-                "max |drift-corrected error| % (min, median of rounds)": float(e_mm_d.max()),
-                "median |error| % (min, median of rounds)": float(np.median(e_mm)),
-                "max |error| % (min)": float(e_min.max()),
-                "max |error| % (min, median of rounds)": float(e_mm.max()),
-                "mean signed error % (min)": float(np.mean([r["error % (min)"] for r in rows])),
-                "mean signed error % (min, median of rounds)":
-                    float(np.mean([r["error % (min, median of rounds)"] for r in rows])),
-                "calibration (min, median of rounds)": lat_min_med.source,
-                "within 10 % (min, drift-corrected)": float((e_min_d <= 10).mean()),
-                "median |error| % (min)": float(np.median(e_min)),
-                "median rounds spread % (min)": float(np.median([r["rounds spread % (min)"] for r in rows])),
-                "calibration (min)": lat_min.source}
+        mins = {"median rounds spread % (min)": float(np.median([r["rounds spread % (min)"] for r in rows]))}
+        for tag, costs in min_calibrations.items():
+            e = np.array([abs(r[f"error % ({tag})"]) for r in rows])
+            e_d = np.array([abs(r[f"drift-corrected error % ({tag})"]) for r in rows])
+            mins |= {f"within 10 % ({tag})": float((e <= 10).mean()),
+                     f"within 10 % ({tag}, drift-corrected)": float((e_d <= 10).mean()),
+                     f"median |error| % ({tag})": float(np.median(e)), f"max |error| % ({tag})": float(e.max()),
+                     f"max |drift-corrected error| % ({tag})": float(e_d.max()),
+                     f"mean signed error % ({tag})": float(np.mean([r[f"error % ({tag})"] for r in rows])),
+                     f"calibration ({tag})": costs.source}
     return {
         "rows": rows,
         "summary": {"model": f"resnet{depth}", "configs": len(rows), "samples": int(len(x)),

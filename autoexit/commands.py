@@ -18,6 +18,9 @@ def _policy_flags(p) -> None:
     p.add_argument("--auto-select", choices=["cal", "fit"], default=None,
                    help="with --policy auto: choose the cheapest on the calibration split, each candidate tested at "
                    "delta/m (cal, default), or on the fit split before calibration, at the full delta (fit)")
+    p.add_argument("--gate-target", choices=["agree", "harmless"], default=None,
+                   help="with --policy gate (or auto): what the gates learn to predict, agreement with the backbone "
+                   "(label-free, default) or harmless exits (reads the train labels; with --risk drop or harm)")
     p.add_argument("--delta", type=float, default=0.1,
                    help="the budget holds on new data with probability >= 1 - delta (default 0.1)")
     p.add_argument("--risk", choices=list(RISKS), default="disagreement",
@@ -52,13 +55,22 @@ def _policy_settings(args: argparse.Namespace) -> dict:
     if auto and args.policy != "auto":
         raise AutoExitError(f"--auto-candidates / --auto-select apply to --policy auto, not {args.policy}; "
                             "add --policy auto or drop them")
+    options = dict(auto)
+    if args.gate_target is not None:
+        if args.policy == "gate":
+            options["target"] = args.gate_target
+        elif args.policy == "auto" and "gate" in (args.auto_candidates or ["gate"]):
+            options["options"] = {"gate": {"target": args.gate_target}}
+        else:
+            raise AutoExitError(f"--gate-target applies to --policy gate (or auto with gate among its candidates), "
+                                f"not {args.policy}; drop it or change the policy")
     ev = {}
     if args.evaluator_url:
         ev = {"url": args.evaluator_url, **({"token_file": args.evaluator_token_file}
                                             if args.evaluator_token_file else {})}
     return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_stat": f"{args.cost_stat}_ms",
             "cost_evaluator": ev,
-            "cross_fit": args.cross_fit, "policy_options": auto}
+            "cross_fit": args.cross_fit, "policy_options": options}
 
 
 def register(sub) -> None:

@@ -152,7 +152,8 @@ class EnableConfig:
         if not isinstance(self.policy_options, Mapping):
             raise AutoExitError(f"policy_options must be a mapping of option names to values, got "
                                 f"{type(self.policy_options).__name__}")
-        make_policy(self.policy, **dict(self.policy_options))  # bad options fail now, not after the heads train
+        # bad options fail now, not after the heads train
+        make_policy(self.policy, **dict(self.policy_options)).check_risk(self.risk)
         if not isinstance(self.scheme, str):  # per-exit weights (as the outer search picks them)
             w = tuple(float(x) for x in self.scheme)
             if not w or any(not x >= 0 for x in w) or sum(w) <= 0:
@@ -374,7 +375,8 @@ class EnableResult:
             out["rules"] = pol["rules"]
         else:
             out["rule"] = "exit i answers when exit_score(head_i(x) / temperature_i) >= threshold_i"
-        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length", "fitted_on", "auto"):
+        for key in ("statement", "guarantee", "cal_n", "fit_n", "target_fit_risk", "path_length", "fitted_on", "auto",
+                    "gate_target"):
             if key in pol:
                 out[key] = pol[key]
         if pol.get("cost_unit"):  # what the policy minimised, when not counted FLOPs

@@ -75,6 +75,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
           "--teacher", "mixup", "--teacher-shift", "-2"], "shift must be an integer >= 0"),
         (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "missing.pt", "--tolerance", "1", "--out", "o"],
          "cannot"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
+          "--gate-target", "harmless"], "--gate-target applies to --policy gate"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
+          "--policy", "gate", "--gate-target", "harmless"], "target 'harmless'"),
         (["inspect", "nowhere"], "not an autoexit artifact"),
     ]
     for args, needle in cases:

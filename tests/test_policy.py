@@ -1,5 +1,6 @@
 """Exit policies: every policy scripts into the emitted model and decides exactly as simulated;
-gates never read labels; the cost-aware exit set drops useless heads; configuration errors."""
+gates never read labels (but the labelled 'harmless' target, which learns what it says); the cost-aware
+exit set drops useless heads; configuration errors."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from autoexit.policies import (
     PolicyContext,
     make_policy,
 )
-from autoexit.policies.gate import GateConfig, train_gate
+from autoexit.policies.gate import GateConfig, gate_target, train_gate
 
 FAST = {"gate": {"steps": 40}, "auto": {"options": {"gate": {"steps": 40}}}}
 _CACHE: dict = {}
@@ -136,6 +137,88 @@ def test_gate_training_never_reads_labels(digits_result):
     for ga, gb in zip(a.rules, b.rules):
         for (k, x), (_, y) in zip(ga.state_dict().items(), gb.state_dict().items()):
             assert torch.equal(x, y), k
+
+
+def test_gate_target_harmless_counts_only_exits_that_cost_accuracy():
+    # four samples: both right; head wrong, backbone right (the one harmful exit); both wrong; head right only
+    z = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 4]), 5).float()
+    backbone = torch.nn.functional.one_hot(torch.tensor([1, 0, 0, 0]), 5).float()
+    labels = torch.tensor([1, 0, 2, 4])
+    assert gate_target(z, backbone).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert gate_target(z, backbone, "harmless", labels).tolist() == [1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(AutoExitError, match="needs the labels"):
+        gate_target(z, backbone, "harmless")
+    with pytest.raises(AutoExitError, match="one label per sample"):
+        gate_target(z, backbone, "harmless", labels[:3])
+    with pytest.raises(AutoExitError, match="unknown gate target"):
+        GateConfig(target="agreement")
+
+
+def _backbone_wrong_on_class(n=2000, c=10, bad=9, seed=0):
+    """Head right on every sample of class ``bad`` and on half of the others; the backbone right on every
+    sample but those of class ``bad``, which it calls class 0."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    bpred = torch.where(y == bad, torch.zeros_like(y), y)
+    coin = torch.rand(n, generator=g) < 0.5
+    hpred = torch.where((y == bad) | coin, y, (y + 1 + torch.randint(0, c - 2, (n,), generator=g)) % c)
+    hpred = torch.where((hpred == bad) & (y != bad), (hpred + 1) % c, hpred)  # only class-bad samples predict bad
+    z = torch.nn.functional.one_hot(hpred, c).float() * 2 + 0.3 * torch.randn(n, c, generator=g)
+    return z, torch.nn.functional.one_hot(bpred, c).float() * 5, y
+
+
+def test_harmless_gate_learns_that_exits_where_the_backbone_is_wrong_cost_nothing():
+    z, b, y = _backbone_wrong_on_class()
+    cfg = GateConfig(steps=60, act_stats=False, history=0)
+    agree = train_gate(z, [], None, b, cfg)
+    harmless = train_gate(z, [], None, b, GateConfig(**{**cfg.to_dict(), "target": "harmless"}), labels=y)
+    with torch.no_grad():
+        sa, sh = agree(z, [], torch.zeros(1)), harmless(z, [], torch.zeros(1))
+    bad = z.argmax(1) == 9
+    # the head disagrees with the backbone on every class-9 answer, but each of them is right: harmless to let out
+    assert sa[bad].mean() < 0.1 and sh[bad].mean() > 0.9
+    # elsewhere both targets are "the head is right", and both gates rank alike
+    assert abs(float(sa[~bad].mean() - sh[~bad].mean())) < 0.1
+    # and the labels are read: other labels, another gate
+    other = train_gate(z, [], None, b, GateConfig(**{**cfg.to_dict(), "target": "harmless"}), labels=(y + 1) % 10)
+    assert not torch.equal(other.net[0].weight, harmless.net[0].weight)
+
+
+def test_harmless_gate_policy_lets_out_more_at_the_same_labelled_budget():
+    fit, cal = (ExitTable(["e0"], [z], b, y) for z, b, y in (_backbone_wrong_on_class(seed=0),
+                                                              _backbone_wrong_on_class(seed=1)))
+    costs = ExitCosts([1.0], [10.0], 100.0)
+    opts = {"steps": 60, "act_stats": False, "history": 0}
+    res = {t: GatePolicy(**opts, target=t).fit(PolicyContext(fit, cal, costs, 2.0, risk="drop"))
+           for t in ("agree", "harmless")}
+    for t, fp in res.items():
+        assert fp.guarantee.certified and fp.info["gate_target"] == t
+    saved = {t: fp.evaluate(cal, costs)["saving"] for t, fp in res.items()}
+    assert saved["harmless"] > saved["agree"] + 0.05, saved
+    # label-free risk: refused in one line, before anything is trained
+    with pytest.raises(AutoExitError, match="target 'harmless'.*risk='drop'"):
+        GatePolicy(target="harmless").fit(PolicyContext(fit, cal, costs, 2.0))
+    with pytest.raises(AutoExitError, match="target 'harmless'"):
+        EnableConfig(policy="gate", policy_options={"target": "harmless"})
+    with pytest.raises(AutoExitError, match="target 'harmless'"):
+        EnableConfig(policy="auto", risk="disagreement", policy_options={"options": {"gate": {"target": "harmless"}}})
+    EnableConfig(policy="gate", risk="drop", policy_options={"target": "harmless"})  # accepted
+    nolab = ExitTable(["e0"], fit.z, fit.backbone_logits, None)
+    with pytest.raises(AutoExitError, match="needs labels on the fit split"):
+        GatePolicy(target="harmless").fit(PolicyContext(nolab, cal, costs, 2.0, risk="drop"))
+
+
+def test_harmless_gate_policy_scripts_and_decides_as_simulated(digits_result):
+    r = digits_result
+    cfg = EnableConfig(tolerance=2.0, policy="gate", risk="drop",
+                       policy_options={"steps": 40, "target": "harmless"})
+    res = assemble(cfg, r.backbone, r.points, r.recording, r.heads, predictions={"val": r.val, "test": r.test})
+    assert res.kept and res.extra["policy"]["gate_target"] == "harmless"
+    assert res.manifest()["policy"]["gate_target"] == "harmless"  # the artifact says its gates read labels
+    x = res.recording.inputs("test")
+    with torch.no_grad():
+        _, idx = to_torchscript(res.model, x[:1])(x)
+    assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
 
 
 def test_cascade_heads_script_and_match_simulation(digits_result):

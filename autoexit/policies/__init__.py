@@ -348,6 +348,10 @@ class ExitPolicy:
     def fit(self, ctx: PolicyContext) -> FittedPolicy:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def check_risk(self, risk: str) -> None:
+        """Raise a one-line ``AutoExitError`` if this policy, as configured, cannot serve ``risk``
+        (checked before anything is trained)."""
+
 
 class RiskControlledPolicy(ExitPolicy):
     """Exit set + ordered family on fit data, Learn-then-Test on calibration data (see the package doc).
@@ -451,17 +455,20 @@ class PatiencePolicy(RiskControlledPolicy):
 
 @register_policy("gate")
 class GatePolicy(RiskControlledPolicy):
-    """Learned label-free exit gates (:class:`~autoexit.policies.rules.GateRule`).
+    """Learned exit gates (:class:`~autoexit.policies.rules.GateRule`), label-free by default.
 
     While exit sets are compared, each candidate exit has a gate that reads only its own head
     (trained once); the kept chain then gets gates that also read the previous ``history`` exits.
+    ``target="harmless"`` trains them on the fit split's labels to predict "no accuracy lost by letting
+    the sample out here" (:mod:`autoexit.policies.gate`): only with a labelled risk (``harm``, ``drop``).
     """
 
     name = "gate"
 
     def __init__(self, hidden: int = 16, history: int = 2, onehot: bool = True, act_stats: bool = True,
-                 steps: int = 100, lr: float = 1.0, weight_decay: float = 1e-2, seed: int = 0):
-        self.config = GateConfig(hidden, history, onehot, act_stats, steps, lr, weight_decay, seed)
+                 steps: int = 100, lr: float = 1.0, weight_decay: float = 1e-2, seed: int = 0,
+                 target: str = "agree"):
+        self.config = GateConfig(hidden, history, onehot, act_stats, steps, lr, weight_decay, seed, target)
         self._solo: dict[int, GateRule] = {}
 
     @property
@@ -473,7 +480,8 @@ class GatePolicy(RiskControlledPolicy):
         stats = fit.stats[e] if fit.stats is not None else None
         if cfg.act_stats and stats is None:
             cfg = GateConfig(**{**cfg.to_dict(), "act_stats": False})
-        return train_gate(fit.z[e], [fit.z[i] for i in prev], stats, fit.backbone_logits, cfg)
+        return train_gate(fit.z[e], [fit.z[i] for i in prev], stats, fit.backbone_logits, cfg,
+                          labels=fit.labels if cfg.target == "harmless" else None)
 
     def rules_for(self, chain, fit, final):
         if not final:
@@ -486,9 +494,22 @@ class GatePolicy(RiskControlledPolicy):
         h = self.config.history
         return [self._train(fit, e, list(chain[max(0, j - h) : j]), h) for j, e in enumerate(chain)]
 
+    def check_risk(self, risk: str) -> None:
+        if self.config.target == "harmless" and risk == "disagreement":
+            raise AutoExitError("gate target 'harmless' lets out samples the backbone gets wrong, which the "
+                                "label-free risk counts against it: use it with risk='drop' or 'harm', or "
+                                "target='agree'")
+
     def fit(self, ctx: PolicyContext) -> FittedPolicy:
+        self.check_risk(ctx.risk)
+        if self.config.target == "harmless":
+            if ctx.fit.labels is None:
+                raise AutoExitError("gate target 'harmless' needs labels on the fit split (the gates are trained "
+                                    "on them); give labelled data or use target='agree' (label-free)")
         self._solo = {}
-        return super().fit(ctx)
+        fp = super().fit(ctx)
+        fp.info["gate_target"] = self.config.target
+        return fp
 
 
 @register_policy("paper003")
@@ -591,6 +612,10 @@ class AutoPolicy(ExitPolicy):
         # built now, so that a bad candidate option fails at once, with that policy's own message
         self.policies = {name: make_policy(name, **options.get(name, {})) for name in cands}
         self.candidates, self.select = cands, select
+
+    def check_risk(self, risk: str) -> None:
+        for p in self.policies.values():
+            p.check_risk(risk)
 
     @property
     def reads_activation_stats(self) -> bool:

@@ -69,14 +69,16 @@ from bench.common import environment, print_table, require_fixtures, val_selecte
 from bench.head_levers import POLICIES, mixup_epochs  # noqa: E402
 
 DELTA = 0.1
-# ``auto`` (the cheapest of the five guaranteed policies, each certified at delta / 5 and chosen on the
-# calibration draw) and ``auto[ms,gate]`` (the cheaper of max_softmax and gate, each at delta / 2; what
-# bench/policies.py measures under that name): only with --policies, since each of their rows refits every
-# candidate per draw. Each entry: (name, policy, risk, options).
-AUTO_POLICIES = (("auto", "auto", "disagreement", {}), ("auto+drop", "auto", "drop", {}),
-                 ("auto[ms,gate]", "auto", "disagreement", {"candidates": ["max_softmax", "gate"]}),
-                 ("auto[ms,gate]+drop", "auto", "drop", {"candidates": ["max_softmax", "gate"]}))
-CHECK_POLICIES = tuple((*p, {}) for p in POLICIES) + AUTO_POLICIES
+# Checked only when named with --policies (each entry: (name, policy, risk, options)): ``auto`` (the cheapest of
+# the five guaranteed policies, each certified at delta / 5 and chosen on the calibration draw) and
+# ``auto[ms,gate]`` (the cheaper of max_softmax and gate, each at delta / 2; what bench/policies.py measures under
+# that name), since each of their rows refits every candidate per draw; and ``gate[harmless]+drop``, gates trained
+# on the train labels to predict harmless exits (bench/policies.py's row of that name).
+NAMED_POLICIES = (("auto", "auto", "disagreement", {}), ("auto+drop", "auto", "drop", {}),
+                  ("auto[ms,gate]", "auto", "disagreement", {"candidates": ["max_softmax", "gate"]}),
+                  ("auto[ms,gate]+drop", "auto", "drop", {"candidates": ["max_softmax", "gate"]}),
+                  ("gate[harmless]+drop", "gate", "drop", {"target": "harmless"}))
+CHECK_POLICIES = tuple((*p, {}) for p in POLICIES) + NAMED_POLICIES
 TOLERANCES = (1.0, 2.0)
 VARIANTS = ("baseline", "1250", "2500")
 
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", nargs="+", choices=[p[0] for p in CHECK_POLICIES], default=None,
                     help="only these policies (default: the five of bench/head_levers.py; auto and auto+drop, the "
                          "cheapest of them chosen on each calibration draw, and auto[ms,gate](+drop), the cheaper "
-                         "of max_softmax and gate, only when named)")
+                         "of max_softmax and gate, and gate[harmless]+drop, only when named)")
     ap.add_argument("--draws", type=int, default=1000, help="population draws (calibration sets, with replacement)")
     ap.add_argument("--resplits", type=int, default=1000, help="random val/test re-splits")
     ap.add_argument("--merge", action="store_true",

@@ -30,8 +30,9 @@ on the whole pool: see :func:`outer_population`).
     python bench/outer_certified.py --depths 20 --trials 200
     python bench/outer_certified.py --cross-fit 0    # without the cross-fitted rows
     python bench/outer_certified.py --depths 56 --merge   # keeps ResNet-20's rows from the results file
+    python bench/outer_certified.py --cross-fit 3 --out outer_certified_crossfit3   # 3 folds, its own file
 
-Writes ``bench/results/outer_certified.json``. Heads come from the cache ``bench/policies.py`` fills; the
+Writes ``bench/results/outer_certified.json`` (``--out`` names another file). Heads come from the cache ``bench/policies.py`` fills; the
 out-of-fold predictions from the cache of ``bench.head_levers.out_of_fold`` (computed when missing: about
 12 min for ResNet-20 and 40 for ResNet-56 on 2 cores).
 """
@@ -236,6 +237,9 @@ def main(argv=None) -> int:
                     help="keep the other depths of the existing results file (each row says which run made it)")
     ap.add_argument("--cross-fit", type=int, default=2,
                     help="also run every row on out-of-fold train predictions of this many folds (0: skip)")
+    ap.add_argument("--out", default="outer_certified",
+                    help="results name under bench/results (default outer_certified; e.g. outer_certified_crossfit3 "
+                         "for --cross-fit 3, so the 2-fold rows stay)")
     args = ap.parse_args(argv)
     if args.cross_fit == 1 or args.cross_fit < 0:
         raise SystemExit(f"--cross-fit must be 0 (off) or a number of folds >= 2, got {args.cross_fit}")
@@ -248,7 +252,7 @@ def main(argv=None) -> int:
 
     command = " ".join(["python bench/outer_certified.py", *(sys.argv[1:] if argv is None else argv)])
     out = {"command": command, "depths": {}}
-    prior = RESULTS / "outer_certified.json"
+    prior = RESULTS / f"{args.out}.json"
     if args.merge and prior.exists():  # keep the other depths' rows, each with the run that made it
         import json
 
@@ -266,8 +270,7 @@ def main(argv=None) -> int:
     print_table(rows, "Outer search with a certificate vs the guaranteed policy (test split; re-splits)",
                 ["model", "T %", "method", "exits", "saving %", "drop %", "disagree %", "certified",
                  "resplit saving %", "viol(drop)", "population viol"])
-    path = write_results("outer_certified", out)
-    print(f"wrote {path}")
+    write_results(args.out, out)
     return 0
 
 

@@ -11,6 +11,8 @@ GAP > FC128 > FC, KL-distilled, label-free), split 50/20/30 (train / val / test,
   (disagreement with the backbone, an upper bound of the drop).
 - ``max_softmax+drop`` / ``gate+drop``: the same policies with the labelled risk (the accuracy drop
   itself, Waudby-Smith--Ramdas p-values): needs labels on the calibration split.
+- ``gate[harmless]+drop``: ``gate+drop`` with gates trained on the train labels to predict harmless exits
+  (``GatePolicy(target="harmless")``: not "head wrong and backbone right") instead of agreement.
 - ``gate+cascade``: gate policy, then the kept heads retrained to read the previous exit's logits.
 - ``auto`` / ``auto+drop``: the cheapest of the five guaranteed policies above (``max_softmax``, ``margin``,
   ``entropy``, ``patience``, ``gate``), each certified at delta / 5 and chosen on the calibration split;
@@ -90,6 +92,7 @@ VARIANTS = [  # (label, policy, risk, options)
     ("gate", "gate", "disagreement", {}),
     ("max_softmax+drop", "max_softmax", "drop", {}),
     ("gate+drop", "gate", "drop", {}),
+    ("gate[harmless]+drop", "gate", "drop", {"target": "harmless"}),
     ("auto", "auto", "disagreement", {}),
     ("auto+drop", "auto", "drop", {}),
     ("auto[fit]", "auto", "disagreement", {"select": "fit"}),
@@ -375,7 +378,8 @@ def cross_fitted_data(depth: int, rec, heads: dict, data: dict, folds: int, trai
 
 
 def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "recorded", epochs: int = 120,
-              val_temperatures: bool = False, cross_fit: int = 0) -> dict:
+              val_temperatures: bool = False, cross_fit: int = 0, only: tuple = ()) -> dict:
+    """One network's rows (``only``: just the VARIANTS of these labels)."""
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
     from autoexit.pipeline import predictions_for_splits, temperature_split
@@ -423,6 +427,8 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     rows, fitted_all = [], {}
     for tol in TOLERANCES:
         for label, policy, risk, opts in VARIANTS:
+            if only and label not in only:
+                continue
             tabs = tables_of["val" if policy == "paper003" else "fit"]
             t0 = time.perf_counter()
             ctx = PolicyContext(tabs["train"], tabs["val"], costs, tol, 0.1, risk)
@@ -515,6 +521,10 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
     ap.add_argument("--latency-only", action="store_true",
                     help="re-measure only the latency of the depths' entries already in the output file")
+    ap.add_argument("--only", nargs="+", metavar="POLICY", choices=[v[0] for v in VARIANTS], default=None,
+                    help="run only these rows (labels as in the tables) and put them in place of the same rows of "
+                         "the depths already in the output file, which keeps everything else (no cascade, no "
+                         "latency); each such row records its own run")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = ("policies" if args.teacher == "recorded" else "policies_mixup") + (
@@ -555,6 +565,8 @@ def main(argv=None) -> int:
         write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}
                       | {"environment_of_rows": rows_env, "latency_remeasured_s": time.perf_counter() - t0})
         return 0
+    if args.only:
+        return _run_only(args, prior, heads_of, legacy_temps, log, argv)
     kept = []
     if prior.exists() and args.merge:  # results of other depths from an earlier run
         kept = [r for r in json.loads(prior.read_text()).get("results", []) if r["depth"] not in args.depths]
@@ -593,6 +605,38 @@ def main(argv=None) -> int:
                       f"per-sample ms {lat['per_sample_ms']}")
     write_results(args.out, {"args": vars(args), "results": results, "seconds": time.perf_counter() - t0}
                   | ({"latency_environment": latency_env} if latency_env else {}))
+    return 0
+
+
+def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) -> int:
+    """``--only``: the named rows of each depth, put in place of the same rows of the recorded results."""
+    if not prior.exists():
+        raise SystemExit(f"--only adds rows to {prior}; run the benchmark once without it")
+    blob = json.loads(prior.read_text())
+    by_depth = {r["depth"]: r for r in blob.get("results", [])}
+    missing = [d for d in args.depths if d not in by_depth]
+    if missing:
+        raise SystemExit(f"--only adds rows to recorded depths; {prior.name} has no ResNet-{missing[0]}: run it "
+                         "without --only first")
+    env = environment()
+    run = {"date": env["date"], "commit": env["commit"],
+           "argv": "python bench/policies.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    order = {v[0]: i for i, v in enumerate(VARIANTS)}
+    for d in args.depths:
+        new = run_depth(d, args.resplits, False, log, **heads_of, val_temperatures=legacy_temps,
+                        only=tuple(args.only))
+        r = by_depth[d]
+        for row in new["rows"]:
+            row["run"] = run
+        rows = [x for x in r["rows"] if x["policy"] not in args.only] + new["rows"]
+        r["rows"] = sorted(rows, key=lambda x: (x["T %"], order.get(x["policy"], len(order))))
+        for key in ("kept", "guarantees"):
+            r[key] = {**r.get(key, {}), **new[key]}
+    # the file's environment becomes this run's: keep where the other rows and the latency were measured
+    lat_env = blob.get("latency_environment") or (blob.get("environment") if "environment_of_rows" in blob else None)
+    write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}
+                  | {"environment_of_rows": blob.get("environment_of_rows", blob.get("environment"))}
+                  | ({"latency_environment": lat_env} if lat_env else {}))
     return 0
 
 

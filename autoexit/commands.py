@@ -8,6 +8,7 @@ from pathlib import Path
 
 def _policy_flags(p) -> None:
     from .policies import DEFAULT_POLICY, POLICIES, RISKS
+    from .policies.gate import GATE_TARGETS
 
     p.add_argument("--policy", choices=list(POLICIES), default=DEFAULT_POLICY,
                    help=f"exit policy (default {DEFAULT_POLICY}; paper003 = T/2^n thresholds without a guarantee; "
@@ -18,7 +19,7 @@ def _policy_flags(p) -> None:
     p.add_argument("--auto-select", choices=["cal", "fit"], default=None,
                    help="with --policy auto: choose the cheapest on the calibration split, each candidate tested at "
                    "delta/m (cal, default), or on the fit split before calibration, at the full delta (fit)")
-    p.add_argument("--gate-target", choices=["agree", "harmless"], default=None,
+    p.add_argument("--gate-target", choices=list(GATE_TARGETS), default=None,
                    help="with --policy gate (or auto): what the gates learn to predict, agreement with the backbone "
                    "(label-free, default) or harmless exits (reads the train labels; with --risk drop or harm)")
     p.add_argument("--delta", type=float, default=0.1,

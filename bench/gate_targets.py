@@ -14,8 +14,8 @@ trained per exit on the train split's 2-fold out-of-fold predictions (what ``Ena
 fits on, temperatures fitted there), one per target:
 
 * ``agree``: the core's label-free target;
-* ``harmless``: not (exit wrong and backbone right), which reads the train labels (the core's function is
-  given targets built from the labels in the place of the backbone's logits).
+* ``harmless``: not (exit wrong and backbone right), which reads the train labels
+  (``GateConfig(target="harmless")``, what ``GatePolicy(target="harmless")`` trains).
 
 Score per exit and split (val, test), with ``max_softmax`` of the scaled logits as the reference: the share
 of the split that the exit could let out *on its own*, its highest-scoring inputs first, before its accuracy
@@ -62,16 +62,6 @@ def losses(pred: np.ndarray, backbone: np.ndarray, labels: np.ndarray) -> dict[s
             "disagreement": (pred != backbone).astype(np.int64)}
 
 
-def target_logits(pred, keep, classes: int):
-    """[n, classes] logits whose argmax equals ``pred`` where ``keep`` and differs elsewhere: what
-    ``train_gate`` (target: "the exit agrees with these logits") then learns as ``keep``."""
-    import torch
-
-    c = classes
-    other = torch.where(keep, pred, (pred + 1) % c)
-    return torch.nn.functional.one_hot(other, c).float()
-
-
 def run_depth(depth: int, log) -> dict:
     import torch
 
@@ -84,7 +74,7 @@ def run_depth(depth: int, log) -> dict:
     data = cross_fitted_data(depth, rec, heads, split_data(rec, heads), 2, cfg.train, log)
     fit, stats_fit = data["train"]
     temps = torch.as_tensor(calibrate_temperatures(fit), dtype=torch.float32)
-    gcfg = GateConfig()
+    gcfg = GateConfig()  # the features (history, statistics) are the same for both targets
 
     def scaled(p):
         return p.logits.to(torch.float32) / temps.view(-1, 1, 1)
@@ -94,11 +84,8 @@ def run_depth(depth: int, log) -> dict:
     for k, name in enumerate(fit.names):
         prev = {s: [z[s][j] for j in range(max(0, k - gcfg.history), k)] for s in z}
         feats = {s: fit_gate_features(z[s][k], prev[s], data[s][1][k], gcfg) for s in z}
-        pred_fit = z["train"][k].argmax(1)
-        harmless = ~((pred_fit != fit.labels) & (fit.backbone_logits.argmax(1) == fit.labels))
-        gates = {"agree": train_gate(z["train"][k], prev["train"], stats_fit[k], fit.backbone_logits, gcfg),
-                 "harmless": train_gate(z["train"][k], prev["train"], stats_fit[k],
-                                        target_logits(pred_fit, harmless, z["train"].shape[2]), gcfg)}
+        gates = {t: train_gate(z["train"][k], prev["train"], stats_fit[k], fit.backbone_logits,
+                               GateConfig(target=t), labels=fit.labels) for t in TARGETS}
         for s in ("val", "test"):
             p = data[s][0]
             pred = z[s][k].argmax(1).numpy()

@@ -163,11 +163,17 @@ def policies_blocks(name: str = "policies") -> dict[str, str]:
                                                 ("bs32", "batch 32 vs backbone", 2),
                                                 ("pred", "predicted (val, profile)", 2)])
         run = r.get("run") or env  # the depth's own run (results written since it was recorded), else the file's
+        later: dict = {}  # rows added by a later ``--only`` run, each with its own run
+        for x in r["rows"]:
+            if x.get("run"):
+                later.setdefault((x["run"]["date"], x["run"]["commit"], x["run"]["argv"]), []).append(x["policy"])
+        later_txt = "".join(f" Rows {', '.join(f'`{p}`' for p in dict.fromkeys(pols))}: run {date} at commit "
+                            f"{commit} (`{argv}`)." for (date, commit, argv), pols in later.items())
         note = (f"ResNet-{depth}: backbone test accuracy {100 * r['backbone_test_accuracy']:.2f} %, "
                 f"{len(r['candidates'])} candidate exits, oracle saving {100 * r['oracle_saving']['test']:.1f} % "
                 f"(test), {res.get('args', {}).get('resplits', '?')} re-splits of val + test, delta = 0.1. "
                 f"Run {run.get('date', '?')} at commit {run.get('commit', '?')}"
-                + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + lat_txt)
+                + (f", {r['seconds'] / 60:.1f} min" if r.get("seconds") else "") + "." + later_txt + lat_txt)
         out[f"{name}-resnet{depth}"] = note + "\n\n" + table(rows, cols) + lat_table
     return out
 

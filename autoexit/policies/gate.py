@@ -98,7 +98,7 @@ def train_gate(z: torch.Tensor, prev: Sequence[torch.Tensor], stats: torch.Tenso
                             f"{tuple(z.shape)} and {tuple(backbone_logits.shape)}")
     if z.shape[0] < 10:
         raise AutoExitError(f"gate training needs at least 10 samples, got {z.shape[0]}; give more inference data")
-    target = gate_target(z, backbone_logits, config.target, labels if config.target == "harmless" else None)
+    target = gate_target(z, backbone_logits, config.target, labels)
     feats = fit_gate_features(z, prev, stats, config)
     nf = feats.shape[1]
     assert nf == num_gate_features(z.shape[1], config.history, config.onehot, config.act_stats)

@@ -4,8 +4,9 @@ The ``gate`` policy's exit gate (``autoexit.policies.gate.train_gate``) is train
 exit agrees with the backbone". Under the *labelled* risk (``+drop``: the accuracy drop itself) an exit also
 costs nothing where the backbone is wrong: the drop counts only "exit wrong, backbone right" (+1) against
 "exit right, backbone wrong" (-1). With labels on the fit split, a gate could be trained to predict "this
-exit is harmless" (not: exit wrong and backbone right) instead. This script measures whether that target
-separates the inputs an exit may let out any better, before building it into the policies.
+exit is harmless" (not: exit wrong and backbone right) instead, as ``GatePolicy(target="harmless")`` does. This
+script measures, per exit and without the policies' machinery, whether that target ranks the inputs an exit may
+let out any better (``bench/policies.py``'s row ``gate[harmless]+drop`` measures the policy itself).
 
 Setup: the heads, recording and split of ``bench/policies.py`` (the core's default heads, an exit after
 every residual block, 50/20/30, seed 0). Gates of the core's design (``GateConfig()``: features of the exit's
@@ -22,7 +23,7 @@ of the split that the exit could let out *on its own*, its highest-scoring input
 drop (labelled) or its disagreement with the backbone (label-free) exceeds 1 % of the split. This is
 hindsight per exit (no certificate, no cascade); it says how well a score ranks the inputs for each risk.
 
-    python bench/gate_targets.py                 # ResNet-20 and ResNet-56, about 2 min with cached heads
+    python bench/gate_targets.py                 # ResNet-20 and ResNet-56, about 1 min with cached heads
     python bench/gate_targets.py --depths 20
 
 Writes ``bench/results/gate_targets.json``. Heads and out-of-fold predictions come from the caches of

@@ -391,10 +391,8 @@ def nni_blocks() -> dict[str, str]:
     return out
 
 
-def outer_certified_blocks(name: str = "outer_certified", block: str = "outer-certified",
-                           only_cross_fitted: bool = False) -> dict[str, str]:
-    """The outer-certified table of ``bench/results/<name>.json``; ``only_cross_fitted`` keeps the rows of
-    out-of-fold trials (a ``--cross-fit 3`` run's other rows repeat the main table's)."""
+def outer_certified_blocks(name: str = "outer_certified", block: str = "outer-certified") -> dict[str, str]:
+    """The outer-certified table of ``bench/results/<name>.json`` as block ``block``."""
     res = _load(name)
     if not res:
         return {}
@@ -402,8 +400,6 @@ def outer_certified_blocks(name: str = "outer_certified", block: str = "outer-ce
     rows = []
     for d in res.get("depths", {}).values():
         for r in d["rows"]:
-            if only_cross_fitted and "cross-fitted" not in r["method"]:
-                continue
             cert = {"True": "policy's own", "False": "none"}.get(r["certified"], r["certified"])
             rows.append({**r, "certified": cert,
                          "viol": "-" if r.get("viol(drop)") is None else f"{r['viol(drop)']:.2f}",
@@ -442,7 +438,7 @@ def main(argv=None) -> int:
              POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
                             **guarantee_blocks()}, NNI_DOC: nni_blocks(),
              REPO / "docs" / "optuna.md": {**outer_certified_blocks(), **outer_certified_blocks(
-                 "outer_certified_crossfit3", "outer-certified-crossfit3", only_cross_fitted=True)}}
+                 "outer_certified_crossfit3", "outer-certified-crossfit3")}}
     if args.print:
         for blocks in pages.values():
             for name, body in blocks.items():

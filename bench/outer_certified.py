@@ -32,9 +32,10 @@ on the whole pool: see :func:`outer_population`).
     python bench/outer_certified.py --depths 56 --merge   # keeps ResNet-20's rows from the results file
     python bench/outer_certified.py --cross-fit 3 --out outer_certified_crossfit3   # 3 folds, its own file
 
-Writes ``bench/results/outer_certified.json`` (``--out`` names another file). Heads come from the cache ``bench/policies.py`` fills; the
-out-of-fold predictions from the cache of ``bench.head_levers.out_of_fold`` (computed when missing: about
-12 min for ResNet-20 and 40 for ResNet-56 on 2 cores).
+Writes ``bench/results/outer_certified.json`` (``--out`` names another file). Heads come from the cache
+``bench/policies.py`` fills; the out-of-fold predictions from the cache of ``bench.head_levers.out_of_fold``
+(computed when missing: about 12 min for ResNet-20 and 40 for ResNet-56 on 2 cores with 2 folds; 3 folds took
+31 min for ResNet-20 on a shared CPU).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ included and no cascade rows (``policies_crossfit.json``).
 
 Run: ``python bench/policies.py`` (``--teacher mixup``, ``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
 recorded before, with its date); ``--latency-only``
-re-measures the latency of a recorded run, e.g. on a quieter machine).
+re-measures the latency of a recorded run, e.g. on a quieter machine; ``--only gate+drop 'gate[harmless]+drop'``
+runs just those rows into the recorded file, each row keeping its own run).
 Results: ``bench/results/policies.json``.
 """
 

@@ -609,6 +609,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def put_rows(recorded: dict, new: dict, only, run: dict) -> None:
+    """Put ``new``'s rows (a ``run_depth(..., only=only)`` result) in place of ``recorded``'s rows of the same
+    policies, each stamped with ``run``; every other row stays. Rows stay ordered by tolerance, then as in
+    VARIANTS; the exits kept and the guarantee statements of those policies are replaced too."""
+    order = {v[0]: i for i, v in enumerate(VARIANTS)}
+    for row in new["rows"]:
+        row["run"] = run
+    rows = [x for x in recorded["rows"] if x["policy"] not in only] + new["rows"]
+    recorded["rows"] = sorted(rows, key=lambda x: (x["T %"], order.get(x["policy"], len(order))))
+    for key in ("kept", "guarantees"):
+        recorded[key] = {**recorded.get(key, {}), **new[key]}
+
+
 def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) -> int:
     """``--only``: the named rows of each depth, put in place of the same rows of the recorded results."""
     if not prior.exists():
@@ -622,17 +635,10 @@ def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) 
     env = environment()
     run = {"date": env["date"], "commit": env["commit"],
            "argv": "python bench/policies.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    order = {v[0]: i for i, v in enumerate(VARIANTS)}
     for d in args.depths:
         new = run_depth(d, args.resplits, False, log, **heads_of, val_temperatures=legacy_temps,
                         only=tuple(args.only))
-        r = by_depth[d]
-        for row in new["rows"]:
-            row["run"] = run
-        rows = [x for x in r["rows"] if x["policy"] not in args.only] + new["rows"]
-        r["rows"] = sorted(rows, key=lambda x: (x["T %"], order.get(x["policy"], len(order))))
-        for key in ("kept", "guarantees"):
-            r[key] = {**r.get(key, {}), **new[key]}
+        put_rows(by_depth[d], new, args.only, run)
     # the file's environment becomes this run's: keep where the other rows and the latency were measured
     lat_env = blob.get("latency_environment") or (blob.get("environment") if "environment_of_rows" in blob else None)
     write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}

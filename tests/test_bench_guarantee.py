@@ -158,3 +158,30 @@ def test_policies_bench_refuses_runs_that_would_mix_two_rules(args, match):
 
     with pytest.raises(SystemExit, match=match):
         main(args)
+
+
+def test_policies_only_rows_replace_their_own_rows_and_keep_the_rest():
+    """bench/policies.py --only: the named rows replace the recorded ones of the same policy (each stamped with
+    its run), every other row and its run stay, and the table keeps the VARIANTS order per tolerance."""
+    from bench.policies import VARIANTS, put_rows
+
+    def row(tol, policy, saving):
+        return {"T %": tol, "policy": policy, "saving %": saving}
+
+    old_run = {"date": "d0", "commit": "c0", "argv": "python bench/policies.py"}
+    recorded = {"rows": [row(t, p, 1.0) for t in (1.0, 2.0) for p in ("max_softmax", "gate+drop", "auto")],
+                "kept": {"1.0/gate+drop": ["a"], "1.0/auto": ["b"]}, "guarantees": {"1.0/auto": "g"}}
+    recorded["rows"][0]["run"] = old_run
+    new = {"rows": [row(2.0, "gate[harmless]+drop", 3.0), row(1.0, "gate+drop", 2.0),
+                    row(1.0, "gate[harmless]+drop", 3.0), row(2.0, "gate+drop", 2.0)],
+           "kept": {"1.0/gate+drop": ["c"], "1.0/gate[harmless]+drop": ["d"]}, "guarantees": {}}
+    run = {"date": "d1", "commit": "c1", "argv": "python bench/policies.py --only gate+drop gate[harmless]+drop"}
+    put_rows(recorded, new, ("gate+drop", "gate[harmless]+drop"), run)
+    got = [(r["T %"], r["policy"], r["saving %"], r.get("run", {}).get("commit")) for r in recorded["rows"]]
+    labels = [v[0] for v in VARIANTS]
+    assert got == sorted(got, key=lambda x: (x[0], labels.index(x[1])))
+    assert [g for g in got if g[0] == 1.0] == [(1.0, "max_softmax", 1.0, "c0"), (1.0, "gate+drop", 2.0, "c1"),
+                                              (1.0, "gate[harmless]+drop", 3.0, "c1"), (1.0, "auto", 1.0, None)]
+    assert len(got) == 8
+    assert recorded["kept"] == {"1.0/gate+drop": ["c"], "1.0/auto": ["b"], "1.0/gate[harmless]+drop": ["d"]}
+    assert recorded["guarantees"] == {"1.0/auto": "g"}

@@ -338,20 +338,20 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
     the every-exit model alone. The calibrated profile reproduces the no-exit, every-exit and first-exit
     anchors exactly, and the one-exit anchors to within their spread (exactly with a single one).
 
-    ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors,
-    profile, anchors, ...; a new measurement seed each round, so no cached result is reused), and each
-    segment and anchor keeps its minimum or median over the rounds (``round_stat``). A device whose speed drifts (a shared VM, a Pi that
-    heats up) then drifts under profile and anchors alike, instead of one of them being timed during a slow
+    ``rounds``: the profile and the anchors are timed this many times, interleaved (profile, anchors, profile,
+    anchors, ...; a new measurement seed each round, so no cached result is reused), and each segment and anchor
+    keeps its minimum or median over the rounds (``round_stat``). A device whose speed drifts (a shared VM, a Pi
+    that heats up) then drifts under profile and anchors alike, instead of one of them being timed during a slow
     spell. A speed change can still outlast the rounds: the every-exit model then times faster than the no-exit
     model plus half its heads (:func:`anchors_consistent`), which no model doing more work can, and the fitted
     decision cost comes out hugely negative (one such ResNet-56 run fitted -0.48 ms per decision, so every exit
-    seemed to save time and the policy kept 14, running 1.31x the backbone against a predicted 0.89x). Timed
-    too slow, it says the fixed cost of going on past an exit is negative (its surplus is more than the one-exit
-    models' overheads once per exit), and the decision cost comes out huge instead (a ResNet-20 run: +0.46 ms
-    per decision against heads of 0.14 ms, and no exit kept). Such rounds are discarded and profile and anchors timed afresh (``rounds`` new rounds, new seeds; ``retimed:
-    True`` in the calibration); if they contradict each other again, the decision and fixed costs are left at
-    0 (the scaled profile alone, whose single scale keeps the exits' relative costs), with a warning,
-    ``consistent: False`` in the calibration and a note in ``source``.
+    seemed to save time and the policy kept 14, running 1.31x the backbone against a predicted 0.89x). Timed too
+    slow, it says the fixed cost of going on past an exit is negative (its surplus is more than the one-exit models'
+    overheads once per exit), and the decision cost comes out huge instead (a ResNet-20 run: +0.46 ms per decision
+    against heads of 0.14 ms, and no exit kept). Such rounds are discarded and profile and anchors timed afresh
+    (``rounds`` new rounds, new seeds; ``retimed: True`` in the calibration); if they contradict each other again,
+    the decision and fixed costs are left at 0 (the scaled profile alone, whose single scale keeps the exits'
+    relative costs), with a warning, ``consistent: False`` in the calibration and a note in ``source``.
 
     ``round_stat``: how the rounds of one segment or anchor combine: ``"min"`` (the fastest group of all the
     rounds' groups; the default with ``stat="min_ms"``, for the same reason: a slow spell that covers two of
@@ -479,7 +479,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
                                       for p in profiles],
            "profile_ms": {k: float(v) for k, v in prof.items()} | {"call": call},
            "profile_rounds_ms": [{k: float(v) for k, v in p.items()} for p in profiles],  # to recombine later
-           "samples": int(len(x)), "rounds": int(rounds), "retimed": attempt > 0, "consistent": contradiction is None,
+           "samples": int(len(x)), "rounds": int(rounds), "retimed": attempt > 0,
+           "consistent": contradiction is None,
            "batch_size": int(batch_size), "stat": stat, "round_stat": round_stat}
     return {"c1": c1, "before": np.maximum(before + taken, 0.0),
             "base": max(t_none, 1e-9), "fixed": fixed, "unit": "ms",
@@ -489,6 +490,6 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
                       f"{taken:+.3f} ms per early answer ({stat.removesuffix('_ms')} per timing, {round_stat} of "
                       f"{rounds} interleaved rounds"
                       + ("" if not attempt else ", timed again: the first rounds' anchors contradicted each other"
-                         if contradiction is None else "; the anchors contradicted each other twice, so no decision or fixed "
-                         "cost was fitted") + ")",
+                         if contradiction is None else "; the anchors contradicted each other twice, so no "
+                         "decision or fixed cost was fitted") + ")",
             "calibration": cal}

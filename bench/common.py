@@ -130,6 +130,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def latency_environment(results: dict) -> dict | None:
+    """Where the latency of a results file of ``bench/policies.py`` was measured: its own record, or the file's
+    environment when a later run (``--latency-only``) re-measured it and kept the rows' in ``environment_of_rows``."""
+    return results.get("latency_environment") or (results.get("environment") if "environment_of_rows" in results
+                                                   else None)
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, RESULTS  # noqa: E402
+from bench.common import REPO, RESULTS, latency_environment  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
 POLICIES_DOC = REPO / "docs" / "policies.md"
@@ -127,8 +127,7 @@ def policies_blocks(name: str = "policies") -> dict[str, str]:
     if not res:
         return {}
     env = res.get("environment_of_rows", res.get("environment", {}))
-    lat_env = res.get("latency_environment") or (res.get("environment", {}) if "environment_of_rows" in res
-                                                   else None)
+    lat_env = latency_environment(res)
     out = {}
     cols = [("T %", "T %", 1), ("policy", "policy", 0), ("exits", "exits", 0), ("saving %", "FLOPs saved %", 1),
             ("drop %", "test drop pts", 2), ("disagree %", "disagreement %", 2), ("oracle share", "share of oracle", 2),

@@ -77,6 +77,7 @@ from bench.common import (  # noqa: E402
     cifar10_data,
     cifar_resnet,
     environment,
+    latency_environment,
     print_table,
     require_fixtures,
     val_selected_training,
@@ -640,7 +641,7 @@ def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) 
                         only=tuple(args.only))
         put_rows(by_depth[d], new, args.only, run)
     # the file's environment becomes this run's: keep where the other rows and the latency were measured
-    lat_env = blob.get("latency_environment") or (blob.get("environment") if "environment_of_rows" in blob else None)
+    lat_env = latency_environment(blob)
     write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}
                   | {"environment_of_rows": blob.get("environment_of_rows", blob.get("environment"))}
                   | ({"latency_environment": lat_env} if lat_env else {}))

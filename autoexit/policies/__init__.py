@@ -480,8 +480,7 @@ class GatePolicy(RiskControlledPolicy):
         stats = fit.stats[e] if fit.stats is not None else None
         if cfg.act_stats and stats is None:
             cfg = GateConfig(**{**cfg.to_dict(), "act_stats": False})
-        return train_gate(fit.z[e], [fit.z[i] for i in prev], stats, fit.backbone_logits, cfg,
-                          labels=fit.labels if cfg.target == "harmless" else None)
+        return train_gate(fit.z[e], [fit.z[i] for i in prev], stats, fit.backbone_logits, cfg, labels=fit.labels)
 
     def rules_for(self, chain, fit, final):
         if not final:
@@ -502,10 +501,9 @@ class GatePolicy(RiskControlledPolicy):
 
     def fit(self, ctx: PolicyContext) -> FittedPolicy:
         self.check_risk(ctx.risk)
-        if self.config.target == "harmless":
-            if ctx.fit.labels is None:
-                raise AutoExitError("gate target 'harmless' needs labels on the fit split (the gates are trained "
-                                    "on them); give labelled data or use target='agree' (label-free)")
+        if self.config.target == "harmless" and ctx.fit.labels is None:  # before the exit set is searched
+            raise AutoExitError("gate target 'harmless' needs labels on the fit split (the gates are trained on "
+                                "them); give labelled data or use target='agree' (label-free)")
         self._solo = {}
         fp = super().fit(ctx)
         fp.info["gate_target"] = self.config.target

@@ -15,7 +15,8 @@ def _policy_flags(p) -> None:
                    "see docs/policies.md)")
     p.add_argument("--auto-candidates", nargs="+", metavar="POLICY", default=None,
                    help="with --policy auto: the guaranteed policies it chooses among (default: max_softmax margin "
-                   "entropy patience gate)")
+                   "entropy patience gate); NAME[key=value,...] adds a policy with options of its own, e.g. "
+                   "'gate[target=harmless]' beside gate (quote it for the shell)")
     p.add_argument("--auto-select", choices=["cal", "fit"], default=None,
                    help="with --policy auto: choose the cheapest on the calibration split, each candidate tested at "
                    "delta/m (cal, default), or on the fit split before calibration, at the full delta (fit)")

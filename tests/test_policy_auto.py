@@ -4,6 +4,8 @@
   deployed; over many calibration draws its *population* risk exceeds the tolerance in at most delta of them.
 - ``select="fit"``: the choice is made on the fit data and does not move with the calibration data.
 - Recertifying a fitted ``auto`` on new calibration data is the same as fitting it afresh there.
+- A candidate label ``NAME[key=value,...]`` lists one policy twice under other options (the labelled gate beside
+  the label-free one), and the deployed policy is named by its label.
 - Bad candidates and options are refused in one line, by the policy, ``EnableConfig`` and the CLI.
 """
 
@@ -23,7 +25,10 @@ from autoexit.policies import (
     PolicyContext,
     make_policy,
     needs_activation_stats,
+    parse_candidate,
+    split_candidates,
 )
+from tests.test_policy import _backbone_wrong_on_class
 
 CANDS = ["max_softmax", "margin", "patience"]
 COSTS = ExitCosts([1.0, 1.0, 1.0], [20.0, 45.0, 70.0], 100.0)
@@ -132,6 +137,14 @@ def test_bad_candidates_and_options_are_refused_in_one_line(tmp_path, capsys):
         ({"bogus": 1}, "bad options for policy 'auto'"),
         ({"options": {"gate": {"hiden": 3}}}, "bad options for policy 'gate'"),
         ({"options": {"gate": 3}}, "must be a mapping"),
+        ({"candidates": ["gate[target=harmless"]}, "is malformed"),
+        ({"candidates": ["gate]"]}, "without '\\['"),
+        ({"candidates": ["gate[hidden]"]}, "'hidden' is not key=value"),
+        ({"candidates": ["gate[hidden=3,hidden=4]"]}, "sets 'hidden' twice"),
+        ({"candidates": ["gate[hiden=3]"]}, "auto candidate 'gate\\[hiden=3\\]': bad options for policy 'gate'"),
+        ({"candidates": ["paper003[signal=margin]"]}, "must be guaranteed policies"),
+        ({"candidates": ["gate", "gate[hidden=16]"], "options": {"gate": {"hidden": 16}}}, "same policy with the same"),
+        ({"candidates": ["gate[hidden=8]"], "options": {"gate[hidden=8]": {"hidden": 4}}}, "both in its label and"),
     ]
     for opts, msg in cases:
         with pytest.raises(AutoExitError, match=msg) as e:
@@ -141,6 +154,9 @@ def test_bad_candidates_and_options_are_refused_in_one_line(tmp_path, capsys):
             EnableConfig(policy="auto", policy_options=opts)
     assert isinstance(make_policy("auto"), AutoPolicy)
     assert make_policy("auto", candidates="max_softmax, gate").candidates == ["max_softmax", "gate"]
+    # a labelled candidate with the label-free risk is refused as its policy refuses it, naming the candidate
+    with pytest.raises(AutoExitError, match=r"auto candidate 'gate\[target=harmless\]': gate target 'harmless'"):
+        EnableConfig(policy="auto", policy_options={"candidates": ["max_softmax", "gate[target=harmless]"]})
 
     from autoexit.cli import main
 
@@ -149,3 +165,61 @@ def test_bad_candidates_and_options_are_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "apply to --policy auto" in err  # refused before the data or the model is read
     assert not (tmp_path / "out").exists()
+
+
+def test_candidate_labels_give_a_policy_its_own_options():
+    assert parse_candidate("gate") == ("gate", {})
+    assert parse_candidate(" gate[target=harmless, hidden=32, onehot=false, lr=0.5] ") == (
+        "gate", {"target": "harmless", "hidden": 32, "onehot": False, "lr": 0.5})
+    assert split_candidates("max_softmax, gate[target=harmless,hidden=32],patience") == [
+        "max_softmax", "gate[target=harmless,hidden=32]", "patience"]
+    pol = make_policy("auto", candidates="gate, gate[target=harmless,hidden=8]",
+                      options={"gate[target=harmless,hidden=8]": {"steps": 7}})
+    cfg = {k: p.config for k, p in pol.policies.items()}
+    assert (cfg["gate"].target, cfg["gate"].hidden) == ("agree", 16)
+    h = cfg["gate[target=harmless,hidden=8]"]
+    assert (h.target, h.hidden, h.steps) == ("harmless", 8, 7)
+
+
+def test_auto_deploys_the_harmless_gate_where_it_beats_the_label_free_one():
+    """The backbone is always wrong on one class, where the head is right: under the labelled risk the gate
+    trained on labels lets those samples out and the agree gate does not, so auto picks it by its label, and
+    it is exactly that gate fitted alone at delta / 2."""
+    fit, cal = (ExitTable(["e0"], [z], b, y) for z, b, y in (_backbone_wrong_on_class(seed=0),
+                                                              _backbone_wrong_on_class(seed=1)))
+    costs = ExitCosts([1.0], [10.0], 100.0)
+    opts = {"steps": 60, "act_stats": False, "history": 0}
+    cands = ["gate", "gate[target=harmless]"]
+    fp = make_policy("auto", candidates=cands, options={c: opts for c in cands}).fit(
+        PolicyContext(fit, cal, costs, 2.0, risk="drop"))
+    auto = fp.info["auto"]
+    assert list(auto["candidates"]) == cands and auto["chosen"] == "gate[target=harmless]"
+    assert fp.policy == "gate[target=harmless]" and fp.info["gate_target"] == "harmless"
+    assert fp.to_dict()["policy"] == "gate[target=harmless]"
+    assert "gate[target=harmless] chosen by auto among 2 policies" in fp.statement()
+    costs_cal = {c: auto["candidates"][c]["cal_cost"] for c in cands}
+    assert costs_cal["gate[target=harmless]"] < costs_cal["gate"] - 5.0, costs_cal
+    from autoexit.policies import GatePolicy
+
+    alone = GatePolicy(**opts, target="harmless").fit(PolicyContext(fit, cal, costs, 2.0, risk="drop", delta=0.05))
+    assert alone.chain == fp.chain and np.array_equal(alone.thresholds, fp.thresholds)
+    # recertified on other data, the candidates keep their labels
+    again = fp.recertify(cal)
+    assert list(again.info["auto"]["candidates"]) == cands and again.policy == again.info["auto"]["chosen"]
+
+
+def test_labelled_candidates_script_and_name_the_deployed_one(digits_result):
+    from autoexit.model import to_torchscript
+    from autoexit.pipeline import assemble
+
+    r = digits_result
+    cands = ["max_softmax", "gate[target=harmless,steps=40]"]
+    cfg = EnableConfig(tolerance=2.0, policy="auto", risk="drop", policy_options={"candidates": cands})
+    res = assemble(cfg, r.backbone, r.points, r.recording, r.heads, predictions={"val": r.val, "test": r.test})
+    pol = res.manifest()["policy"]
+    assert list(pol["auto"]["candidates"]) == cands and pol["name"] == pol["auto"]["chosen"] in cands
+    assert res.kept
+    x = res.recording.inputs("test")
+    with torch.no_grad():
+        _, idx = to_torchscript(res.model, x[:1])(x)
+    assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))

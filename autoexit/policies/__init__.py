@@ -88,6 +88,8 @@ __all__ = [
     "Paper003Policy",
     "AutoPolicy",
     "AUTO_CANDIDATES",
+    "parse_candidate",
+    "split_candidates",
     "needs_activation_stats",
     "ExitTable",
     "ExitCosts",
@@ -541,6 +543,59 @@ AUTO_CANDIDATES = ("max_softmax", "margin", "entropy", "patience", "gate")
 AUTO_SELECT = ("cal", "fit")
 
 
+def split_candidates(text: str) -> list[str]:
+    """``"max_softmax, gate[target=harmless,hidden=32]"`` -> ``["max_softmax", "gate[target=harmless,hidden=32]"]``:
+    a comma-separated candidate list as a config file or a command line gives it (commas inside ``[...]`` separate
+    a candidate's own options, not candidates)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [c.strip() for c in [*out, cur] if c.strip()]
+
+
+def _option_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_candidate(label: str) -> tuple[str, dict]:
+    """An ``auto`` candidate's label -> (policy name, options): ``"gate"`` -> ``("gate", {})``,
+    ``"gate[target=harmless,hidden=32]"`` -> ``("gate", {"target": "harmless", "hidden": 32})`` (values read as
+    bool, int, float or else text), so one policy can compete with itself under other options."""
+    label = str(label).strip()
+    name, sep, rest = label.partition("[")
+    name = name.strip()
+    if not sep:
+        if "]" in label:
+            raise AutoExitError(f"auto candidate {label!r} has a ']' without '['; write NAME or NAME[key=value,...]")
+        return name, {}
+    if not rest.endswith("]") or "[" in rest or "]" in rest[:-1] or not name:
+        raise AutoExitError(f"auto candidate {label!r} is malformed; write NAME or NAME[key=value,...], "
+                            "e.g. gate[target=harmless]")
+    opts: dict = {}
+    for item in (i.strip() for i in rest[:-1].split(",")):
+        key, eq, val = (part.strip() for part in item.partition("="))
+        if not eq or not key or not val:
+            raise AutoExitError(f"auto candidate {label!r}: {item!r} is not key=value; write e.g. "
+                                f"{name}[target=harmless]")
+        if key in opts:
+            raise AutoExitError(f"auto candidate {label!r} sets {key!r} twice; set it once")
+        opts[key] = _option_value(val)
+    return name, opts
+
+
 def _choose(fitted: dict[str, FittedPolicy], select: str, delta: float, tested_delta: float) -> FittedPolicy:
     """The candidate ``auto`` deploys (cheapest on the calibration or the fit data, as ``select`` says; ties: the
     first listed), with the other candidates and the comparison attached."""
@@ -552,7 +607,8 @@ def _choose(fitted: dict[str, FittedPolicy], select: str, delta: float, tested_d
     chosen = fitted[best]
     info = {**chosen.info, "auto": {"select": select, "delta": float(delta), "tested_delta": float(tested_delta),
                                     "candidates": table, "chosen": best}}
-    return replace(chosen, info=info, alternatives=list(fitted.values()))
+    # named by its candidate label: "gate[target=harmless]" says which of two gates was deployed
+    return replace(chosen, policy=best, info=info, alternatives=list(fitted.values()))
 
 
 def _recertify_auto(fp: FittedPolicy, cal: ExitTable, alpha: float | None, delta: float | None,
@@ -577,7 +633,10 @@ class AutoPolicy(ExitPolicy):
     cost on the fit data at the planned risk is chosen before the calibration data is read, and certified at the
     full delta; cheaper to certify, but the fit data's estimate can be optimistic (gates are scored on the data
     they were trained on; heads on their own training data unless ``cross_fit``). ``options``: per-candidate
-    policy options, e.g. ``{"gate": {"hidden": 32}}``.
+    policy options, e.g. ``{"gate": {"hidden": 32}}``. A candidate may carry its options in its label,
+    ``NAME[key=value,...]`` (:func:`parse_candidate`), so one policy can compete with itself:
+    ``candidates=["max_softmax", "gate", "gate[target=harmless]"]`` compares the label-free gate with the one
+    trained on labels; the deployed policy is named by its label.
     """
 
     name = "auto"
@@ -585,11 +644,13 @@ class AutoPolicy(ExitPolicy):
     def __init__(self, candidates: Sequence[str] = AUTO_CANDIDATES, select: str = "cal",
                  options: dict | None = None):
         if isinstance(candidates, str):  # "max_softmax,gate" (as a config file or a command line may give it)
-            candidates = [c.strip() for c in candidates.split(",") if c.strip()]
-        cands = [str(c) for c in (candidates or ())]
+            candidates = split_candidates(candidates)
+        cands = [str(c).strip() for c in (candidates or ())]
         if not cands:
             raise AutoExitError("auto needs at least one candidate policy, e.g. candidates=['max_softmax', 'gate']")
-        bad = [c for c in cands if c not in POLICIES or c == "auto" or not getattr(POLICIES[c], "guaranteed", True)]
+        parsed = {c: parse_candidate(c) for c in cands}
+        bad = [c for c, (base, _) in parsed.items()
+               if base not in POLICIES or base == "auto" or not getattr(POLICIES[base], "guaranteed", True)]
         if bad:
             ok = [n for n in POLICIES if n != "auto" and getattr(POLICIES[n], "guaranteed", True)]
             raise AutoExitError(f"auto candidates must be guaranteed policies; {', '.join(map(repr, bad))} "
@@ -607,13 +668,33 @@ class AutoPolicy(ExitPolicy):
             if not isinstance(opts, dict):
                 raise AutoExitError(f"auto options for {name!r} must be a mapping of option names to values, "
                                     f"e.g. {{'{name}': {{...}}}}, got {type(opts).__name__}")
+        merged = {}
+        for label, (_, inline) in parsed.items():
+            twice = sorted(set(inline) & set(options.get(label, {})))
+            if twice:
+                raise AutoExitError(f"auto candidate {label!r}: {', '.join(twice)} given both in its label and in "
+                                    "options; give each once")
+            merged[label] = {**inline, **options.get(label, {})}
+        same = [(a, b) for i, a in enumerate(cands) for b in cands[i + 1:] if (parsed[a][0], merged[a])
+                == (parsed[b][0], merged[b])]
+        if same:
+            raise AutoExitError(f"auto candidates {same[0][0]!r} and {same[0][1]!r} are the same policy with the "
+                                "same options; list it once")
         # built now, so that a bad candidate option fails at once, with that policy's own message
-        self.policies = {name: make_policy(name, **options.get(name, {})) for name in cands}
+        self.policies = {}
+        for label, (base, _) in parsed.items():
+            try:
+                self.policies[label] = make_policy(base, **merged[label])
+            except AutoExitError as e:
+                raise AutoExitError(f"auto candidate {label!r}: {e}") from None
         self.candidates, self.select = cands, select
 
     def check_risk(self, risk: str) -> None:
-        for p in self.policies.values():
-            p.check_risk(risk)
+        for label, p in self.policies.items():
+            try:
+                p.check_risk(risk)
+            except AutoExitError as e:
+                raise AutoExitError(f"auto candidate {label!r}: {e}") from None
 
     @property
     def reads_activation_stats(self) -> bool:

@@ -17,7 +17,8 @@ GAP > FC128 > FC, KL-distilled, label-free), split 50/20/30 (train / val / test,
 - ``auto`` / ``auto+drop``: the cheapest of the five guaranteed policies above (``max_softmax``, ``margin``,
   ``entropy``, ``patience``, ``gate``), each certified at delta / 5 and chosen on the calibration split;
   ``auto[fit]``: chosen on train before calibration, certified at delta; ``auto[ms,gate]``: only ``max_softmax``
-  and ``gate`` as candidates, each at delta / 2. Rows record the candidate deployed (``chosen``) and, per
+  and ``gate`` as candidates, each at delta / 2; ``auto[+harmless]+drop``: the five and ``gate[target=harmless]``
+  (the gate of ``gate[harmless]+drop``), each at delta / 6. Rows record the candidate deployed (``chosen``) and, per
   re-split, which one was (``resplit picks``).
 
 Violations: val and test (5,000 samples) are pooled and re-split at random into 2,000 calibration
@@ -73,6 +74,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from autoexit.policies import AUTO_CANDIDATES  # noqa: E402
 from bench.common import (  # noqa: E402
     cifar10_data,
     cifar_resnet,
@@ -101,6 +103,7 @@ VARIANTS = [  # (label, policy, risk, options)
     ("auto[fit]+drop", "auto", "drop", {"select": "fit"}),
     ("auto[ms,gate]", "auto", "disagreement", {"candidates": ["max_softmax", "gate"]}),
     ("auto[ms,gate]+drop", "auto", "drop", {"candidates": ["max_softmax", "gate"]}),
+    ("auto[+harmless]+drop", "auto", "drop", {"candidates": [*AUTO_CANDIDATES, "gate[target=harmless]"]}),
 ]
 
 

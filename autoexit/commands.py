@@ -17,7 +17,7 @@ def _policy_flags(p) -> None:
                    help="with --policy auto: the guaranteed policies it chooses among (default: max_softmax margin "
                    "entropy patience gate); NAME[key=value,...] adds a policy with options of its own, e.g. "
                    "'gate[target=harmless]' beside gate (quote it for the shell)")
-    p.add_argument("--auto-select", choices=["cal", "fit", "joint"], default=None,
+    p.add_argument("--auto-select", choices=["cal", "fit"], default=None,
                    help="with --policy auto: choose the cheapest on the calibration split, each candidate tested at "
                    "delta/m (cal, default), or on the fit split before calibration, at the full delta (fit)")
     p.add_argument("--gate-target", choices=list(GATE_TARGETS), default=None,

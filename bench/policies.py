@@ -18,8 +18,7 @@ GAP > FC128 > FC, KL-distilled, label-free), split 50/20/30 (train / val / test,
   ``entropy``, ``patience``, ``gate``), each certified at delta / 5 and chosen on the calibration split;
   ``auto[fit]``: chosen on train before calibration, certified at delta; ``auto[ms,gate]``: only ``max_softmax``
   and ``gate`` as candidates, each at delta / 2; ``auto[+harmless]+drop``: the five and ``gate[target=harmless]``
-  (the gate of ``gate[harmless]+drop``), each at delta / 6; ``auto[joint]``: the five candidates' settings tested
-  in one sequence at delta, ordered by their risk on train. Rows record the candidate deployed (``chosen``) and, per
+  (the gate of ``gate[harmless]+drop``), each at delta / 6. Rows record the candidate deployed (``chosen``) and, per
   re-split, which one was (``resplit picks``).
 
 Violations: val and test (5,000 samples) are pooled and re-split at random into 2,000 calibration
@@ -105,8 +104,6 @@ VARIANTS = [  # (label, policy, risk, options)
     ("auto[ms,gate]", "auto", "disagreement", {"candidates": ["max_softmax", "gate"]}),
     ("auto[ms,gate]+drop", "auto", "drop", {"candidates": ["max_softmax", "gate"]}),
     ("auto[+harmless]+drop", "auto", "drop", {"candidates": [*AUTO_CANDIDATES, "gate[target=harmless]"]}),
-    ("auto[joint]", "auto", "disagreement", {"select": "joint"}),
-    ("auto[joint]+drop", "auto", "drop", {"select": "joint"}),
 ]
 
 

@@ -24,7 +24,6 @@ from autoexit.policies import (
     ExitCosts,
     ExitTable,
     PolicyContext,
-    joint_order,
     make_policy,
     needs_activation_stats,
     parse_candidate,
@@ -81,7 +80,7 @@ def test_fit_select_chooses_on_the_fit_data_before_calibration():
     assert "on the fit split, before calibration" in fp.statement()
 
 
-@pytest.mark.parametrize("select", ["cal", "fit", "joint"])
+@pytest.mark.parametrize("select", ["cal", "fit"])
 def test_recertify_is_a_fresh_fit_on_the_new_calibration_data(select):
     fit, cal1, cal2 = _tables(3000, 2, 0), _tables(2000, 2, 1), _tables(2000, 2, 2)
     pol = dict(candidates=CANDS, select=select)
@@ -92,14 +91,12 @@ def test_recertify_is_a_fresh_fit_on_the_new_calibration_data(select):
     assert again.info["auto"]["candidates"] == fresh.info["auto"]["candidates"]
 
 
-@pytest.mark.parametrize("select", ["cal", "joint"])
-def test_guarantee_holds_over_calibration_draws(select):
+def test_cal_select_guarantee_holds_over_calibration_draws():
     """The deployed cascade's risk on a 200,000-sample population exceeds the tolerance in at most delta of the
     calibration draws (plus three standard errors), although the choice among candidates reads the draw."""
     alpha, delta, draws, n_cal = 1.0, 0.1, 120, 600
     fit, pop = _tables(3000, 3, 0), _tables(200_000, 3, 1)
-    fp = make_policy("auto", candidates=CANDS, select=select).fit(
-        PolicyContext(fit, _tables(n_cal, 3, 2), COSTS, alpha, delta))
+    fp = make_policy("auto", candidates=CANDS).fit(PolicyContext(fit, _tables(n_cal, 3, 2), COSTS, alpha, delta))
     full = fp.full_scores(pop)  # one score array per candidate: each draw may deploy another one
     assert set(full) == set(CANDS)
     rng = np.random.default_rng(0)
@@ -226,41 +223,3 @@ def test_labelled_candidates_script_and_name_the_deployed_one(digits_result):
     with torch.no_grad():
         _, idx = to_torchscript(res.model, x[:1])(x)
     assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
-
-
-def test_joint_order_merges_families_by_fit_risk_keeping_each_ones_order():
-    assert joint_order([np.array([0, .1, .3]), np.array([0, .2])]) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
-    # a family's own order holds even where its fit risk dips
-    assert joint_order([np.array([0, .5, .2]), np.array([0, .3])]) == [(0, 0), (1, 0), (1, 1), (0, 1), (0, 2)]
-    assert joint_order([np.array([]), np.array([0.0])]) == [(1, 0)]
-
-
-def test_joint_select_certifies_one_sequence_at_the_full_delta():
-    """Every candidate is certified exactly up to where the merged sequence first fails (brute force from each
-    candidate's own p-values), at delta and not delta / m, and the cheapest on the calibration data is deployed."""
-    from autoexit.policies.cascade import certify, chain_scores, loss_matrix
-
-    fit, cal = _tables(3000, 4, 0), _tables(2000, 4, 1)
-    delta = 0.1
-    fp = make_policy("auto", candidates=CANDS, select="joint").fit(PolicyContext(fit, cal, COSTS, 1.0, delta=delta))
-    auto = fp.info["auto"]
-    assert auto["select"] == "joint" and auto["tested_delta"] == pytest.approx(delta)
-    alts = dict(zip(CANDS, fp.alternatives))
-    pv = {}
-    for n, a in alts.items():
-        assert a.guarantee.delta == pytest.approx(delta)
-        _, chain, rules = a.full_chain
-        pv[n] = certify(chain_scores(rules, chain, cal), loss_matrix(cal, chain, a.risk), a.family, 0.01, delta)[0].pvalues
-    seq = sorted(((float(alts[n].family_fit_risk[j]), i, j) for i, n in enumerate(CANDS)
-                  for j in range(len(alts[n].family))))
-    last = dict.fromkeys(CANDS, -1)
-    for _, i, j in seq:  # the fit risks rise along each family here, so a plain sort is the merged order
-        if pv[CANDS[i]][j] > delta:
-            break
-        last[CANDS[i]] = j
-    assert any(v > 0 for v in last.values())
-    for n, a in alts.items():
-        assert a.info["last_certified_row"] == last[n]
-    cal_costs = {n: auto["candidates"][n]["cal_cost"] for n in CANDS}
-    assert fp.policy == min(CANDS, key=lambda n: cal_costs[n])
-    assert "one sequence ordered on the fit split" in fp.statement() and ">= 90%" in fp.statement()

@@ -183,8 +183,6 @@ class FittedPolicy:
     costs: ExitCosts | None = None
     # ``auto``: every candidate's fitted policy (this one among them), to redo the choice on other data
     alternatives: list[FittedPolicy] | None = None
-    # [M] the risk of every family row on the fit split (auto's joint sequence orders candidates' rows by it)
-    family_fit_risk: np.ndarray | None = None
 
     @property
     def full_chain(self) -> tuple[list[str], list[int], list[nn.Module]]:
@@ -206,9 +204,8 @@ class FittedPolicy:
         info = {**self.info, "cal_n": cal.n}
         if self.costs is None:
             return FittedPolicy(self.policy, names, chain, rules, self.family[max(res.index, 0)], self.risk, res,
-                                info, self.family, d, a, family_fit_risk=self.family_fit_risk)
-        return replace(finalise(self.policy, names, chain, rules, self.family, res, exit_of, self.costs, self.risk,
-                                info), family_fit_risk=self.family_fit_risk)
+                                info, self.family, d, a)
+        return finalise(self.policy, names, chain, rules, self.family, res, exit_of, self.costs, self.risk, info)
 
     def full_scores(self, table: ExitTable) -> np.ndarray | dict[str, np.ndarray]:
         """Scores of the whole chain the threshold family was built for (before unused heads were dropped);
@@ -253,10 +250,9 @@ class FittedPolicy:
         out = g.statement(RISK_TEXT[self.risk])
         if auto is not None:
             m = len(auto["candidates"])
-            how = {"cal": f"on the calibration split, each tested at delta/{m}",
-                   "fit": "on the fit split, before calibration",
-                   "joint": "on the calibration split, all tested in one sequence ordered on the fit split"}
-            out += f"; {self.policy} chosen by auto among {m} policies " + how[auto["select"]]
+            out += (f"; {self.policy} chosen by auto among {m} policies "
+                    + (f"on the calibration split, each tested at delta/{m}" if auto["select"] == "cal"
+                       else "on the fit split, before calibration"))
         return out
 
     def to_dict(self) -> dict:
@@ -420,10 +416,8 @@ class RiskControlledPolicy(ExitPolicy):
                 "fit_flops_at_target": fit_flops, "fit_cost_at_target": float(path.flops_at(r_star)),
                 "subsets_scored": len(trace), "delta": ctx.delta,
                 "tolerance_percent": ctx.tolerance}
-        fp = finalise(self.name, [ctx.fit.names[i] for i in chain], chain, rules, path.thresholds, res, exit_of,
-                      ctx.costs, ctx.risk, info)
-        fp.family_fit_risk = np.asarray(path.fit_risk, dtype=float)
-        return fp
+        return finalise(self.name, [ctx.fit.names[i] for i in chain], chain, rules, path.thresholds, res, exit_of,
+                        ctx.costs, ctx.risk, info)
 
 
 @register_policy("max_softmax")
@@ -546,7 +540,7 @@ class Paper003Policy(ExitPolicy):
 
 
 AUTO_CANDIDATES = ("max_softmax", "margin", "entropy", "patience", "gate")
-AUTO_SELECT = ("cal", "fit", "joint")
+AUTO_SELECT = ("cal", "fit")
 
 
 def split_candidates(text: str) -> list[str]:
@@ -602,81 +596,28 @@ def parse_candidate(label: str) -> tuple[str, dict]:
     return name, opts
 
 
-def _choose(fitted: dict[str, FittedPolicy], select: str, delta: float, tested_delta: float,
-            label: str | None = None) -> FittedPolicy:
+def _choose(fitted: dict[str, FittedPolicy], select: str, delta: float, tested_delta: float) -> FittedPolicy:
     """The candidate ``auto`` deploys (cheapest on the calibration or the fit data, as ``select`` says; ties: the
-    first listed), with the other candidates and the comparison attached (``label``: the select recorded, when
-    it is not ``select``)."""
+    first listed), with the other candidates and the comparison attached."""
     table = {n: {"fit_cost": float(fp.info["fit_cost_at_target"]),
                  "cal_cost": float(fp.info[f"cal_{fp.costs.unit if fp.costs is not None else 'flops'}"]),
                  "certified": bool(fp.guarantee is not None and fp.guarantee.certified), "exits": len(fp.chain)}
              for n, fp in fitted.items()}
     best = min(fitted, key=lambda n: (table[n][f"{select}_cost"], list(fitted).index(n)))
     chosen = fitted[best]
-    info = {**chosen.info, "auto": {"select": label or select, "delta": float(delta),
-                                    "tested_delta": float(tested_delta),
+    info = {**chosen.info, "auto": {"select": select, "delta": float(delta), "tested_delta": float(tested_delta),
                                     "candidates": table, "chosen": best}}
     # named by its candidate label: "gate[target=harmless]" says which of two gates was deployed
     return replace(chosen, policy=best, info=info, alternatives=list(fitted.values()))
 
 
-def joint_order(fit_risks: Sequence[np.ndarray]) -> list[tuple[int, int]]:
-    """One test sequence through several ordered families: (family, row) pairs merged by their risk on the fit
-    split, lowest first, each family's rows kept in their own order (ties: the family listed first). The order
-    reads only the fit split, so fixed-sequence testing along it keeps its level."""
-    import heapq
-
-    heap = [(float(r[0]), i, 0) for i, r in enumerate(fit_risks) if len(r)]
-    heapq.heapify(heap)
-    out = []
-    while heap:
-        _, i, j = heapq.heappop(heap)
-        out.append((i, j))
-        if j + 1 < len(fit_risks[i]):
-            heapq.heappush(heap, (float(fit_risks[i][j + 1]), i, j + 1))
-    return out
-
-
-def _certify_jointly(fitted: dict[str, FittedPolicy], cal: ExitTable, alpha: float, delta: float,
-                     seed: int) -> dict[str, FittedPolicy]:
-    """Every candidate's family rows tested in one fixed sequence at the full ``delta`` (:func:`joint_order`):
-    the rows before the first that fails are certified at once, whichever candidate they belong to, so each
-    candidate keeps its certified prefix and is finalised on it (the cheapest certified row on ``cal``)."""
-    runs = {}
-    for label, fp in fitted.items():
-        if fp.family is None or fp.family_fit_risk is None:
-            raise AutoExitError(f"auto select 'joint' needs every candidate's threshold family and its fit-split "
-                                f"risk; candidate {label!r} has none")
-        names, chain, rules = fp.full_chain
-        runs[label] = certify(chain_scores(rules, chain, cal), loss_matrix(cal, chain, fp.risk), fp.family, alpha,
-                              delta, fp.risk, seed)
-    labels = list(fitted)
-    last = dict.fromkeys(labels, -1)
-    for i, j in joint_order([fitted[n].family_fit_risk for n in labels]):
-        if runs[labels[i]][0].pvalues[j] > delta:
-            break
-        last[labels[i]] = j
-    out = {}
-    for label, fp in fitted.items():
-        res, exit_of = runs[label]
-        names, chain, rules = fp.full_chain
-        info = {**fp.info, "cal_n": cal.n}
-        out[label] = replace(finalise(fp.policy, names, chain, rules, fp.family, replace(res, index=last[label]),
-                                      exit_of, fp.costs, fp.risk, info), family_fit_risk=fp.family_fit_risk)
-    return out
-
-
 def _recertify_auto(fp: FittedPolicy, cal: ExitTable, alpha: float | None, delta: float | None,
                     seed: int) -> FittedPolicy:
-    """``auto`` on other calibration data: every candidate is recertified (at delta / m with ``select="cal"``, in
-    one sequence with ``"joint"``) and the choice made again (with ``select="fit"`` it reads only the fit data, so
-    it does not change)."""
+    """``auto`` on other calibration data: every candidate is recertified (at delta / m with ``select="cal"``) and
+    the choice made again (with ``select="fit"`` it reads only the fit data, so it does not change)."""
     auto = fp.info["auto"]
     d = float(auto["delta"]) if delta is None else float(delta)
     named = dict(zip(auto["candidates"], fp.alternatives))
-    if auto["select"] == "joint":
-        a = fp.alpha if alpha is None else alpha
-        return _choose(_certify_jointly(named, cal, a, d, seed), "cal", d, d, "joint")
     tested = d / len(named) if auto["select"] == "cal" else d
     return _choose({n: a.recertify(cal, alpha, tested, seed) for n, a in named.items()}, auto["select"], d, tested)
 
@@ -718,8 +659,7 @@ class AutoPolicy(ExitPolicy):
             raise AutoExitError(f"auto candidates are listed twice: {cands}; list each policy once")
         if select not in AUTO_SELECT:
             raise AutoExitError(f"auto select must be 'cal' (cheapest on the calibration split, each candidate "
-                                f"at delta/m), 'fit' (chosen on the fit split) or 'joint' (every candidate's "
-                                f"settings in one test sequence at delta), got {select!r}")
+                                f"at delta/m) or 'fit' (chosen on the fit split), got {select!r}")
         options = dict(options or {})
         extra = sorted(set(options) - set(cands))
         if extra:
@@ -763,11 +703,7 @@ class AutoPolicy(ExitPolicy):
     def fit(self, ctx: PolicyContext) -> FittedPolicy:
         tested = ctx.delta / len(self.candidates) if self.select == "cal" else ctx.delta
         sub = replace(ctx, delta=tested)
-        fitted = {name: p.fit(sub) for name, p in self.policies.items()}
-        if self.select == "joint":
-            return _choose(_certify_jointly(fitted, ctx.cal, ctx.alpha, ctx.delta, ctx.seed), "cal", ctx.delta,
-                           ctx.delta, "joint")
-        return _choose(fitted, self.select, ctx.delta, tested)
+        return _choose({name: p.fit(sub) for name, p in self.policies.items()}, self.select, ctx.delta, tested)
 
 
 def needs_activation_stats(policy: str, options: dict | None = None) -> bool:

@@ -23,6 +23,7 @@ from autoexit.policies import (
     AutoPolicy,
     ExitCosts,
     ExitTable,
+    GatePolicy,
     PolicyContext,
     make_policy,
     needs_activation_stats,
@@ -199,12 +200,11 @@ def test_auto_deploys_the_harmless_gate_where_it_beats_the_label_free_one():
     assert "gate[target=harmless] chosen by auto among 2 policies" in fp.statement()
     costs_cal = {c: auto["candidates"][c]["cal_cost"] for c in cands}
     assert costs_cal["gate[target=harmless]"] < costs_cal["gate"] - 5.0, costs_cal
-    from autoexit.policies import GatePolicy
-
     alone = GatePolicy(**opts, target="harmless").fit(PolicyContext(fit, cal, costs, 2.0, risk="drop", delta=0.05))
     assert alone.chain == fp.chain and np.array_equal(alone.thresholds, fp.thresholds)
     # recertified on other data, the candidates keep their labels
-    again = fp.recertify(cal)
+    z2, b2, y2 = _backbone_wrong_on_class(seed=2)
+    again = fp.recertify(ExitTable(["e0"], [z2], b2, y2))
     assert list(again.info["auto"]["candidates"]) == cands and again.policy == again.info["auto"]["chosen"]
 
 

@@ -675,8 +675,8 @@ class AutoPolicy(ExitPolicy):
                 raise AutoExitError(f"auto candidate {label!r}: {', '.join(twice)} given both in its label and in "
                                     "options; give each once")
             merged[label] = {**inline, **options.get(label, {})}
-        same = [(a, b) for i, a in enumerate(cands) for b in cands[i + 1:] if (parsed[a][0], merged[a])
-                == (parsed[b][0], merged[b])]
+        same = [(a, b) for i, a in enumerate(cands) for b in cands[i + 1:]
+                if (parsed[a][0], merged[a]) == (parsed[b][0], merged[b])]
         if same:
             raise AutoExitError(f"auto candidates {same[0][0]!r} and {same[0][1]!r} are the same policy with the "
                                 "same options; list it once")

@@ -32,6 +32,11 @@ __all__ = ["GATE_TARGETS", "GateConfig", "train_gate", "gate_target", "fit_gate_
 GATE_TARGETS = ("agree", "harmless")
 
 
+def _check_target(target: str) -> None:
+    if target not in GATE_TARGETS:
+        raise AutoExitError(f"unknown gate target {target!r}; use one of: {', '.join(GATE_TARGETS)}")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """hidden: MLP width (0 = logistic regression); history: previous exits the gate reads;
@@ -52,8 +57,7 @@ class GateConfig:
     def __post_init__(self):
         if self.hidden < 0 or self.history < 0 or self.steps < 1 or not self.lr > 0:
             raise AutoExitError(f"invalid gate config {self}: hidden, history >= 0; steps >= 1; lr > 0")
-        if self.target not in GATE_TARGETS:
-            raise AutoExitError(f"unknown gate target {self.target!r}; use one of: {', '.join(GATE_TARGETS)}")
+        _check_target(self.target)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,11 +76,10 @@ def gate_target(z: torch.Tensor, backbone_logits: torch.Tensor, target: str = "a
                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """[n] float 0/1: what a gate of ``target`` learns to predict for each sample (see the module doc).
     ``labels`` are read only by ``"harmless"``, which needs them."""
+    _check_target(target)
     pred, bpred = z.argmax(1), backbone_logits.argmax(1)
     if target == "agree":
         return (pred == bpred).float()
-    if target != "harmless":
-        raise AutoExitError(f"unknown gate target {target!r}; use one of: {', '.join(GATE_TARGETS)}")
     if labels is None:
         raise AutoExitError("gate target 'harmless' needs the labels of the split the gate is trained on; give "
                             "labelled data or use target='agree' (label-free)")

@@ -106,6 +106,7 @@ class Artifact:
     path: Path
     manifest: dict
     model: torch.jit.ScriptModule
+    optimized: bool = False
 
     @property
     def exit_names(self) -> list[str]:
@@ -114,15 +115,28 @@ class Artifact:
     def __call__(self, x: torch.Tensor):
         return self.model(x)
 
-    def partition(self, k: int) -> torch.jit.ScriptModule:
+    def partition(self, k: int, optimize: bool = False) -> torch.jit.ScriptModule:
         rel = f"partitions/{k}.pt"
         if rel not in self.manifest["files"]:
             raise ArtifactError(f"{self.path} has no partition {k}")
-        return torch.jit.load(str(self.path / rel), map_location="cpu")
+        module = torch.jit.load(str(self.path / rel), map_location="cpu").eval()
+        return _optimized(module) if optimize else module
 
 
-def load(path: str | Path, verify: bool = True) -> Artifact:
-    """Load an emitted artifact; with ``verify`` (default) every checksum and the schema are checked."""
+def _optimized(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    from .model import optimize_for_runtime
+
+    return optimize_for_runtime(module)
+
+
+def load(path: str | Path, verify: bool = True, optimize: bool = False) -> Artifact:
+    """Load an emitted artifact; with ``verify`` (default) every checksum and the schema are checked.
+
+    ``optimize``: freeze the model and optimise it for this machine's runtime
+    (:func:`autoexit.model.optimize_for_runtime`: batch norms folded, oneDNN convolutions on CPUs that have
+    them); the same decisions up to float rounding, faster (``docs/guide.md`` section 9). Optimise on the
+    machine that runs the model: the optimised module cannot be saved and loaded again.
+    """
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
@@ -157,4 +171,6 @@ def load(path: str | Path, verify: bool = True) -> Artifact:
     except Exception as exc:  # noqa: BLE001
         raise ArtifactError(f"model.pt in {path} cannot be loaded: {str(exc).splitlines()[0]}") from None
     model.eval()
-    return Artifact(path, manifest, model)
+    if optimize:
+        model = _optimized(model)
+    return Artifact(path, manifest, model, optimized=bool(optimize))

@@ -46,6 +46,9 @@ def _policy_flags(p) -> None:
     p.add_argument("--cost-stat", choices=["min", "median", "mean"], default="min",
                    help="with --cost latency: the statistic of each timing's groups of runs (default min, the "
                    "fastest group: steadier than the median on a busy or throttling device)")
+    p.add_argument("--cost-optimized", action="store_true",
+                   help="with --cost latency: time the stages and heads frozen and optimised for the device, as "
+                   "autoexit.load(path, optimize=True) runs the emitted model there")
     p.add_argument("--evaluator-url", help="with --cost latency: a device running `autoexit evaluator serve`")
     p.add_argument("--evaluator-token-file", help="bearer-token file for --evaluator-url")
 
@@ -70,6 +73,11 @@ def _policy_settings(args: argparse.Namespace) -> dict:
     if args.evaluator_url:
         ev = {"url": args.evaluator_url, **({"token_file": args.evaluator_token_file}
                                             if args.evaluator_token_file else {})}
+    if args.cost_optimized:
+        if args.cost != "latency":
+            raise AutoExitError("--cost-optimized applies to --cost latency (FLOPs do not depend on the runtime); "
+                                "add --cost latency or drop it")
+        ev["settings"] = {"optimize": True}
     return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_stat": f"{args.cost_stat}_ms",
             "cost_evaluator": ev,
             "cross_fit": args.cross_fit, "policy_options": options}

@@ -398,6 +398,8 @@ def exit_latency_costs(backbone, heads: Sequence, temperatures: Sequence[float],
         segments[f"head:{p.name}"] = (h.module, tuple(p.shape))
     info = ev.info()
     src = str(getattr(info, "name", None) or getattr(ev, "device_key", "device"))
+    if reseeded(ev, settings).optimize:  # timed as load(optimize=True) runs the model there
+        src += ", optimised runtime"
     def profile(r: int) -> dict[str, float]:
         res = ev.measure_segments(segments, batch_sizes=(batch_size,), settings=reseeded(ev, settings, r))
         return {k: v / batch_size for k, v in segment_profile(res, batch_size, stat).items()}

@@ -33,7 +33,7 @@ from .calibrate import SIGNALS
 from .errors import AutoExitError
 from .policies.rules import ConfidenceRule
 
-__all__ = ["ExitSegment", "CascadeExitSegment", "MultiExitModel", "to_torchscript"]
+__all__ = ["ExitSegment", "CascadeExitSegment", "MultiExitModel", "to_torchscript", "optimize_for_runtime"]
 
 
 class ExitSegment(nn.Module):
@@ -273,3 +273,35 @@ def _to_torchscript(model: MultiExitModel, example: torch.Tensor) -> torch.jit.S
         raise AutoExitError(
             f"cannot export the multi-exit model to TorchScript: {str(exc).strip().splitlines()[0]}"
         ) from None
+
+
+def optimize_for_runtime(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A frozen copy of ``module`` optimised for inference on the machine that runs it.
+
+    Freezing inlines the weights as constants and folds each batch norm into the convolution before it;
+    on a CPU whose PyTorch has oneDNN (MKLDNN: x86 and aarch64 wheels) ``torch.jit.optimize_for_inference``
+    then runs the convolutions on pre-packed oneDNN weights. The exit rules, thresholds and batch shrinking
+    are kept, and so are the exported methods (``forward_all``, ``exit_scores``, ``thresholds``; a
+    partition's ``exit_ids``). The result
+    computes the same function up to float rounding (a sample whose exit score lies within rounding of a
+    threshold may exit elsewhere: ``bench/runtime.py`` counts them).
+
+    Optimise after loading, where the model runs: the result holds pre-packed weights that
+    ``torch.jit.save`` writes but ``torch.jit.load`` cannot read back. ``autoexit.load(path, optimize=True)``
+    and the evaluator's ``MeasureSettings(optimize=True)`` call this.
+    """
+    if not isinstance(module, torch.jit.ScriptModule):
+        raise AutoExitError(f"optimize_for_runtime needs a TorchScript module (torch.jit.load / to_torchscript), "
+                            f"got {type(module).__name__}; script it first")
+    keep = [m for m in module._c._method_names() if m != "forward"]  # exported methods (exit_ids, ...)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optimize_for_inference's deprecation notice (TorchScript itself)
+            on_cpu = all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
+            if on_cpu and torch.backends.mkldnn.is_available():
+                return torch.jit.optimize_for_inference(module.eval(), other_methods=keep)
+            return torch.jit.freeze(module.eval(), preserved_attrs=keep)
+    except Exception as exc:  # noqa: BLE001 - one line, with the way out
+        msg = str(exc).strip().splitlines()
+        raise AutoExitError(f"cannot optimise this TorchScript model for the runtime "
+                            f"({msg[0] if msg else type(exc).__name__}); run it without optimize") from None

@@ -286,28 +286,53 @@ class EnableResult:
             writers.update(onnx_writers(self.model, example))
         return write_artifact(out, manifest, writers, overwrite=overwrite)
 
-    def measure_latency(self, batch_sizes: Sequence[int] = (1, 32), rounds: int = 5) -> dict:
+    def measure_latency(self, batch_sizes: Sequence[int] = (1, 32), rounds: int = 5, optimized: bool = True) -> dict:
         """CPU latency per sample of the backbone and the early-exit model, side by side, on test inputs.
 
         Both run in TorchScript, the backbone as the emitted model's own single-segment form
         (:func:`~autoexit.model.scripted_backbone`), so ``ratio`` compares the models and not the runtimes;
-        the eager backbone is timed too (``per_sample_ms["backbone (eager)"]``) for reference.
+        the eager backbone is timed too (``per_sample_ms["backbone (eager)"]``) for reference. With
+        ``optimized`` (default) both are also timed as ``autoexit.load(path, optimize=True)`` runs them
+        (:func:`~autoexit.model.optimize_for_runtime`): ``ratio_optimized`` compares the two optimised models
+        (what the exits save in that runtime), ``ratio_deployed`` the optimised early-exit model with the
+        plain TorchScript backbone (what a user who deployed the backbone as TorchScript gains in all), and
+        ``optimized_decisions_match`` is the share of test inputs whose exit the optimised model takes as the
+        plain one does. A model the optimiser rejects is recorded in ``optimized_error`` and not timed.
         """
-        from .model import scripted_backbone
+        from .model import optimize_for_runtime, scripted_backbone
 
         inputs = self.recording.inputs("test")
         scripted = to_torchscript(self.model, self.backbone.example_input)
         models = {"backbone": scripted_backbone(self.backbone), "early_exit": scripted,
                   "backbone (eager)": self.backbone.model.eval()}
+        error = None
+        if optimized:
+            try:
+                opt = {"backbone (optimized)": optimize_for_runtime(scripted_backbone(self.backbone)),
+                       "early_exit (optimized)": optimize_for_runtime(scripted)}
+            except AutoExitError as exc:
+                error = str(exc)
+            else:
+                models.update(opt)
         res = compare_latency(models, inputs, batch_sizes, rounds=rounds)
+        ms = {name: {str(b): s.median_ms for b, s in d.items()} for name, d in res.items()}
         self.latency = {
             "device": {"kind": "local-cpu", "machine": platform.machine(), "processor": platform.processor(),
                        "threads": 2, "torch": torch.__version__},
-            "per_sample_ms": {name: {str(b): s.median_ms for b, s in d.items()} for name, d in res.items()},
-            "ratio": {str(b): res["early_exit"][b].median_ms / res["backbone"][b].median_ms
-                      for b in res["backbone"]},
+            "per_sample_ms": ms,
+            "ratio": {b: ms["early_exit"][b] / ms["backbone"][b] for b in ms["backbone"]},
             "baseline": "the backbone in TorchScript (same runtime as the early-exit model)",
         }
+        if "early_exit (optimized)" in ms:
+            eo, bo = ms["early_exit (optimized)"], ms["backbone (optimized)"]
+            self.latency["ratio_optimized"] = {b: eo[b] / bo[b] for b in bo}
+            self.latency["ratio_deployed"] = {b: eo[b] / ms["backbone"][b] for b in bo}
+            with torch.no_grad():
+                plain = scripted(inputs)[1]
+                fast = models["early_exit (optimized)"](inputs)[1]
+            self.latency["optimized_decisions_match"] = float((plain == fast).float().mean())
+        if error:
+            self.latency["optimized_error"] = error
         return self.latency
 
     def manifest(self) -> dict:
@@ -417,6 +442,11 @@ class EnableResult:
         if self.latency:
             r = self.latency["ratio"]
             rows.append(("CPU latency vs backbone", ", ".join(f"batch {b}: {v:.2f}x" for b, v in r.items())))
+            if "ratio_optimized" in self.latency:
+                ro, rd = self.latency["ratio_optimized"], self.latency["ratio_deployed"]
+                rows.append(("optimised runtime (load(optimize=True))",
+                             ", ".join(f"batch {b}: {ro[b]:.2f}x its backbone, {rd[b]:.2f}x the plain one"
+                                       for b in ro)))
         return rows
 
 
@@ -685,10 +715,11 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
 
     ev = evaluator if evaluator is not None else evaluator_from_config(dict(config.cost_evaluator))
     settings = None
-    if evaluator is None and "settings" not in config.cost_evaluator:  # lighter than a search's verification:
-        from .evaluator import MeasureSettings  # every stage and head is timed 3 times (rounds)
+    given = dict(config.cost_evaluator.get("settings") or {})
+    if evaluator is None and set(given) <= {"optimize"}:  # lighter than a search's verification: every stage
+        from .evaluator import MeasureSettings  # and head is timed 3 times (rounds)
 
-        settings = MeasureSettings(warmup=2, repeat=7, min_repeat_ms=20.0)
+        settings = MeasureSettings(warmup=2, repeat=7, min_repeat_ms=20.0, **given)
     try:
         # timing inputs, not the calibration split's either: as many as exit_latency_costs anchors on
         x = rec.inputs("train", first=max(ANCHOR_SAMPLES, int(config.cost_batch_size)))

@@ -38,6 +38,18 @@ def test_round_trip_with_torch_jit_load_alone(digits_result, artifact):
     assert rep["metrics"]["test"]["n"] == digits_result.metrics["test"]["n"]
 
 
+def test_load_optimized_takes_the_same_exits(digits_result, artifact):
+    plain = autoexit.load(artifact)
+    fast = autoexit.load(artifact, optimize=True)
+    assert fast.optimized and not plain.optimized
+    x = digits_result.recording.inputs("test")
+    with torch.no_grad():
+        ref, ref_idx = plain(x)
+        out, idx = fast(x)
+    assert torch.equal(idx, ref_idx) and torch.allclose(out, ref, atol=1e-4)
+    assert fast.model.thresholds() == plain.model.thresholds()
+
+
 def _copy(artifact, tmp_path):
     import shutil
 

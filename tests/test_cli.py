@@ -79,6 +79,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
           "--gate-target", "harmless"], "--gate-target applies to --policy gate"),
         (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
           "--policy", "gate", "--gate-target", "harmless"], "target 'harmless'"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
+          "--cost-optimized"], "--cost-optimized applies to --cost latency"),
         (["inspect", "nowhere"], "not an autoexit artifact"),
     ]
     for args, needle in cases:

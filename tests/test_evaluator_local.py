@@ -99,6 +99,13 @@ def test_settings_validation_is_one_line_and_names_the_field():
     s = MeasureSettings.quick(repeat=7)
     assert s.repeat == 7 and MeasureSettings.from_dict(s.to_dict()) == s
     assert "timeout_s" not in s.key_dict()  # the timeout does not change a measurement
+    with pytest.raises(AutoExitError, match="settings.optimize must be true or false"):
+        MeasureSettings(optimize="yes")
+    # optimize is left out of the wire form when false (evaluators older than it refuse unknown settings)
+    assert "optimize" not in MeasureSettings().to_dict()
+    opt = MeasureSettings(optimize=True)
+    assert opt.to_dict()["optimize"] is True and MeasureSettings.from_dict(opt.to_dict()) == opt
+    assert opt.key_dict() != MeasureSettings().key_dict()  # an optimised timing is cached apart
 
 
 def test_batch_sizes_and_inputs_are_checked():
@@ -285,6 +292,17 @@ def test_local_end_to_end_counts_exits_and_early_exits_are_faster():
     t_hard = ev.measure_end_to_end(model, hard, settings=FAST)
     assert t_easy.exit_counts == {0: 24} and t_hard.exit_counts == {1: 24}
     assert t_hard.median_ms > 1.5 * t_easy.median_ms
+
+
+def test_local_optimized_end_to_end_takes_the_same_exits():
+    """settings.optimize times the model as autoexit.load(optimize=True) runs it: same exits, recorded."""
+    torch.manual_seed(0)
+    model = torch.jit.script(TwoExit().eval())
+    x = torch.randn(24, 16)
+    x[:, 0] = torch.tensor([1.0] * 15 + [-1.0] * 9)
+    res = LocalEvaluator().measure_end_to_end(model, x, batch_sizes=(1, 4), settings=FAST.with_(optimize=True))
+    assert res.at(1).exit_counts == {0: 15, 1: 9} and sum(res.at(4).exit_counts.values()) == 24
+    assert res.settings.optimize is True and res.at(1).median_ms > 0
 
 
 def test_local_errors_are_one_line(tmp_path):

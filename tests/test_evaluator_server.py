@@ -259,6 +259,24 @@ def test_time_torchscript_model(server):
     assert r2.json()["cached"] is True and r2.json()["stats"] == res["stats"]
 
 
+def test_time_torchscript_model_optimized(server):
+    """settings.optimize: the device freezes and optimises the model before timing it; cached apart; a
+    non-boolean is refused in one line."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 10)).eval()
+    data = torchscript_bytes(m, torch.randn(1, 3, 16, 16))
+    body = measure_body(data, "torchscript", (3, 16, 16), (1, 4))
+    plain = server.post("/measure", body)
+    body["settings"] = {**body.get("settings", {}), "optimize": True}
+    fast = server.post("/measure", body)
+    assert plain.status_code == 200 and fast.status_code == 200, fast.text
+    assert fast.json()["settings"]["optimize"] is True and plain.json()["settings"].get("optimize", False) is False
+    assert fast.json()["cache_key"] != plain.json()["cache_key"] and not fast.json()["cached"]
+    body["settings"]["optimize"] = "yes"
+    bad = server.post("/measure", body)
+    assert bad.status_code == 422 and "optimize" in bad.json()["detail"] and "\n" not in bad.json()["detail"]
+
+
 def test_time_onnx_model(server):
     pytest.importorskip("onnxruntime")
     data = onnx_bytes(small_cnn(), torch.randn(1, 3, 16, 16))

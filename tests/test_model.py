@@ -94,6 +94,43 @@ def test_scripted_backbone_reproduces_the_backbone_and_latency_compares_like_for
     assert torch.equal(out, ref) and bool((idx == 0).all())  # no exits: every answer is the backbone's
     lat = r.measure_latency(batch_sizes=(1,), rounds=1)
     ms = lat["per_sample_ms"]
-    assert set(ms) == {"backbone", "early_exit", "backbone (eager)"}
+    assert set(ms) == {"backbone", "early_exit", "backbone (eager)", "backbone (optimized)", "early_exit (optimized)"}
     assert lat["ratio"]["1"] == ms["early_exit"]["1"] / ms["backbone"]["1"]
+    assert lat["ratio_optimized"]["1"] == ms["early_exit (optimized)"]["1"] / ms["backbone (optimized)"]["1"]
+    assert lat["ratio_deployed"]["1"] == ms["early_exit (optimized)"]["1"] / ms["backbone"]["1"]
+    assert lat["optimized_decisions_match"] == 1.0
     assert "TorchScript" in lat["baseline"]
+    assert set(r.measure_latency(batch_sizes=(1,), rounds=1, optimized=False)["per_sample_ms"]) == {
+        "backbone", "early_exit", "backbone (eager)"}
+
+
+def test_optimized_runtime_decides_as_the_plain_model(digits_result):
+    """optimize_for_runtime (what load(optimize=True) and the evaluator's optimize run): same exits, same
+    answers up to rounding, every exported method kept, batch norms folded, the scripted model untouched."""
+    import pytest
+
+    from autoexit.errors import AutoExitError
+    from autoexit.model import optimize_for_runtime
+
+    r = digits_result
+    scripted = to_torchscript(r.model, r.backbone.example_input)
+    n_params = len(list(scripted.parameters()))
+    fast = optimize_for_runtime(scripted)
+    x = r.recording.inputs("test")
+    with torch.no_grad():
+        ref, ref_idx = scripted(x)
+        out, idx = fast(x)
+        assert torch.equal(idx, ref_idx)
+        assert torch.allclose(out, ref, atol=1e-4)
+        assert 0 < int((ref_idx < r.model.num_exits).sum()) < len(x)  # the batch shrinks, and not to nothing
+        assert fast.thresholds() == scripted.thresholds()
+        for name in ("forward_all", "exit_scores"):
+            for a, b in zip(getattr(fast, name)(x[:16]), getattr(scripted, name)(x[:16]), strict=True):
+                assert torch.allclose(a, b, atol=1e-4), name
+    assert "aten::batch_norm" in str(scripted.inlined_graph)
+    assert "aten::batch_norm" not in str(fast.graph)  # folded into the convolutions
+    if torch.backends.mkldnn.is_available():
+        assert "mkldnn" in str(fast.graph).lower()
+    assert len(list(scripted.parameters())) == n_params > 0  # the caller's module is not frozen in place
+    with pytest.raises(AutoExitError, match="needs a TorchScript module .* script it first"):
+        optimize_for_runtime(r.model)

@@ -442,6 +442,21 @@ def test_latency_policy_settings_are_checked_and_reach_the_cli():
     assert "token" not in secret.to_dict()["cost_evaluator"]  # the manifest never carries the token
     assert EnableConfig.from_dict(cfg.to_dict()) == cfg
 
+    opt = EnableConfig(**_policy_settings(p.parse_args(["--cost", "latency", "--cost-optimized"])))
+    assert opt.cost_evaluator == {"settings": {"optimize": True}}
+
+
+def test_latency_costs_timed_in_the_optimized_runtime(digits_result):
+    """cost_evaluator settings {optimize: true} (CLI --cost-optimized): the stages and heads are timed frozen
+    and optimised, as load(optimize=True) runs the emitted model, with the light default timing otherwise; the
+    cost source says so."""
+    from autoexit.pipeline import exit_costs
+
+    r = digits_result
+    cfg = EnableConfig(tolerance=2.0, cost="latency", cost_evaluator={"settings": {"optimize": True}})
+    c = exit_costs(cfg, r.backbone, r.recording, r.heads, r.temperatures)
+    assert "optimised runtime" in c.source and c.unit == "ms" and c.base > 0 and len(c.c1) == len(r.val.names)
+    assert all(v >= 0 for v in c.c1)
 
 
 def test_exit_costs_validated_and_round_trip():

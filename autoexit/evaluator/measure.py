@@ -236,6 +236,14 @@ class TorchScriptRunner(_Runner):
         except Exception as exc:  # corrupt archive, unknown ops, version skew
             raise MeasureError(f"cannot load the TorchScript model: {summarize_exception(exc)}") from None
         self.model.eval()
+        if settings.optimize:  # as autoexit.load(path, optimize=True) runs it on this device
+            from ..errors import AutoExitError
+            from ..model import optimize_for_runtime
+
+            try:
+                self.model = optimize_for_runtime(self.model)
+            except AutoExitError as exc:
+                raise MeasureError(f"{exc} (settings.optimize=false)") from None
 
     def make_inputs(self, specs: Sequence[TensorSpec], batch: int, seed: int) -> list[Any]:
         torch = self.torch

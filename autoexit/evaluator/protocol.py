@@ -111,7 +111,13 @@ class MeasureSettings:
     passively cooled boards). ``timeout_s`` bounds the whole request.
     ``threads`` pins the intra-op thread count (None: the runtime's default;
     the count actually used is recorded in the result). ``seed`` seeds the
-    random inputs. ``accelerator`` is "cpu" or "cuda" (Jetson GPU).
+    random inputs. ``accelerator`` is "cpu" or "cuda" (Jetson GPU). ``optimize``
+    times a TorchScript model as ``autoexit.load(path, optimize=True)`` runs it:
+    frozen, batch norms folded, oneDNN convolutions where the device's PyTorch
+    has them (``autoexit.model.optimize_for_runtime``); ONNX models are
+    optimised by onnxruntime itself, so it changes nothing for them. It is left
+    out of the wire form when false, so evaluators older than it still accept
+    default settings.
     """
 
     warmup: int = 3
@@ -123,6 +129,7 @@ class MeasureSettings:
     threads: int | None = None
     seed: int = 0
     accelerator: str = "cpu"
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         _check_int("warmup", self.warmup, 0, LIMITS["max_warmup"])
@@ -138,6 +145,8 @@ class MeasureSettings:
             raise ProtocolError(
                 f"settings.accelerator must be one of {list(ACCELERATORS)}, got {self.accelerator!r}"
             )
+        if not isinstance(self.optimize, bool):
+            raise ProtocolError(f"settings.optimize must be true or false, got {self.optimize!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> MeasureSettings:
@@ -150,7 +159,10 @@ class MeasureSettings:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["optimize"]:  # older evaluators refuse unknown settings; false is their behaviour
+            del d["optimize"]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> MeasureSettings:

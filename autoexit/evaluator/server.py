@@ -59,7 +59,7 @@ from fastapi.encoders import jsonable_encoder  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, StrictBool  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 log = logging.getLogger("autoexit.evaluator")
@@ -176,6 +176,7 @@ class SettingsModel(_Strict):
     threads: int | None = Field(None, ge=1, le=LIMITS["max_threads"])
     seed: int = Field(0, ge=0, le=2**32 - 1)
     accelerator: Literal[P.ACCELERATORS] = "cpu"  # type: ignore[valid-type]
+    optimize: StrictBool = False
 
 
 _B64 = Field(min_length=1, description="model bytes, base64 (ONNX protobuf or torch.jit.save archive)")

@@ -289,7 +289,8 @@ class PartitionServer:
     """Serves partition ``part`` of a partitioned artifact on ``host:port`` (see the module docstring)."""
 
     def __init__(self, artifact: str | Path, part: int, host: str = "127.0.0.1", port: int = 0,
-                 threads: int | None = 1, max_bytes: int = DEFAULT_MAX_BYTES, log=sys.stderr):
+                 threads: int | None = 1, max_bytes: int = DEFAULT_MAX_BYTES, log=sys.stderr,
+                 optimize: bool = False):
         import torch
 
         from .partition import load_partitioned
@@ -303,7 +304,7 @@ class PartitionServer:
             torch.set_num_threads(int(threads))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            self.module = art.partition(part)
+            self.module = art.partition(part, optimize=optimize)  # optimize: frozen, oneDNN (load's optimize)
         self.module.eval()
         self.info = info
         self.spec = info["partitions"][part]
@@ -529,8 +530,10 @@ def _drain(stream, sink: list[str]) -> None:
 
 
 def spawn_servers(artifact: str | Path, n_parts: int | None = None, *, threads: int = 1, host: str = "127.0.0.1",
-                  timeout_s: float = 180.0) -> ServerGroup:
-    """Start one ``autoexit partition serve`` process per partition on free loopback ports; wait until all listen."""
+                  timeout_s: float = 180.0, optimize: bool = False) -> ServerGroup:
+    """Start one ``autoexit partition serve`` process per partition on free loopback ports; wait until all listen.
+
+    ``optimize``: each server runs its partition frozen and optimised (``serve --optimize``)."""
     from .partition import load_partitioned
 
     if n_parts is None:
@@ -542,7 +545,8 @@ def spawn_servers(artifact: str | Path, n_parts: int | None = None, *, threads: 
     try:
         for k in range(n_parts):
             cmd = [sys.executable, "-m", "autoexit", "partition", "serve", "--artifact", str(artifact),
-                   "--part", str(k), "--host", host, "--port", "0", "--threads", str(threads)]
+                   "--part", str(k), "--host", host, "--port", "0", "--threads", str(threads),
+                   *(["--optimize"] if optimize else [])]
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             procs.append(p)
             log: list[str] = []
@@ -642,13 +646,15 @@ class PartitionRun:
 
 def run_partitioned(artifact: str | Path, inputs, *, addresses: Sequence[str] | None = None, batch_size: int = 1,
                     shaping: float = 0.0, threads: int = 1, timeout_s: float = 60.0, progress: bool = False,
-                    start_timeout_s: float = 180.0) -> PartitionRun:
+                    start_timeout_s: float = 180.0, optimize: bool = False) -> PartitionRun:
     """Run ``inputs`` ([n, ...] tensor) through a partitioned artifact served by one process per partition.
 
     ``addresses``: ``host:port`` of already running servers (partition order);
     default: start them (:func:`spawn_servers`) and stop them afterwards.
     ``batch_size``: samples per batch entering partition 0 (one batch in flight).
     ``shaping``: link-shaping factor (0 off, 1 the topology's links in real time).
+    ``optimize``: the servers this starts run their partitions frozen and optimised for this machine
+    (:func:`autoexit.model.optimize_for_runtime`).
     """
     import torch
 
@@ -672,7 +678,7 @@ def run_partitioned(artifact: str | Path, inputs, *, addresses: Sequence[str] | 
     first_tier = int(info["partitions"][0]["tier_index"])
     group = None
     if addresses is None:
-        group = spawn_servers(artifact, n_parts, threads=threads, timeout_s=start_timeout_s)
+        group = spawn_servers(artifact, n_parts, threads=threads, timeout_s=start_timeout_s, optimize=optimize)
         addrs = list(group.addresses)
     else:
         addrs = [str(a) for a in addresses]

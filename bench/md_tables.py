@@ -419,6 +419,29 @@ def outer_certified_blocks(name: str = "outer_certified", block: str = "outer-ce
         ("viol", "violation rate (re-splits)", 0), ("pop", "violation rate (population)", 0)])}
 
 
+def runtime_blocks() -> dict[str, str]:
+    """bench/runtime.py: latency ratios of the plain and the optimised runtime, per network and policy."""
+    res = _load("runtime")
+    if not res:
+        return {}
+    env = res.get("environment", {})
+    rows = [{**r, "net": f"ResNet-{r['depth']}", "match": f"{100 * r['decisions_match']:.2f}",
+             "bb b1": r["backbone optimized/plain b1"], "bb b32": r["backbone optimized/plain b32"]}
+            for d in res["results"] for r in d["rows"]]
+    note = (f"Run {env.get('date', '?')} at commit {env.get('commit', '?')} (`{res.get('command')}`, "
+            f"{res['wall_s'] / 60:.0f} min, median of {res['rounds']} rounds, {env.get('threads', '?')} threads). Ratios of CPU ms per sample, < 1 is faster; \"plain\": the early-exit "
+            "model against the backbone, both in TorchScript; \"optimised\": both optimised; \"deployed\": the "
+            "optimised early-exit model against the plain TorchScript backbone; \"backbone opt/plain\": what the "
+            "optimised runtime alone does to the backbone.")
+    return {"runtime": note + "\n\n" + table(rows, [
+        ("net", "network", 0), ("policy", "policy (T = 1 %)", 0), ("exits", "exits", 0),
+        ("saving_pct", "FLOPs saved %", 1), ("drop_pts", "test drop pts", 2),
+        ("plain b1", "plain bs1", 2), ("plain b32", "plain bs32", 2), ("optimized b1", "optimised bs1", 2),
+        ("optimized b32", "optimised bs32", 2), ("deployed b1", "deployed bs1", 2),
+        ("deployed b32", "deployed bs32", 2), ("bb b1", "backbone opt/plain bs1", 2),
+        ("bb b32", "backbone opt/plain bs32", 2), ("match", "same exits % (3,000 test)", 0)])}
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     done = []
     for name, body in blocks.items():
@@ -433,7 +456,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--print", action="store_true", help="print the blocks instead of updating the page")
     args = ap.parse_args(argv)
-    pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks()},
+    pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks(), **runtime_blocks()},
              POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
                             **guarantee_blocks()}, NNI_DOC: nni_blocks(),
              REPO / "docs" / "optuna.md": {**outer_certified_blocks(), **outer_certified_blocks(

@@ -232,7 +232,8 @@ def test_placement_plan_is_consistent(art3, profile, topo):
 
 
 def test_two_partitions_across_processes_via_cli(art2, digits_result, tmp_path):
-    """`autoexit partition run`: two server processes, every result equal to model.pt's."""
+    """`autoexit partition run --optimize`: two server processes running their partitions optimised, every
+    result equal to (the plain) model.pt's."""
     from autoexit.cli import main
 
     x = digits_result.recording.inputs("test")[:N_RUN]
@@ -241,12 +242,21 @@ def test_two_partitions_across_processes_via_cli(art2, digits_result, tmp_path):
     torch.save({"x": x, "y": y}, data)
     report = tmp_path / "run.json"
     rc = main(["partition", "run", "--artifact", str(art2), "--data", str(data), "--batch-size", "8",
-               "--json", str(report)])
+               "--json", str(report), "--optimize"])
     assert rc == 0
     r = json.loads(report.read_text())
     assert r["samples"] == N_RUN and r["mismatches"] == 0 and r["same_as_model_pt"] == 1.0
     assert r["spawned"] and len(r["addresses"]) == 2 and all(a.startswith("127.0.0.1:") for a in r["addresses"])
     assert sum(r["partition_rates"]) == pytest.approx(1.0) and min(r["partition_rates"]) > 0
+    # in process: an optimised partition keeps its exported exit_ids and answers as the plain one does
+    from autoexit.partition import load_partitioned
+
+    art, _ = load_partitioned(art2)
+    plain, fast = art.partition(0), art.partition(0, optimize=True)
+    assert fast.exit_ids() == plain.exit_ids()
+    with torch.no_grad():
+        (z0, e0, h0), (z1, e1, h1) = plain(x), fast(x)
+    assert torch.equal(e0, e1) and torch.allclose(z0, z1, atol=1e-4) and torch.allclose(h0, h1, atol=1e-4)
 
 
 def test_three_partitions_across_processes(art3, digits_result):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autoexit.errors import AutoExitError
-from autoexit.model import to_torchscript
+from autoexit.model import optimize_for_runtime, to_torchscript
 from autoexit.pipeline import EnableConfig, assemble
 from autoexit.policies import (
     POLICIES,
@@ -47,6 +47,8 @@ def test_policy_scripts_and_scripted_decisions_equal_the_simulation(digits_resul
     simulated = np.asarray(res.metrics["test"]["exit_index"])
     assert np.array_equal(idx.numpy(), simulated)
     assert torch.equal(idx, eager_idx) and torch.allclose(out, eager_out, atol=1e-6)
+    with torch.no_grad():  # and so does the optimised runtime (load(optimize=True)): rules, history, stats
+        assert np.array_equal(optimize_for_runtime(scripted)(x)[1].numpy(), simulated)
     # the metrics' agreement is the scripted model's agreement with the backbone
     bpred = res.test.backbone_pred.numpy()
     assert res.metrics["test"]["agreement"] == pytest.approx(float((out.argmax(1).numpy() == bpred).mean()))
@@ -216,9 +218,12 @@ def test_harmless_gate_policy_scripts_and_decides_as_simulated(digits_result):
     assert res.kept and res.extra["policy"]["gate_target"] == "harmless"
     assert res.manifest()["policy"]["gate_target"] == "harmless"  # the artifact says its gates read labels
     x = res.recording.inputs("test")
+    scripted = to_torchscript(res.model, x[:1])
     with torch.no_grad():
-        _, idx = to_torchscript(res.model, x[:1])(x)
+        _, idx = scripted(x)
+        _, fast_idx = optimize_for_runtime(scripted)(x)  # cascade heads read earlier logits, optimised too
     assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
+    assert torch.equal(fast_idx, idx)
 
 
 def test_cascade_heads_script_and_match_simulation(digits_result):
@@ -233,9 +238,12 @@ def test_cascade_heads_script_and_match_simulation(digits_result):
     res = assemble(cfg, r.backbone, r.points, r.recording, chained)
     assert res.kept == chain  # a cascade keeps its chain
     x = res.recording.inputs("test")
+    scripted = to_torchscript(res.model, x[:1])
     with torch.no_grad():
-        _, idx = to_torchscript(res.model, x[:1])(x)
+        _, idx = scripted(x)
+        _, fast_idx = optimize_for_runtime(scripted)(x)  # cascade heads read earlier logits, optimised too
     assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
+    assert torch.equal(fast_idx, idx)
     res.model.set_thresholds([float("inf")] * res.model.num_exits)
     with torch.no_grad():
         assert torch.equal(res.model(x[:32])[0], r.backbone.model(x[:32]))
@@ -631,6 +639,9 @@ def test_enable_cascade_chain_is_chosen_on_the_fit_split(digits_backbone, digits
     train = predictions_for(res.recording, res.heads, "train")
     assert res.temperatures == dict(zip(train.names, calibrate_temperatures(train).tolist()))
     x = res.recording.inputs("test")
+    scripted = to_torchscript(res.model, x[:1])
     with torch.no_grad():
-        _, idx = to_torchscript(res.model, x[:1])(x)
+        _, idx = scripted(x)
+        _, fast_idx = optimize_for_runtime(scripted)(x)  # cascade heads read earlier logits, optimised too
     assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
+    assert torch.equal(fast_idx, idx)

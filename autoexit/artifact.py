@@ -106,7 +106,7 @@ class Artifact:
     path: Path
     manifest: dict
     model: torch.jit.ScriptModule
-    optimized: bool = False
+    optimized: str | None = None  # the optimize mode the model was loaded with ("onednn", "freeze") or None
 
     @property
     def exit_names(self) -> list[str]:
@@ -115,28 +115,37 @@ class Artifact:
     def __call__(self, x: torch.Tensor):
         return self.model(x)
 
-    def partition(self, k: int, optimize: bool = False) -> torch.jit.ScriptModule:
+    def partition(self, k: int, optimize: bool | str = False) -> torch.jit.ScriptModule:
+        mode = _mode(optimize)
         rel = f"partitions/{k}.pt"
         if rel not in self.manifest["files"]:
             raise ArtifactError(f"{self.path} has no partition {k}")
         module = torch.jit.load(str(self.path / rel), map_location="cpu").eval()
-        return _optimized(module) if optimize else module
+        return _optimized(module, mode) if mode else module
 
 
-def _optimized(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+def _mode(optimize) -> str | None:
+    from .model import optimize_mode
+
+    return optimize_mode(optimize)
+
+
+def _optimized(module: torch.jit.ScriptModule, mode: str) -> torch.jit.ScriptModule:
     from .model import optimize_for_runtime
 
-    return optimize_for_runtime(module)
+    return optimize_for_runtime(module, mode)
 
 
-def load(path: str | Path, verify: bool = True, optimize: bool = False) -> Artifact:
+def load(path: str | Path, verify: bool = True, optimize: bool | str = False) -> Artifact:
     """Load an emitted artifact; with ``verify`` (default) every checksum and the schema are checked.
 
     ``optimize``: freeze the model and optimise it for this machine's runtime
-    (:func:`autoexit.model.optimize_for_runtime`: batch norms folded, oneDNN convolutions on CPUs that have
-    them); the same decisions up to float rounding, faster (``docs/guide.md`` section 9). Optimise on the
-    machine that runs the model: the optimised module cannot be saved and loaded again.
+    (:func:`autoexit.model.optimize_for_runtime`): ``True`` or ``"onednn"`` folds the batch norms and runs the
+    convolutions on oneDNN where this CPU's PyTorch has it; ``"freeze"`` only freezes and folds (faster for
+    tiny models at batch 1). The same decisions up to float rounding (``docs/guide.md`` section 9). Optimise on
+    the machine that runs the model: the optimised module cannot be saved and loaded again.
     """
+    mode = _mode(optimize)  # a bad value fails before anything is read
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
@@ -171,6 +180,6 @@ def load(path: str | Path, verify: bool = True, optimize: bool = False) -> Artif
     except Exception as exc:  # noqa: BLE001
         raise ArtifactError(f"model.pt in {path} cannot be loaded: {str(exc).splitlines()[0]}") from None
     model.eval()
-    if optimize:
-        model = _optimized(model)
-    return Artifact(path, manifest, model, optimized=bool(optimize))
+    if mode:
+        model = _optimized(model, mode)
+    return Artifact(path, manifest, model, optimized=mode)

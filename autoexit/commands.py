@@ -46,9 +46,11 @@ def _policy_flags(p) -> None:
     p.add_argument("--cost-stat", choices=["min", "median", "mean"], default="min",
                    help="with --cost latency: the statistic of each timing's groups of runs (default min, the "
                    "fastest group: steadier than the median on a busy or throttling device)")
-    p.add_argument("--cost-optimized", action="store_true",
+    p.add_argument("--cost-optimized", nargs="?", const="onednn", choices=["onednn", "freeze"], default=None,
+                   metavar="MODE",
                    help="with --cost latency: time the stages and heads frozen and optimised for the device, as "
-                   "autoexit.load(path, optimize=True) runs the emitted model there")
+                   "autoexit.load(path, optimize=MODE) runs the emitted model there (MODE onednn, the default, or "
+                   "freeze)")
     p.add_argument("--evaluator-url", help="with --cost latency: a device running `autoexit evaluator serve`")
     p.add_argument("--evaluator-token-file", help="bearer-token file for --evaluator-url")
 
@@ -77,7 +79,7 @@ def _policy_settings(args: argparse.Namespace) -> dict:
         if args.cost != "latency":
             raise AutoExitError("--cost-optimized applies to --cost latency (FLOPs do not depend on the runtime); "
                                 "add --cost latency or drop it")
-        ev["settings"] = {"optimize": True}
+        ev["settings"] = {"optimize": args.cost_optimized}
     return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_stat": f"{args.cost_stat}_ms",
             "cost_evaluator": ev,
             "cross_fit": args.cross_fit, "policy_options": options}

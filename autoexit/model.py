@@ -31,6 +31,10 @@ from torch import nn
 
 from .calibrate import SIGNALS
 from .errors import AutoExitError
+
+# optimize_for_runtime's modes, shared with the evaluator's wire form: onednn (what optimize=True means) freezes
+# the model and runs its convolutions on oneDNN where this machine's PyTorch has it; freeze only freezes
+from .evaluator.protocol import OPTIMIZE_MODES
 from .policies.rules import ConfidenceRule
 
 __all__ = ["ExitSegment", "CascadeExitSegment", "MultiExitModel", "to_torchscript", "optimize_for_runtime"]
@@ -275,30 +279,50 @@ def _to_torchscript(model: MultiExitModel, example: torch.Tensor) -> torch.jit.S
         ) from None
 
 
-def optimize_for_runtime(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+
+
+def optimize_mode(optimize) -> str | None:
+    """``optimize`` as given to ``load`` / the evaluator (False, True, "onednn" or "freeze") as a mode or None."""
+    if optimize is False or optimize is None:
+        return None
+    if optimize is True:
+        return "onednn"
+    if isinstance(optimize, str) and optimize in OPTIMIZE_MODES:
+        return optimize
+    raise AutoExitError(f"optimize must be true, false or one of {', '.join(OPTIMIZE_MODES)}, got {optimize!r}")
+
+
+def optimize_for_runtime(module: torch.jit.ScriptModule, mode: str = "onednn") -> torch.jit.ScriptModule:
     """A frozen copy of ``module`` optimised for inference on the machine that runs it.
 
-    Freezing inlines the weights as constants and folds each batch norm into the convolution before it;
-    on a CPU whose PyTorch has oneDNN (MKLDNN: x86 and aarch64 wheels) ``torch.jit.optimize_for_inference``
-    then runs the convolutions on pre-packed oneDNN weights. The exit rules, thresholds and batch shrinking
-    are kept, and so are the exported methods (``forward_all``, ``exit_scores``, ``thresholds``; a
-    partition's ``exit_ids``). The result
-    computes the same function up to float rounding (a sample whose exit score lies within rounding of a
-    threshold may exit elsewhere: ``bench/runtime.py`` counts them).
+    Freezing (both modes) inlines the weights as constants and folds each batch norm into the convolution
+    before it. With ``mode="onednn"`` (the default, what ``optimize=True`` means), on a CPU whose PyTorch has
+    oneDNN (MKLDNN: x86 and aarch64 wheels) ``torch.jit.optimize_for_inference`` then runs the convolutions
+    on pre-packed oneDNN weights: 0.80-0.90x the plain TorchScript time of the CIFAR ResNets at batch 32
+    (``bench/runtime.py``), but the layout conversions around each convolution can cost more than they save
+    on tiny inputs (the quickstart's 8x8 digits CNN: about 1.3x at batch 1), where ``mode="freeze"`` is the
+    faster one. ``emit`` times the default mode against the plain model, so the report says which pays.
+
+    The exit rules, thresholds and batch shrinking are kept, and so are the exported methods
+    (``forward_all``, ``exit_scores``, ``thresholds``; a partition's ``exit_ids``). The result computes the
+    same function up to float rounding (a sample whose exit score lies within rounding of a threshold may exit
+    elsewhere: ``bench/runtime.py`` counts them).
 
     Optimise after loading, where the model runs: the result holds pre-packed weights that
-    ``torch.jit.save`` writes but ``torch.jit.load`` cannot read back. ``autoexit.load(path, optimize=True)``
-    and the evaluator's ``MeasureSettings(optimize=True)`` call this.
+    ``torch.jit.save`` writes but ``torch.jit.load`` cannot read back. ``autoexit.load(path, optimize=...)``
+    and the evaluator's ``MeasureSettings(optimize=...)`` call this.
     """
     if not isinstance(module, torch.jit.ScriptModule):
         raise AutoExitError(f"optimize_for_runtime needs a TorchScript module (torch.jit.load / to_torchscript), "
                             f"got {type(module).__name__}; script it first")
+    if mode not in OPTIMIZE_MODES:
+        raise AutoExitError(f"optimize mode must be one of {', '.join(OPTIMIZE_MODES)}, got {mode!r}")
     keep = [m for m in module._c._method_names() if m != "forward"]  # exported methods (exit_ids, ...)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optimize_for_inference's deprecation notice (TorchScript itself)
             on_cpu = all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
-            if on_cpu and torch.backends.mkldnn.is_available():
+            if mode == "onednn" and on_cpu and torch.backends.mkldnn.is_available():
                 return torch.jit.optimize_for_inference(module.eval(), other_methods=keep)
             return torch.jit.freeze(module.eval(), preserved_attrs=keep)
     except Exception as exc:  # noqa: BLE001 - one line, with the way out

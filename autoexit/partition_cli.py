@@ -91,9 +91,10 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=0, help="TCP port (default 0: a free one, printed)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     s.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    s.add_argument("--optimize", action="store_true",
-                   help="run the partition frozen and optimised for this machine (batch norms folded, oneDNN "
-                   "convolutions): the same answers up to float rounding, faster")
+    s.add_argument("--optimize", nargs="?", const="onednn", choices=["onednn", "freeze"], default=None,
+                   metavar="MODE",
+                   help="run the partition frozen and optimised for this machine: batch norms folded, and with "
+                   "MODE onednn (the default) oneDNN convolutions; the same answers up to float rounding")
     s.set_defaults(func=_serve)
 
     r = ss.add_parser("run", help="run inputs through the partitions in separate processes and report",
@@ -112,8 +113,9 @@ def register(sub) -> None:
                    "links in real time, 0.1 = ten times faster")
     r.add_argument("--addresses", help="comma-separated host:port of running servers, in partition order")
     r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--optimize", action="store_true",
-                   help="the servers this starts run their partitions optimised (as `serve --optimize`)")
+    r.add_argument("--optimize", nargs="?", const="onednn", choices=["onednn", "freeze"], default=None,
+                   metavar="MODE", help="the servers this starts run their partitions optimised (as `serve "
+                   "--optimize MODE`)")
     r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a batch's results")
     r.add_argument("--json", help="also write the report as JSON here")
     r.set_defaults(func=_run)
@@ -340,7 +342,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .partition_runtime import PartitionServer
 
     server = PartitionServer(args.artifact, args.part, host=args.host, port=args.port, threads=args.threads,
-                             optimize=args.optimize)
+                             optimize=args.optimize or False)
 
     def _stop(*_):
         server._stop.set()
@@ -371,7 +373,7 @@ def _run(args: argparse.Namespace) -> int:
     x, y = _tensors(data, args.limit)
     addrs = [a.strip() for a in args.addresses.split(",")] if args.addresses else None
     run = run_partitioned(args.artifact, x, addresses=addrs, batch_size=args.batch_size, shaping=args.shape,
-                          threads=args.threads, timeout_s=args.timeout, progress=True, optimize=args.optimize)
+                          threads=args.threads, timeout_s=args.timeout, progress=True, optimize=args.optimize or False)
     with torch.no_grad():
         outs = [art.model(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
     ref_logits = torch.cat([o[0] for o in outs])

@@ -290,7 +290,7 @@ class PartitionServer:
 
     def __init__(self, artifact: str | Path, part: int, host: str = "127.0.0.1", port: int = 0,
                  threads: int | None = 1, max_bytes: int = DEFAULT_MAX_BYTES, log=sys.stderr,
-                 optimize: bool = False):
+                 optimize: bool | str = False):
         import torch
 
         from .partition import load_partitioned
@@ -530,12 +530,15 @@ def _drain(stream, sink: list[str]) -> None:
 
 
 def spawn_servers(artifact: str | Path, n_parts: int | None = None, *, threads: int = 1, host: str = "127.0.0.1",
-                  timeout_s: float = 180.0, optimize: bool = False) -> ServerGroup:
+                  timeout_s: float = 180.0, optimize: bool | str = False) -> ServerGroup:
     """Start one ``autoexit partition serve`` process per partition on free loopback ports; wait until all listen.
 
-    ``optimize``: each server runs its partition frozen and optimised (``serve --optimize``)."""
+    ``optimize``: each server runs its partition frozen and optimised (``serve --optimize``; True or
+    ``"onednn"``, or ``"freeze"``)."""
+    from .model import optimize_mode
     from .partition import load_partitioned
 
+    mode = optimize_mode(optimize)  # a bad value fails before any process starts
     if n_parts is None:
         _, info = load_partitioned(artifact)
         n_parts = len(info["partitions"])
@@ -546,7 +549,7 @@ def spawn_servers(artifact: str | Path, n_parts: int | None = None, *, threads: 
         for k in range(n_parts):
             cmd = [sys.executable, "-m", "autoexit", "partition", "serve", "--artifact", str(artifact),
                    "--part", str(k), "--host", host, "--port", "0", "--threads", str(threads),
-                   *(["--optimize"] if optimize else [])]
+                   *(["--optimize", mode] if mode else [])]
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             procs.append(p)
             log: list[str] = []
@@ -646,7 +649,7 @@ class PartitionRun:
 
 def run_partitioned(artifact: str | Path, inputs, *, addresses: Sequence[str] | None = None, batch_size: int = 1,
                     shaping: float = 0.0, threads: int = 1, timeout_s: float = 60.0, progress: bool = False,
-                    start_timeout_s: float = 180.0, optimize: bool = False) -> PartitionRun:
+                    start_timeout_s: float = 180.0, optimize: bool | str = False) -> PartitionRun:
     """Run ``inputs`` ([n, ...] tensor) through a partitioned artifact served by one process per partition.
 
     ``addresses``: ``host:port`` of already running servers (partition order);

@@ -286,30 +286,34 @@ class EnableResult:
             writers.update(onnx_writers(self.model, example))
         return write_artifact(out, manifest, writers, overwrite=overwrite)
 
-    def measure_latency(self, batch_sizes: Sequence[int] = (1, 32), rounds: int = 5, optimized: bool = True) -> dict:
+    def measure_latency(self, batch_sizes: Sequence[int] = (1, 32), rounds: int = 5,
+                        optimized: bool | str = True) -> dict:
         """CPU latency per sample of the backbone and the early-exit model, side by side, on test inputs.
 
         Both run in TorchScript, the backbone as the emitted model's own single-segment form
         (:func:`~autoexit.model.scripted_backbone`), so ``ratio`` compares the models and not the runtimes;
         the eager backbone is timed too (``per_sample_ms["backbone (eager)"]``) for reference. With
-        ``optimized`` (default) both are also timed as ``autoexit.load(path, optimize=True)`` runs them
-        (:func:`~autoexit.model.optimize_for_runtime`): ``ratio_optimized`` compares the two optimised models
+        ``optimized`` (default True, i.e. ``"onednn"``; or ``"freeze"``) both are also timed as
+        ``autoexit.load(path, optimize=optimized)`` runs them (:func:`~autoexit.model.optimize_for_runtime`,
+        recorded as ``optimized_mode``): ``ratio_optimized`` compares the two optimised models
         (what the exits save in that runtime), ``ratio_deployed`` the optimised early-exit model with the
         plain TorchScript backbone (what a user who deployed the backbone as TorchScript gains in all), and
         ``optimized_decisions_match`` is the share of test inputs whose exit the optimised model takes as the
         plain one does. A model the optimiser rejects is recorded in ``optimized_error`` and not timed.
         """
-        from .model import optimize_for_runtime, scripted_backbone
+        from .model import optimize_for_runtime, optimize_mode, scripted_backbone
+
+        mode = optimize_mode(optimized)
 
         inputs = self.recording.inputs("test")
         scripted = to_torchscript(self.model, self.backbone.example_input)
         models = {"backbone": scripted_backbone(self.backbone), "early_exit": scripted,
                   "backbone (eager)": self.backbone.model.eval()}
         error = None
-        if optimized:
+        if mode:
             try:
-                opt = {"backbone (optimized)": optimize_for_runtime(scripted_backbone(self.backbone)),
-                       "early_exit (optimized)": optimize_for_runtime(scripted)}
+                opt = {"backbone (optimized)": optimize_for_runtime(scripted_backbone(self.backbone), mode),
+                       "early_exit (optimized)": optimize_for_runtime(scripted, mode)}
             except AutoExitError as exc:
                 error = str(exc)
             else:
@@ -331,6 +335,7 @@ class EnableResult:
                 plain = scripted(inputs)[1]
                 fast = models["early_exit (optimized)"](inputs)[1]
             self.latency["optimized_decisions_match"] = float((plain == fast).float().mean())
+            self.latency["optimized_mode"] = mode
         if error:
             self.latency["optimized_error"] = error
         return self.latency
@@ -444,7 +449,7 @@ class EnableResult:
             rows.append(("CPU latency vs backbone", ", ".join(f"batch {b}: {v:.2f}x" for b, v in r.items())))
             if "ratio_optimized" in self.latency:
                 ro, rd = self.latency["ratio_optimized"], self.latency["ratio_deployed"]
-                rows.append(("optimised runtime (load(optimize=True))",
+                rows.append((f"optimised runtime (load(optimize={self.latency.get('optimized_mode', 'onednn')!r}))",
                              ", ".join(f"batch {b}: {ro[b]:.2f}x its backbone, {rd[b]:.2f}x the plain one"
                                        for b in ro)))
         return rows

@@ -9,7 +9,7 @@ import torch
 
 import autoexit
 from autoexit.artifact import write_artifact
-from autoexit.errors import ArtifactError
+from autoexit.errors import ArtifactError, AutoExitError
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,10 @@ def test_round_trip_with_torch_jit_load_alone(digits_result, artifact):
 def test_load_optimized_takes_the_same_exits(digits_result, artifact):
     plain = autoexit.load(artifact)
     fast = autoexit.load(artifact, optimize=True)
-    assert fast.optimized and not plain.optimized
+    assert fast.optimized == "onednn" and plain.optimized is None
+    assert autoexit.load(artifact, optimize="freeze").optimized == "freeze"
+    with pytest.raises(AutoExitError, match="optimize must be true, false or one of onednn, freeze, got 'fast'"):
+        autoexit.load(artifact, optimize="fast")
     x = digits_result.recording.inputs("test")
     with torch.no_grad():
         ref, ref_idx = plain(x)

@@ -99,8 +99,10 @@ def test_settings_validation_is_one_line_and_names_the_field():
     s = MeasureSettings.quick(repeat=7)
     assert s.repeat == 7 and MeasureSettings.from_dict(s.to_dict()) == s
     assert "timeout_s" not in s.key_dict()  # the timeout does not change a measurement
-    with pytest.raises(AutoExitError, match="settings.optimize must be true or false"):
-        MeasureSettings(optimize="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(AutoExitError, match="settings.optimize must be true, false or one of onednn, freeze"):
+            MeasureSettings(optimize=bad)
+    assert MeasureSettings.from_dict({"optimize": "freeze"}).to_dict()["optimize"] == "freeze"
     # optimize is left out of the wire form when false (evaluators older than it refuse unknown settings)
     assert "optimize" not in MeasureSettings().to_dict()
     opt = MeasureSettings(optimize=True)

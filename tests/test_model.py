@@ -98,7 +98,7 @@ def test_scripted_backbone_reproduces_the_backbone_and_latency_compares_like_for
     assert lat["ratio"]["1"] == ms["early_exit"]["1"] / ms["backbone"]["1"]
     assert lat["ratio_optimized"]["1"] == ms["early_exit (optimized)"]["1"] / ms["backbone (optimized)"]["1"]
     assert lat["ratio_deployed"]["1"] == ms["early_exit (optimized)"]["1"] / ms["backbone"]["1"]
-    assert lat["optimized_decisions_match"] == 1.0
+    assert lat["optimized_decisions_match"] == 1.0 and lat["optimized_mode"] == "onednn"
     assert "TorchScript" in lat["baseline"]
     assert set(r.measure_latency(batch_sizes=(1,), rounds=1, optimized=False)["per_sample_ms"]) == {
         "backbone", "early_exit", "backbone (eager)"}
@@ -132,5 +132,11 @@ def test_optimized_runtime_decides_as_the_plain_model(digits_result):
     if torch.backends.mkldnn.is_available():
         assert "mkldnn" in str(fast.graph).lower()
     assert len(list(scripted.parameters())) == n_params > 0  # the caller's module is not frozen in place
+    frozen = optimize_for_runtime(scripted, "freeze")  # folded, but no oneDNN layouts (tiny models, batch 1)
+    with torch.no_grad():
+        assert torch.equal(frozen(x)[1], ref_idx)
+    assert "aten::batch_norm" not in str(frozen.graph) and "mkldnn" not in str(frozen.graph).lower()
     with pytest.raises(AutoExitError, match="needs a TorchScript module .* script it first"):
         optimize_for_runtime(r.model)
+    with pytest.raises(AutoExitError, match="optimize mode must be one of onednn, freeze, got 'fast'"):
+        optimize_for_runtime(scripted, "fast")

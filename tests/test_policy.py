@@ -451,7 +451,9 @@ def test_latency_policy_settings_are_checked_and_reach_the_cli():
     assert EnableConfig.from_dict(cfg.to_dict()) == cfg
 
     opt = EnableConfig(**_policy_settings(p.parse_args(["--cost", "latency", "--cost-optimized"])))
-    assert opt.cost_evaluator == {"settings": {"optimize": True}}
+    assert opt.cost_evaluator == {"settings": {"optimize": "onednn"}}
+    frozen = _policy_settings(p.parse_args(["--cost", "latency", "--cost-optimized", "freeze"]))
+    assert frozen["cost_evaluator"] == {"settings": {"optimize": "freeze"}}
 
 
 def test_latency_costs_timed_in_the_optimized_runtime(digits_result):

@@ -236,12 +236,12 @@ class TorchScriptRunner(_Runner):
         except Exception as exc:  # corrupt archive, unknown ops, version skew
             raise MeasureError(f"cannot load the TorchScript model: {summarize_exception(exc)}") from None
         self.model.eval()
-        if settings.optimize:  # as autoexit.load(path, optimize=True) runs it on this device
+        if settings.optimize:  # as autoexit.load(path, optimize=...) runs it on this device
             from ..errors import AutoExitError
-            from ..model import optimize_for_runtime
+            from ..model import optimize_for_runtime, optimize_mode
 
             try:
-                self.model = optimize_for_runtime(self.model)
+                self.model = optimize_for_runtime(self.model, optimize_mode(settings.optimize))
             except AutoExitError as exc:
                 raise MeasureError(f"{exc} (settings.optimize=false)") from None
 

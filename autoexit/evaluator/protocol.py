@@ -90,6 +90,9 @@ SEGMENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,128}$")
 CACHE_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+OPTIMIZE_MODES = ("onednn", "freeze")  # settings.optimize besides true / false (autoexit.model.optimize_for_runtime)
+
+
 class ProtocolError(AutoExitError):
     """A request or result does not follow the evaluator protocol."""
 
@@ -112,10 +115,11 @@ class MeasureSettings:
     ``threads`` pins the intra-op thread count (None: the runtime's default;
     the count actually used is recorded in the result). ``seed`` seeds the
     random inputs. ``accelerator`` is "cpu" or "cuda" (Jetson GPU). ``optimize``
-    times a TorchScript model as ``autoexit.load(path, optimize=True)`` runs it:
-    frozen, batch norms folded, oneDNN convolutions where the device's PyTorch
-    has them (``autoexit.model.optimize_for_runtime``); ONNX models are
-    optimised by onnxruntime itself, so it changes nothing for them. It is left
+    times a TorchScript model as ``autoexit.load(path, optimize=...)`` runs it:
+    ``true`` / ``"onednn"``: frozen, batch norms folded, oneDNN convolutions
+    where the device's PyTorch has them; ``"freeze"``: frozen and folded only
+    (``autoexit.model.optimize_for_runtime``); ONNX models are optimised by
+    onnxruntime itself, so it changes nothing for them. It is left
     out of the wire form when false, so evaluators older than it still accept
     default settings.
     """
@@ -129,7 +133,7 @@ class MeasureSettings:
     threads: int | None = None
     seed: int = 0
     accelerator: str = "cpu"
-    optimize: bool = False
+    optimize: bool | str = False
 
     def __post_init__(self) -> None:
         _check_int("warmup", self.warmup, 0, LIMITS["max_warmup"])
@@ -145,8 +149,9 @@ class MeasureSettings:
             raise ProtocolError(
                 f"settings.accelerator must be one of {list(ACCELERATORS)}, got {self.accelerator!r}"
             )
-        if not isinstance(self.optimize, bool):
-            raise ProtocolError(f"settings.optimize must be true or false, got {self.optimize!r}")
+        if not (isinstance(self.optimize, bool) or self.optimize in OPTIMIZE_MODES):
+            raise ProtocolError(f"settings.optimize must be true, false or one of {', '.join(OPTIMIZE_MODES)}, "
+                                f"got {self.optimize!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> MeasureSettings:

@@ -176,7 +176,7 @@ class SettingsModel(_Strict):
     threads: int | None = Field(None, ge=1, le=LIMITS["max_threads"])
     seed: int = Field(0, ge=0, le=2**32 - 1)
     accelerator: Literal[P.ACCELERATORS] = "cpu"  # type: ignore[valid-type]
-    optimize: StrictBool = False
+    optimize: StrictBool | Literal[P.OPTIMIZE_MODES] = False  # type: ignore[valid-type]
 
 
 _B64 = Field(min_length=1, description="model bytes, base64 (ONNX protobuf or torch.jit.save archive)")

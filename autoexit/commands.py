@@ -233,4 +233,11 @@ def _inspect(args: argparse.Namespace) -> int:
     if exp.get("accuracy") is not None:
         line += f", accuracy {100 * exp['accuracy']:.2f} % (drop {100 * exp['accuracy_drop']:.2f} points)"
     print(line)
+    lat = m.get("latency") or {}
+    if lat.get("ratio"):  # what emit measured on its machine
+        print("CPU latency vs the backbone (TorchScript): "
+              + ", ".join(f"batch {b}: {r:.2f}x" for b, r in lat["ratio"].items()))
+    if lat.get("ratio_deployed"):
+        print(f"optimised (autoexit.load(path, optimize={lat.get('optimized_mode', 'onednn')!r})) vs the plain "
+              "backbone: " + ", ".join(f"batch {b}: {r:.2f}x" for b, r in lat["ratio_deployed"].items()))
     return 0

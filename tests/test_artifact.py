@@ -53,6 +53,18 @@ def test_load_optimized_takes_the_same_exits(digits_result, artifact):
     assert fast.model.thresholds() == plain.model.thresholds()
 
 
+def test_inspect_prints_the_latency_emit_measured(digits_result, tmp_path, capsys):
+    from autoexit.cli import main
+
+    lat = digits_result.measure_latency(batch_sizes=(1,), rounds=1)
+    out = digits_result.emit(tmp_path / "timed", latency=True, report=False)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"CPU latency vs the backbone (TorchScript): batch 1: {lat['ratio']['1']:.2f}x" in text
+    assert (f"optimised (autoexit.load(path, optimize='onednn')) vs the plain backbone: batch 1: "
+            f"{lat['ratio_deployed']['1']:.2f}x") in text
+
+
 def _copy(artifact, tmp_path):
     import shutil
 

@@ -279,8 +279,6 @@ def _to_torchscript(model: MultiExitModel, example: torch.Tensor) -> torch.jit.S
         ) from None
 
 
-
-
 def optimize_mode(optimize) -> str | None:
     """``optimize`` as given to ``load`` / the evaluator (False, True, "onednn" or "freeze") as a mode or None."""
     if optimize is False or optimize is None:

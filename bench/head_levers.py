@@ -1,5 +1,6 @@
-"""Eight levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint
-fine-tuning, feature distillation, mixup function matching, skip heads, two-stage exits, ensembled heads.
+"""Nine levers for issue 8's FLOPs targets, measured: augmented distillation, cross-fitted policies, joint
+fine-tuning, feature distillation, mixup function matching, skip heads, two-stage exits, ensembled heads, cheap
+heads.
 
 ``bench/policies.py`` shows the guaranteed policies saving 6-10 % at T = 1 % on ResNet-20 where the
 oracle saves 67 %, and its hindsight columns show the heads and signals themselves allowing only
@@ -71,6 +72,12 @@ the 5,000 images) and fits, certifies and tests the policies exactly as the base
    log-probabilities averaged (:func:`ensemble_head`); each input pays for every member. Temperatures, policies and
    certification as for the baseline.
 
+9. **Heads that cost too much.** A sample pays for every head it passes, and the default head (separable conv > BN >
+   ReLU > GAP > FC128 > FC) costs about 1 % of ResNet-20's FLOPs. ``cheap``: SDN's head instead (``CHEAP_HEAD``:
+   2x2 average pool + one linear layer, 100-300 times cheaper), trained label-free with the default schedule, at every
+   point; ``bench/head_ablation.py`` found it better on ResNet-20 with the older pipeline. Temperatures, policies
+   and certification as for the baseline.
+
 ``mixup-cross-fitted``: the ``mixup`` lever's heads with the policies fitted on out-of-fold predictions of the train
 split, the fold heads trained by function matching too (``out_of_fold_logits`` with ``TrainConfig(teacher="mixup")``):
 what ``EnableConfig(cross_fit=folds, train=TrainConfig(teacher="mixup", epochs=...))`` runs.
@@ -79,11 +86,12 @@ For each, the val agreement per exit and, at T = 1 and 2 %, the test FLOPs savin
 label-free policies (``max_softmax``, ``patience``, ``gate``) and the labelled ones (``+drop``),
 beside the baseline (default heads, fitted in-sample) from the same process run.
 
-Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage mixup-cross-fitted ensemble] [--feature-weight 1] [--mixup-epochs 120]
+Run: ``python bench/head_levers.py [--depths 20] [--folds 2] [--epochs 40] [--levers augmented cross-fitted joint train-size feature mixup skip two-stage mixup-cross-fitted ensemble cheap] [--feature-weight 1] [--mixup-epochs 120]
 [--skip-lr 1e-3] [--ensemble-seeds 1] [--merge]`` (ResNet-20: about 15 min on 2 cores; ResNet-56 about 1 h; ``--merge`` keeps other depths' results and, for a depth run again, the levers not run again; ``joint``: 4 min on ResNet-20 and about 15 min on ResNet-56 for 12 epochs; ``train-size``: 7 min on ResNet-20; ``feature``: 5 min on ResNet-20 and 15 min on ResNet-56; ``mixup``: about 10 s per epoch on ResNet-20 and 23 s on ResNet-56; ``skip``: about 20 min on ResNet-20 with
 its out-of-fold copies; ``two-stage``: with the skip heads cached, about 2 min on ResNet-20 and 25 on ResNet-56;
 ``mixup-cross-fitted``: about one more mixup training, 20 min on ResNet-20; ``ensemble``: one more default training per
-seed, 6 min on ResNet-20 and about 20 on ResNet-56).
+seed, 6 min on ResNet-20 and about 20 on ResNet-56; ``cheap``: under a minute of training per network, the run
+dominated by the baseline's rows: 12 min for ResNet-20).
 Heads are cached in ``~/.cache/autoexit/bench-levers``.
 Results: ``bench/results/head_levers.json``.
 """
@@ -108,7 +116,7 @@ MIXUP_EPOCHS = 120  # the mixup lever's default schedule (--mixup-epochs), also 
 FEATURE_WEIGHT = 1.0  # the feature lever's default loss weight (--feature-weight), also guarantee_check's `feature`
 SKIP_LR = 1e-3  # the skip lever's peak learning rate (--skip-lr): a third of the default, the heads start pretrained
 LEVERS = ("augmented", "cross-fitted", "joint", "train-size", "feature", "mixup", "skip", "two-stage",
-          "mixup-cross-fitted", "ensemble")
+          "mixup-cross-fitted", "ensemble", "cheap")
 
 
 def mixup_key(epochs: int) -> str:
@@ -830,6 +838,28 @@ def subset_logits(depth: int, rec, heads: dict, size: int, log) -> dict:
     return out
 
 
+def _cheap_head():
+    from autoexit.heads import HeadSpec
+
+    return HeadSpec(conv="none", conv_layers=0, pool="avg2", fc_layers=1)
+
+
+CHEAP_HEAD = _cheap_head()  # SDN's head (bench/head_ablation.py): 2x2 average pool + one linear layer
+
+
+def cheap_heads(rec, log) -> dict:
+    """Heads of ``CHEAP_HEAD``'s design at every point, trained label-free with the default heads' schedule
+    (``val_selected_training()``, as this benchmark's default heads), cached per head."""
+    from autoexit.data import default_cache_dir
+    from autoexit.search.pipeline import train_heads_cached
+
+    t0 = time.perf_counter()
+    out = train_heads_cached(rec, {p.name: CHEAP_HEAD for p in rec.points}, val_selected_training(),
+                             cache_dir=default_cache_dir() / "heads", progress=False)
+    log(f"cheap heads: {len(out)} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
 def trained_tables(rec, trained: dict, data: dict) -> tuple[dict, dict]:
     """Per split, the ExitPredictions and ExitTables (temperatures fitted on val) of ``trained`` heads (a lever's
     ``TrainedHead`` dict) on the recording; activation statistics from ``data`` (``bench.policies.split_data``)."""
@@ -1021,6 +1051,22 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
                              "same answer val (seeds 0, 1)": same, "shared errors val (seeds 0, 1)": shared,
                              "oracle saving test (default heads)": base_oracle,
                              "oracle saving test (ensemble)": oracle_saving(preds["test"].agree().numpy(), ecosts)}
+
+    if "cheap" in levers:
+        t1 = time.perf_counter()
+        ch = cheap_heads(rec, log)
+        secs["cheap"] = time.perf_counter() - t1
+        agree["cheap heads"] = [round(float(ch[n].val_agreement), 4) for n in names]
+        preds, ctables = trained_tables(rec, ch, data)
+        ccosts = ExitCosts([ch[n].flops for n in names], [ch[n].point.flops_before for n in names],
+                           float(tb.total_flops))
+        rows += policy_rows("cheap heads (2x2 average pool + FC, label-free, default schedule)", ctables["train"],
+                            ctables, ccosts, depth, resplits)
+        extra["cheap"] = {"spec": CHEAP_HEAD.to_dict(), "head flops": {n: int(ch[n].flops) for n in names},
+                          "default head flops": {n: int(heads[n].flops) for n in names},
+                          "backbone flops": float(tb.total_flops),
+                          "oracle saving test (default heads)": base_oracle,
+                          "oracle saving test (cheap)": oracle_saving(preds["test"].agree().numpy(), ccosts)}
 
     if "skip" in levers or "two-stage" in levers:
         t1 = time.perf_counter()

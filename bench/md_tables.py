@@ -190,7 +190,7 @@ def levers_blocks() -> dict[str, str]:
                     "mixup": "mixup function-matching heads", "skip": "skip heads and their out-of-fold copies",
                     "two-stage": "two-stage exits (skip heads loaded, policies fitted)",
                     "mixup-cross-fitted": "mixup heads' out-of-fold copies",
-                    "ensemble": "ensemble members (other seeds)"}
+                    "ensemble": "ensemble members (other seeds)", "cheap": "cheap heads"}
 
     def trained(k: str) -> str:  # a training-time key (lever, or mixup@N for a non-default schedule) in words
         lever, _, epochs = k.partition("@")
@@ -243,8 +243,12 @@ def levers_blocks() -> dict[str, str]:
                   "mixup": lambda e: f"Mixup function matching ({e['epochs']} epochs)",
                   "skip": lambda e: f"Skip heads (peak learning rate {e['lr']:g})",
                   "ensemble": lambda e: f"Ensembled heads ({e['members']} per exit, seeds "
-                                        f"{', '.join(map(str, e['seeds'][:-1]))} and {e['seeds'][-1]})"}
-        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs), "skip", "ensemble"]:
+                                        f"{', '.join(map(str, e['seeds'][:-1]))} and {e['seeds'][-1]})",
+                  "cheap": lambda e: "Cheap heads (2x2 average pool + FC, "
+                                     f"{sum(e['head flops'].values()) / sum(e['default head flops'].values()):.3f} "
+                                     "of the default heads' FLOPs)"}
+        for key in ["feature", *sorted((k for k in r if k.startswith("mixup")), key=mixup_epochs), "skip", "ensemble",
+                    "cheap"]:
             if e := r.get(key):
                 lever = key.split("@")[0]
                 jtxt += (f"\n\n{labels[lever](e)}: the oracle with its heads saves "

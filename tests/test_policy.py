@@ -221,7 +221,7 @@ def test_harmless_gate_policy_scripts_and_decides_as_simulated(digits_result):
     scripted = to_torchscript(res.model, x[:1])
     with torch.no_grad():
         _, idx = scripted(x)
-        _, fast_idx = optimize_for_runtime(scripted)(x)  # cascade heads read earlier logits, optimised too
+        _, fast_idx = optimize_for_runtime(scripted)(x)  # the labelled gate, optimised too
     assert np.array_equal(idx.numpy(), np.asarray(res.metrics["test"]["exit_index"]))
     assert torch.equal(fast_idx, idx)
 

@@ -79,7 +79,8 @@ class EnableConfig:
     (counted, the default) or ``latency`` (each backbone stage and head timed on a device evaluator,
     :func:`autoexit.cost.exit_latency_costs`, so a head that costs more wall time than it saves is
     dropped); cost_evaluator: with ``latency``, the evaluator config (``url``, ``token_file``,
-    ``settings``, ... as in a search config's ``evaluator`` section; empty: this CPU);
+    ``settings``, ... as in a search config's ``evaluator`` section; empty: this CPU; ``settings`` override
+    the light timing it defaults to, warmup 2, repeat 7, min_repeat_ms 20, field by field);
     cost_batch_size: the batch size the latency is measured at (the deployment's); cost_stat: which
     statistic of each timing stands for it, ``min_ms`` (default: each timing's fastest group, steadier on a
     busy or throttling device, ``docs/evaluator.md`` section 7), ``median_ms`` or ``mean_ms``.
@@ -312,7 +313,7 @@ class EnableResult:
         error = None
         if mode:
             try:
-                opt = {"backbone (optimized)": optimize_for_runtime(scripted_backbone(self.backbone), mode),
+                opt = {"backbone (optimized)": optimize_for_runtime(models["backbone"], mode),  # a frozen copy
                        "early_exit (optimized)": optimize_for_runtime(scripted, mode)}
             except AutoExitError as exc:
                 error = str(exc)
@@ -720,11 +721,11 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
 
     ev = evaluator if evaluator is not None else evaluator_from_config(dict(config.cost_evaluator))
     settings = None
-    given = dict(config.cost_evaluator.get("settings") or {})
-    if evaluator is None and set(given) <= {"optimize"}:  # lighter than a search's verification: every stage
-        from .evaluator import MeasureSettings  # and head is timed 3 times (rounds)
+    if evaluator is None:  # lighter than a search's verification (every stage and head is timed 3 times, rounds);
+        from .evaluator import MeasureSettings  # the config's own settings override it field by field
 
-        settings = MeasureSettings(warmup=2, repeat=7, min_repeat_ms=20.0, **given)
+        settings = MeasureSettings.from_dict({"warmup": 2, "repeat": 7, "min_repeat_ms": 20.0,
+                                              **dict(config.cost_evaluator.get("settings") or {})})
     try:
         # timing inputs, not the calibration split's either: as many as exit_latency_costs anchors on
         x = rec.inputs("train", first=max(ANCHOR_SAMPLES, int(config.cost_batch_size)))

@@ -150,9 +150,21 @@ def cached_heads(rec, specs: dict, train_cfg, progress: bool = False) -> dict:
     return heads
 
 
-def plain_heads(rec, progress: bool = False, train=None) -> dict:
-    """Default heads (paper-003 design, ``train`` or the default TrainConfig) for every point of ``rec``, cached
-    per head.
+def head_spec(head: str):
+    """The HeadSpec every point gets for ``--head`` (None: the core's default spec per point)."""
+    if head == "default":
+        return None
+    if head == "cheap":
+        from bench.head_levers import CHEAP_HEAD
+
+        return CHEAP_HEAD
+    raise SystemExit(f"--head must be default or cheap, got {head!r}")
+
+
+def plain_heads(rec, progress: bool = False, train=None, head: str = "default") -> dict:
+    """Heads for every point of ``rec`` (``head``: the core's default design, paper 003's, or ``cheap``, SDN's
+    2x2 average pool + FC, ``bench.head_levers.CHEAP_HEAD``), trained with ``train`` or the default TrainConfig,
+    cached per head.
 
     Uses the search package's per-head cache (shared with the other benchmarks) when it is there.
     """
@@ -160,11 +172,13 @@ def plain_heads(rec, progress: bool = False, train=None) -> dict:
     from autoexit.distill import TrainConfig
 
     train = train or TrainConfig()
+    spec = head_spec(head)
+    specs = {p.name: spec for p in rec.points} if spec is not None else {}
     try:
         from autoexit.search.pipeline import train_heads_cached
     except ImportError:  # pragma: no cover - the search package is optional here
-        return cached_heads(rec, {}, train, progress=progress)
-    return train_heads_cached(rec, {}, train, cache_dir=default_cache_dir() / "heads", progress=progress)
+        return cached_heads(rec, specs, train, progress=progress)
+    return train_heads_cached(rec, specs, train, cache_dir=default_cache_dir() / "heads", progress=progress)
 
 
 def oracle_saving(agree, costs) -> float:
@@ -175,7 +189,8 @@ def oracle_saving(agree, costs) -> float:
     return float(1 - oracle_flops(np.asarray(agree), costs.c1, costs.before, costs.base).mean() / costs.base)
 
 
-def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs: int = 120, train=None):
+def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs: int = 120, train=None,
+          head: str = "default"):
     """Backbone, exit points after every residual block, recording and trained heads (all cached).
 
     ``train``: how the default heads are trained (default: the core's ``TrainConfig()``; the levers and
@@ -183,14 +198,19 @@ def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs:
     with). ``teacher="mixup"``: the default heads trained instead by function matching for ``epochs`` epochs
     (``TrainConfig(teacher="mixup", epochs=epochs, patience=0, select="val")``, the core's training), through
     ``bench.head_levers.augmented_heads`` and its cache, which the mixup lever of that benchmark fills; the
-    val-selected default heads give their specs."""
+    val-selected default heads give their specs. ``head="cheap"``: every point gets ``CHEAP_HEAD`` instead of the
+    default design (``EnableConfig(head=...)``), trained as the default heads are."""
     from autoexit.pipeline import EnableConfig, prepare
 
     if teacher == "mixup":
+        if head != "default":
+            raise SystemExit("--teacher mixup was measured with the default heads: drop --head")
         train = val_selected_training()
-    cfg = EnableConfig(granularity=2, **({"train": train} if train is not None else {}))
+    spec = head_spec(head)
+    cfg = EnableConfig(granularity=2, **({"train": train} if train is not None else {}),
+                       **({"head": spec} if spec is not None else {}))
     tb, points, rec = prepare(cifar_resnet(depth).eval(), cifar10_data(), cfg, progress=progress)
-    heads = plain_heads(rec, progress=progress, train=train)
+    heads = plain_heads(rec, progress=progress, train=train, head=head)
     if teacher == "mixup":
         from bench.head_levers import augmented_heads
 
@@ -383,7 +403,7 @@ def cross_fitted_data(depth: int, rec, heads: dict, data: dict, folds: int, trai
 
 
 def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "recorded", epochs: int = 120,
-              val_temperatures: bool = False, cross_fit: int = 0, only: tuple = ()) -> dict:
+              val_temperatures: bool = False, cross_fit: int = 0, only: tuple = (), head: str = "default") -> dict:
     """One network's rows (``only``: just the VARIANTS of these labels)."""
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
@@ -391,7 +411,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
 
     t_setup = time.perf_counter()
-    cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs)
+    cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs, head=head)
     data = split_data(rec, heads)
     if cross_fit:  # the guaranteed policies (and their temperatures) fitted on out-of-fold train predictions
         data = cross_fitted_data(depth, rec, heads, data, cross_fit, cfg.train, log)
@@ -521,6 +541,10 @@ def main(argv=None) -> int:
                     help="fit the guaranteed policies and their temperatures on out-of-fold predictions of the train "
                          "split (K folds), as EnableConfig(cross_fit=K) does; no cascade rows; results go to "
                          "policies_crossfit.json unless --out")
+    ap.add_argument("--head", choices=["default", "cheap"], default="default",
+                    help="the heads' design: the core's default (paper 003's) or cheap (SDN's 2x2 average pool + FC, "
+                         "bench.head_levers.CHEAP_HEAD), trained as the default heads are; results go to "
+                         "policies_cheap*.json unless --out")
     ap.add_argument("--out", default=None, help="results file name under bench/results (default policies, or "
                                                  "policies_mixup with --teacher mixup)")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
@@ -533,7 +557,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = ("policies" if args.teacher == "recorded" else "policies_mixup") + (
-            "_valtemps" if args.temperatures == "val" else "") + ("_crossfit" if args.cross_fit else "")
+            "_valtemps" if args.temperatures == "val" else "") + ("_cheap" if args.head == "cheap" else "") + (
+            "_crossfit" if args.cross_fit else "")
     if args.cross_fit == 1 or args.cross_fit < 0:
         raise SystemExit(f"--cross-fit must be 0 (off) or a number of folds >= 2, got {args.cross_fit}")
     if args.cross_fit and (args.teacher != "recorded" or args.temperatures != "enable"):
@@ -548,7 +573,9 @@ def main(argv=None) -> int:
                          "--temperatures val")
     if legacy_temps:  # the same reason: the latency recorded with these tables is kept (with its date)
         args.no_latency = True
-    heads_of = {"teacher": args.teacher, "epochs": args.mixup_epochs, "cross_fit": args.cross_fit}
+    if args.head != "default" and args.teacher != "recorded":
+        raise SystemExit("--teacher mixup was measured with the default heads: drop --head")
+    heads_of = {"teacher": args.teacher, "epochs": args.mixup_epochs, "cross_fit": args.cross_fit, "head": args.head}
     require_fixtures()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -651,10 +678,11 @@ def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) 
     return 0
 
 
-def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 120, cross_fit: int = 0) -> dict:
+def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 120, cross_fit: int = 0,
+                      head: str = "default") -> dict:
     from autoexit.pipeline import EnableConfig, assemble
 
-    cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs)
+    cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs, head=head)
     data = split_data(rec, heads)
     if cross_fit:
         data = cross_fitted_data(depth, rec, heads, data, cross_fit, cfg.train, log)
@@ -671,7 +699,7 @@ def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 
     variants += [(f"{DEFAULT_POLICY}, cost=latency (bs{b})", {"policy": DEFAULT_POLICY, "cost": "latency",
                                                               "cost_batch_size": b}) for b in (1, 32)]
     for label, over in variants:
-        ecfg = EnableConfig(granularity=2, tolerance=1.0, **over,
+        ecfg = EnableConfig(granularity=2, tolerance=1.0, **over, **({"head": cfg.head} if cfg.head else {}),
                             **({"cross_fit": cross_fit} if cross_fit and over["policy"] != "paper003" else {}))
         t1 = time.perf_counter()
         res = assemble(ecfg, tb, points, rec, heads, predictions=preds, stats=stats, evaluator=ev)

@@ -53,6 +53,23 @@ def _policy_flags(p) -> None:
                    "freeze)")
     p.add_argument("--evaluator-url", help="with --cost latency: a device running `autoexit evaluator serve`")
     p.add_argument("--evaluator-token-file", help="bearer-token file for --evaluator-url")
+    p.add_argument("--head", default=None, metavar="PRESET|JSON",
+                   help="the exit heads' design at every point: a preset, default (separable conv > BN > ReLU > "
+                   "pool > FC128 > FC) or cheap (SDN's 2x2 average pool + one linear layer, about 0.3 %% of the "
+                   "default's FLOPs), or a HeadSpec as JSON")
+
+
+def _head_setting(value: str | None):
+    """``--head``: None, a preset name (kept as is; EnableConfig checks it) or a HeadSpec from JSON."""
+    from .errors import AutoExitError
+    from .heads import HeadSpec
+
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        return HeadSpec.from_json(value)
+    except AutoExitError as exc:
+        raise AutoExitError(f"--head: {exc}") from None
 
 
 def _policy_settings(args: argparse.Namespace) -> dict:
@@ -80,7 +97,8 @@ def _policy_settings(args: argparse.Namespace) -> dict:
             raise AutoExitError("--cost-optimized applies to --cost latency (FLOPs do not depend on the runtime); "
                                 "add --cost latency or drop it")
         ev["settings"] = {"optimize": args.cost_optimized}
-    return {"cost": args.cost, "cost_batch_size": args.cost_batch_size, "cost_stat": f"{args.cost_stat}_ms",
+    return {"head": _head_setting(args.head), "cost": args.cost, "cost_batch_size": args.cost_batch_size,
+            "cost_stat": f"{args.cost_stat}_ms",
             "cost_evaluator": ev,
             "cross_fit": args.cross_fit, "policy_options": options}
 

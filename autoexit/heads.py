@@ -30,6 +30,9 @@ __all__ = [
     "HeadSpec",
     "build_head",
     "default_head_spec",
+    "cheap_head_spec",
+    "HEAD_PRESETS",
+    "preset_head_spec",
     "register_conv_kind",
     "CONV_KINDS",
     "POOLS",
@@ -258,6 +261,31 @@ def default_head_spec(in_shape: Sequence[int], num_classes: int) -> HeadSpec:
     if len(in_shape) == 2:
         return HeadSpec(conv="none", conv_layers=0, pool="mean", fc_layers=2, fc_width=width)
     return HeadSpec(conv="none", conv_layers=0, pool="flatten", fc_layers=2, fc_width=width)
+
+
+def cheap_head_spec(in_shape: Sequence[int], num_classes: int) -> HeadSpec:
+    """SDN's head (Kaya et al., "Shallow-Deep Networks", 2019): no conv, a 2x2 average pool and one linear
+    layer for images; mean over tokens and one linear layer for tokens; one linear layer for vectors.
+
+    About 0.3 % of :func:`default_head_spec`'s FLOPs on the CIFAR ResNets, so an exit that rarely fires costs
+    almost nothing; its predictions agree with the backbone less often (docs/policies.md, "Nine levers").
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+    pool = {3: "avg2", 2: "mean"}.get(len(in_shape), "flatten")
+    return HeadSpec(conv="none", conv_layers=0, pool=pool, fc_layers=1)
+
+
+HEAD_PRESETS: dict[str, Callable[[Sequence[int], int], HeadSpec]] = {
+    "default": default_head_spec,
+    "cheap": cheap_head_spec,
+}
+
+
+def preset_head_spec(name: str, in_shape: Sequence[int], num_classes: int) -> HeadSpec:
+    """The spec preset ``name`` (a key of ``HEAD_PRESETS``) gives an exit point with activations of ``in_shape``."""
+    if name not in HEAD_PRESETS:
+        raise AutoExitError(f"unknown head preset {name!r}; use one of: {', '.join(HEAD_PRESETS)}, or a HeadSpec")
+    return HEAD_PRESETS[name](in_shape, num_classes)
 
 
 def head_zoo() -> list[str]:

@@ -27,7 +27,7 @@ from .cost import compare_latency
 from .data import InferenceData, Recording, as_inference_data, record
 from .distill import TrainConfig, TrainedHead, predict_head, train_heads
 from .errors import AutoExitError
-from .heads import HeadSpec
+from .heads import HEAD_PRESETS, HeadSpec, preset_head_spec
 from .model import MultiExitModel, to_torchscript
 from .points import ExitPoint, TracedBackbone
 from .policies import (
@@ -55,8 +55,10 @@ class EnableConfig:
     (``halving`` = T/2^n, ``equal``); basis: ``total`` or ``reaching`` (see
     autoexit.calibrate); signal: exit score (``max_softmax``, ``margin``, ``entropy``);
     granularity / min_remaining / points / leaf_modules: exit-point discovery (see
-    autoexit.points); head: one HeadSpec for every point (default: a spec per point);
-    head_specs: per-point specs; train: head training; seed: split and training seed.
+    autoexit.points); head: one HeadSpec for every point, or a preset name (``autoexit.heads.HEAD_PRESETS``:
+    ``default``, a separable-conv head per point, or ``cheap``, SDN's 2x2 average pool + one linear layer);
+    default: ``default``; head_specs: per-point specs (over ``head``); train: head training; seed: split and
+    training seed.
 
     policy: exit policy by registry name (see autoexit.policies: ``gate``, ``patience``,
     ``max_softmax``, ``margin``, ``entropy`` with a guaranteed budget; ``paper003`` = T/2^n +
@@ -94,7 +96,7 @@ class EnableConfig:
     min_remaining: float = 0.05
     points: tuple[str, ...] | None = None
     leaf_modules: tuple[str, ...] = ()
-    head: HeadSpec | None = None
+    head: HeadSpec | str | None = None
     head_specs: Mapping[str, HeadSpec] = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
     seed: int = 0
@@ -117,6 +119,12 @@ class EnableConfig:
 
     def __post_init__(self):
         check_tolerance(self.tolerance)
+        if isinstance(self.head, str) and self.head not in HEAD_PRESETS:
+            raise AutoExitError(f"head {self.head!r} is not a preset; use one of: {', '.join(HEAD_PRESETS)}, "
+                                "or a HeadSpec")
+        if self.head is not None and not isinstance(self.head, (str, HeadSpec)):
+            raise AutoExitError(f"head must be a HeadSpec or a preset name ({', '.join(HEAD_PRESETS)}), "
+                                f"got {type(self.head).__name__}")
         if self.policy not in POLICIES:
             raise AutoExitError(f"unknown exit policy {self.policy!r}; use one of: {', '.join(POLICIES)}")
         if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
@@ -170,7 +178,7 @@ class EnableConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise AutoExitError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        if d.get("head") is not None and not isinstance(d["head"], HeadSpec):
+        if d.get("head") is not None and not isinstance(d["head"], (HeadSpec, str)):
             d["head"] = HeadSpec.from_dict(d["head"])
         if d.get("head_specs"):
             d["head_specs"] = {k: v if isinstance(v, HeadSpec) else HeadSpec.from_dict(v)
@@ -190,7 +198,7 @@ class EnableConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["head"] = self.head.to_dict() if self.head else None
+        out["head"] = self.head.to_dict() if isinstance(self.head, HeadSpec) else self.head
         out["head_specs"] = {k: v.to_dict() for k, v in self.head_specs.items()}
         out["policy_options"] = dict(self.policy_options)
         out["cost_evaluator"] = {k: v for k, v in dict(self.cost_evaluator).items() if k != "token"}  # no secret
@@ -381,7 +389,8 @@ class EnableResult:
             "exits": exits,
             "head_training": {"teacher": self.config.train.teacher, "epochs": self.config.train.epochs,
                               "label_free": not self.config.train.supervised,
-                              "epoch_kept": "best val KL" if self.config.train.keeps_best else "last"},
+                              "epoch_kept": "best val KL" if self.config.train.keeps_best else "last",
+                              "head": _head_setting(self.config)},
             "dropped_points": [p.name for p in self.points if p.name not in kept],
             "policy": self._policy_manifest(),
             "expected": {
@@ -464,6 +473,13 @@ def _jit_save(scripted, path: Path) -> None:
         torch.jit.save(scripted, str(path))
 
 
+def _head_setting(config: EnableConfig) -> str | dict:
+    """How the heads' design was asked for: a preset name, one HeadSpec's dict, and ``per point`` where
+    ``head_specs`` names points (the deployed exits' ``head_spec`` say what each got)."""
+    head = config.head.to_dict() if isinstance(config.head, HeadSpec) else (config.head or "default")
+    return head if not config.head_specs else {"head": head, "per point": sorted(config.head_specs)}
+
+
 def _headline(m: dict) -> dict:
     keys = ("n", "accuracy", "backbone_accuracy", "accuracy_drop", "agreement", "expected_flops", "base_flops",
             "saving", "oracle_saving", "exit_rates")
@@ -524,11 +540,13 @@ def split_metrics(preds: ExitPredictions, subset: SubsetResult, temperatures: Ma
     return m
 
 
-def _specs_for(points: Sequence[ExitPoint], config: EnableConfig) -> dict[str, HeadSpec]:
+def _specs_for(points: Sequence[ExitPoint], config: EnableConfig, num_classes: int) -> dict[str, HeadSpec]:
     specs = {}
     for p in points:
         if p.name in config.head_specs:
             specs[p.name] = config.head_specs[p.name]
+        elif isinstance(config.head, str):
+            specs[p.name] = preset_head_spec(config.head, p.shape, num_classes)
         elif config.head is not None:
             specs[p.name] = config.head
     unknown = sorted(set(config.head_specs) - {p.name for p in points})
@@ -807,7 +825,7 @@ def enable(
     tb, points, rec = prepare(backbone, data, config, progress, example_input)
     timings["record_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    heads = train_heads(rec, _specs_for(points, config), config.train, progress=progress, backbone=tb)
+    heads = train_heads(rec, _specs_for(points, config, rec.num_classes), config.train, progress=progress, backbone=tb)
     timings["train_heads_s"] = time.perf_counter() - t0
     predictions = None
     if config.cross_fit:

@@ -52,12 +52,16 @@ def test_enable_with_factory_weights_and_tensor_file(tmp_path, digits_backbone, 
     torch.save({"x": x[:600], "y": y[:600]}, tmp_path / "data.pt")
     r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
               "--tolerance", "2", "--out", "art", "--epochs", "3", "--no-latency", "--quiet",
-              "--cache-dir", str(tmp_path / "cache"), "--teacher", "augmented", "--teacher-shift", "1"], tmp_path)
+              "--cache-dir", str(tmp_path / "cache"), "--teacher", "augmented", "--teacher-shift", "1",
+              "--head", "cheap"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["backbone"]["class"] == "DigitsCNN" and m["data"]["n"] == 600
     assert m["head_training"] == {"teacher": "augmented", "epochs": 3, "label_free": True,
-                                 "epoch_kept": "last"}
+                                 "epoch_kept": "last", "head": "cheap"}
+    # --head cheap: SDN's head (no conv, 2x2 average pool, one linear layer) at every exit it deployed
+    assert all(e["head_spec"]["conv_layers"] == 0 and e["head_spec"]["pool"] == "avg2"
+               and e["head_spec"]["fc_layers"] == 1 for e in m["exits"])
     # same command again: the artifact exists -> a clear error, not a silent overwrite
     r = _run(["enable", "--model", "mymodels:make", "--weights", "w.pt", "--data", "data.pt",
               "--tolerance", "2", "--out", "art", "--epochs", "1", "--no-latency", "--quiet",
@@ -81,6 +85,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
           "--policy", "gate", "--gate-target", "harmless"], "target 'harmless'"),
         (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
           "--cost-optimized"], "--cost-optimized applies to --cost latency"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
+          "--head", "tiny"], "head 'tiny' is not a preset; use one of: default, cheap"),
+        (["enable", "--model", "autoexit.zoo:DigitsCNN", "--data", "d.pt", "--tolerance", "1", "--out", "o",
+          "--head", '{"conv": "fancy"}'], "--head: HeadSpec.conv 'fancy' is unknown"),
         (["inspect", "nowhere"], "not an autoexit artifact"),
     ]
     for args, needle in cases:

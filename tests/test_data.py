@@ -172,3 +172,35 @@ def test_bad_config_values_are_rejected():
         EnableConfig(tolerance=0)
     with pytest.raises(AutoExitError, match="unknown setting"):
         EnableConfig.from_dict({"tolerence": 1})
+    with pytest.raises(AutoExitError, match="head 'tiny' is not a preset; use one of: default, cheap"):
+        EnableConfig(head="tiny")
+    with pytest.raises(AutoExitError, match="head must be a HeadSpec or a preset name"):
+        EnableConfig(head=3)
+    with pytest.raises(AutoExitError, match="unknown HeadSpec field"):
+        EnableConfig.from_dict({"head": {"pol": "avg"}})
+
+
+def test_head_presets_round_trip_through_the_config():
+    from autoexit.heads import HeadSpec
+
+    for head in ("cheap", "default", HeadSpec(pool="max"), None):
+        cfg = EnableConfig(head=head)
+        assert EnableConfig.from_dict(cfg.to_dict()).head == head
+
+
+def test_head_preset_gives_every_point_its_spec_and_head_specs_still_win(digits_backbone):
+    """``head="cheap"`` becomes each point's cheap spec for its own shape; a point named in ``head_specs`` keeps
+    that one; ``default`` leaves the per-point default to the trainer (no spec) or gives it explicitly."""
+    from autoexit.heads import HeadSpec, cheap_head_spec, default_head_spec
+    from autoexit.pipeline import _specs_for
+    from autoexit.points import find_exit_points
+
+    pts = find_exit_points(digits_backbone, torch.rand(1, 1, 8, 8), granularity=1)
+    assert len(pts) >= 2
+    mine = HeadSpec(conv="standard", pool="max", fc_layers=1)
+    specs = _specs_for(pts, EnableConfig(head="cheap", head_specs={pts[0].name: mine}), 10)
+    assert specs[pts[0].name] == mine
+    assert all(specs[p.name] == cheap_head_spec(p.shape, 10) for p in pts[1:])
+    assert all(specs[p.name].pool == "avg2" and specs[p.name].fc_layers == 1 for p in pts[1:])
+    assert all(_specs_for(pts, EnableConfig(head="default"), 10)[p.name] == default_head_spec(p.shape, 10)
+               for p in pts)

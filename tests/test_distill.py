@@ -337,7 +337,8 @@ def test_enable_with_mixup_teacher_and_cross_fitting(digits_backbone, digits_dat
                        train=TrainConfig(epochs=3, teacher="mixup", shift=1))
     res = enable(digits_backbone, digits_data, config=cfg, progress=False)
     m = res.manifest()
-    assert m["head_training"] == {"teacher": "mixup", "epochs": 3, "label_free": True, "epoch_kept": "last"}
+    assert m["head_training"] == {"teacher": "mixup", "epochs": 3, "label_free": True, "epoch_kept": "last",
+                                 "head": "default"}
     assert ("heads trained", "3 epochs, teacher mixup, label-free, last epoch kept") in res.summary_rows()
     assert "out-of-fold" in res.extra["policy"]["fitted_on"]
     assert all(h.epochs == 3 for h in res.heads.values()), {n: h.epochs for n, h in res.heads.items()}

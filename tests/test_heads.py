@@ -7,7 +7,7 @@ import torch
 
 from autoexit.cost import count_flops
 from autoexit.errors import AutoExitError
-from autoexit.heads import CONV_KINDS, HeadSpec, build_head, default_head_spec
+from autoexit.heads import CONV_KINDS, HEAD_PRESETS, HeadSpec, build_head, default_head_spec, preset_head_spec
 
 
 @pytest.mark.parametrize("conv", ["none", *sorted(CONV_KINDS)])
@@ -37,6 +37,30 @@ def test_default_specs_are_small_next_to_the_backbone():
         head = build_head(spec, shape, 10)
         assert head(torch.randn(2, *shape)).shape == (2, 10)
     assert default_head_spec((64, 56, 56), 10).stride == 2
+
+
+@pytest.mark.parametrize("shape", [(16, 32, 32), (64, 8, 8), (197, 64), (512,)])
+def test_every_preset_builds_runs_and_scripts_for_every_rank(shape):
+    x = torch.randn(3, *shape)
+    for name in HEAD_PRESETS:
+        head = build_head(preset_head_spec(name, shape, 10), shape, 10).eval()
+        assert head(x).shape == (3, 10)
+        assert torch.allclose(torch.jit.script(head)(x), head(x), atol=1e-6)
+
+
+def test_cheap_preset_is_sdns_head_and_a_fraction_of_the_default():
+    shape = (16, 32, 32)  # ResNet-20's first stage
+    spec = preset_head_spec("cheap", shape, 10)
+    head = build_head(spec, shape, 10)
+    # no conv: a 2x2 average pool, then one linear layer from the pooled map to the classes
+    assert [type(m).__name__ for m in head] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
+    assert head[2].in_features == 16 * 4
+    x = torch.randn(1, *shape)
+    cheap = count_flops(head, x)
+    default = count_flops(build_head(default_head_spec(shape, 10), shape, 10), x)
+    assert 0 < cheap < 0.01 * default
+    with pytest.raises(AutoExitError, match="unknown head preset 'tiny'; use one of: default, cheap"):
+        preset_head_spec("tiny", shape, 10)
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,7 @@ def _heads_stage(cfg: ExperimentConfig, backbone, data, tb, points, rec, enable_
                  head_search: bool | None):
     from ..pipeline import _specs_for
 
-    specs = _specs_for(points, enable_cfg)
+    specs = _specs_for(points, enable_cfg, rec.num_classes)
     want = cfg.heads.get("search", False) if head_search is None else head_search
     names = None
     if want:

@@ -446,6 +446,50 @@ def runtime_blocks() -> dict[str, str]:
         ("bb b32", "backbone opt/plain bs32", 2), ("match", "same exits % (3,000 test)", 0)])}
 
 
+HEAD_COMPARISONS = {  # block: the results files compared, (file, label), the cheap heads' last
+    "cheap-heads": [("policies_crossfit", "default heads, 2 folds"), ("policies_crossfit3", "default heads, 3 folds"),
+                    ("policies_cheap_crossfit", "cheap heads, 3 folds")],
+    "cheap-heads-in-sample": [("policies", "default heads"), ("policies_cheap", "cheap heads")],
+}
+
+
+def head_comparison_blocks() -> dict[str, str]:
+    """The guaranteed policies' saving averaged over the re-splits (and their violation rate) with the default heads
+    and with cheap heads (``bench/policies.py --head cheap``), side by side per network, tolerance and policy; only
+    policies every compared file has. ``cheap-heads``: cross-fitted; ``cheap-heads-in-sample``: as the core runs by
+    default (no cross-fitting)."""
+    out = {}
+    for block, files in HEAD_COMPARISONS.items():
+        runs = [(label, _load(name)) for name, label in files]
+        if not runs[-1][1] or sum(bool(res) for _, res in runs) < 2:
+            continue
+        runs = [(label, res) for label, res in runs if res]
+        by = {label: {(r["depth"], x["T %"], x["policy"]): x for r in res["results"] for x in r["rows"]}
+              for label, res in runs}
+        oracle = {label: {r["depth"]: r["oracle_saving"]["test"] for r in res["results"]} for label, res in runs}
+        cheap = runs[-1][0]
+        rows = []
+        for key in by[cheap]:
+            depth, tol, policy = key
+            if policy == "paper003" or any(key not in by[label] for label, _ in runs):
+                continue
+            row = {"net": f"ResNet-{depth}", "T %": tol, "policy": policy}
+            for label, _ in runs:
+                x = by[label][key]
+                row[label] = f"{x['resplit saving %']:.1f} ({100 * x['viol(drop)']:.0f} %)"
+            rows.append(row)
+        rows.sort(key=lambda r: (r["net"], r["T %"]))
+        cols = [("net", "network", 0), ("T %", "T %", 1), ("policy", "policy", 0)]
+        cols += [(label, f"{label}: saved % over re-splits (violations)", 0) for label, _ in runs]
+        how = "Cross-fitted guaranteed" if block == "cheap-heads" else "Guaranteed"
+        note = (f"{how} policies (delta = 0.1): FLOPs saved averaged over 100 random re-splits of val + test, and the "
+                "share of those re-splits whose test drop exceeded T. Oracles (test): "
+                + "; ".join(f"{label} " + ", ".join(f"ResNet-{d} {100 * o:.1f} %" for d, o in sorted(oracle[label].items()))
+                            for label, _ in runs if label in (runs[0][0], cheap)) + ".")
+        out[block] = note + "\n\n" + table(rows, cols)
+    return out
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     done = []
     for name, body in blocks.items():
@@ -462,7 +506,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks(), **runtime_blocks()},
              POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
-                            **guarantee_blocks()}, NNI_DOC: nni_blocks(),
+                            **guarantee_blocks(), **head_comparison_blocks(),
+                            **policies_blocks("policies_cheap_crossfit")}, NNI_DOC: nni_blocks(),
              REPO / "docs" / "optuna.md": {**outer_certified_blocks(), **outer_certified_blocks(
                  "outer_certified_crossfit3", "outer-certified-crossfit3")}}
     if args.print:

@@ -54,7 +54,7 @@ included and no cascade rows (``policies_crossfit.json``).
 Run: ``python bench/policies.py`` (``--teacher mixup``, ``--depths 20``, ``--resplits 50``, ``--no-latency`` (keeps the latency
 recorded before, with its date); ``--latency-only``
 re-measures the latency of a recorded run, e.g. on a quieter machine; ``--only gate+drop 'gate[harmless]+drop'``
-runs just those rows into the recorded file, each row keeping its own run).
+runs just those rows into the recorded file, each row keeping its own run, or starts a depth or file with just them).
 Results: ``bench/results/policies.json``.
 """
 
@@ -553,7 +553,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="POLICY", choices=[v[0] for v in VARIANTS], default=None,
                     help="run only these rows (labels as in the tables) and put them in place of the same rows of "
                          "the depths already in the output file, which keeps everything else (no cascade, no "
-                         "latency); each such row records its own run")
+                         "latency); each such row records its own run. A depth (or file) not recorded yet is "
+                         "written with just these rows")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = ("policies" if args.teacher == "recorded" else "policies_mixup") + (
@@ -655,21 +656,20 @@ def put_rows(recorded: dict, new: dict, only, run: dict) -> None:
 
 def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) -> int:
     """``--only``: the named rows of each depth, put in place of the same rows of the recorded results."""
-    if not prior.exists():
-        raise SystemExit(f"--only adds rows to {prior}; run the benchmark once without it")
-    blob = json.loads(prior.read_text())
+    blob = json.loads(prior.read_text()) if prior.exists() else {"args": vars(args), "results": []}
     by_depth = {r["depth"]: r for r in blob.get("results", [])}
-    missing = [d for d in args.depths if d not in by_depth]
-    if missing:
-        raise SystemExit(f"--only adds rows to recorded depths; {prior.name} has no ResNet-{missing[0]}: run it "
-                         "without --only first")
     env = environment()
     run = {"date": env["date"], "commit": env["commit"],
            "argv": "python bench/policies.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     for d in args.depths:
         new = run_depth(d, args.resplits, False, log, **heads_of, val_temperatures=legacy_temps,
                         only=tuple(args.only))
-        put_rows(by_depth[d], new, args.only, run)
+        if d in by_depth:
+            put_rows(by_depth[d], new, args.only, run)
+        else:  # a depth not recorded yet: it holds just these rows
+            new["run"] = run
+            blob.setdefault("results", []).append(new)
+            by_depth[d] = new
     # the file's environment becomes this run's: keep where the other rows and the latency were measured
     lat_env = latency_environment(blob)
     write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}

@@ -672,8 +672,9 @@ def _run_only(args, prior: Path, heads_of: dict, legacy_temps: bool, log, argv) 
             by_depth[d] = new
     # the file's environment becomes this run's: keep where the other rows and the latency were measured
     lat_env = latency_environment(blob)
+    rows_env = blob.get("environment_of_rows", blob.get("environment"))  # None for a file this run starts
     write_results(args.out, {k: v for k, v in blob.items() if k != "environment"}
-                  | {"environment_of_rows": blob.get("environment_of_rows", blob.get("environment"))}
+                  | ({"environment_of_rows": rows_env} if rows_env else {})
                   | ({"latency_environment": lat_env} if lat_env else {}))
     return 0
 

@@ -150,6 +150,7 @@ def test_independent_test_violation_matches_simulated_test_sets(risk, value, har
     (["--cross-fit", "2", "--teacher", "mixup"], "drop --teacher"),
     (["--teacher", "mixup", "--latency-only"], "fits the guaranteed policies' temperatures on train"),
     (["--temperatures", "val", "--latency-only"], "fits the guaranteed policies' temperatures on train"),
+    (["--head", "cheap", "--teacher", "mixup"], "measured with the default heads: drop --head"),
 ])
 def test_policies_bench_refuses_runs_that_would_mix_two_rules(args, match):
     """bench/policies.py stops before any work (fixtures or not) when its options would measure one table with two
@@ -185,3 +186,32 @@ def test_policies_only_rows_replace_their_own_rows_and_keep_the_rest():
     assert len(got) == 8
     assert recorded["kept"] == {"1.0/gate+drop": ["c"], "1.0/auto": ["b"], "1.0/gate[harmless]+drop": ["d"]}
     assert recorded["guarantees"] == {"1.0/auto": "g"}
+
+
+def test_cheap_heads_block_puts_each_files_resplit_saving_side_by_side(monkeypatch):
+    """bench/md_tables.py's cheap-heads comparison: one row per (network, T, policy) every compared file has, each
+    file's re-split saving and violation rate in its own column; paper003 (no guarantee) and rows a file lacks are
+    left out; no block without the cheap heads' file."""
+    import bench.md_tables as md
+
+    def res(depth_rows: dict, oracle: float) -> dict:
+        return {"results": [{"depth": d, "oracle_saving": {"test": oracle},
+                             "rows": [{"T %": t, "policy": p, "resplit saving %": v, "viol(drop)": 0.05}
+                                      for t, p, v in rows]} for d, rows in depth_rows.items()]}
+
+    files = {"policies_crossfit": res({20: [(1.0, "max_softmax", 6.9), (1.0, "paper003", 9.0),
+                                            (1.0, "gate+drop", 9.3)]}, 0.669),
+             "policies_crossfit3": res({20: [(1.0, "max_softmax", 9.1), (1.0, "paper003", 9.0),
+                                             (1.0, "gate+drop", 9.0)]}, 0.669),
+             "policies_cheap_crossfit": res({20: [(1.0, "gate+drop", 10.6), (1.0, "paper003", 9.9),
+                                                  (1.0, "max_softmax", 7.2), (1.0, "margin", 8.9)]}, 0.612)}
+    monkeypatch.setattr(md, "_load", lambda name: files.get(name, {}))
+    blocks = md.head_comparison_blocks()
+    assert set(blocks) == {"cheap-heads"}  # no in-sample files recorded
+    lines = blocks["cheap-heads"].splitlines()
+    body = [ln for ln in lines if ln.startswith("| ResNet-")]
+    assert body == ["| ResNet-20 | 1.0 | gate+drop | 9.3 (5 %) | 9.0 (5 %) | 10.6 (5 %) |",
+                    "| ResNet-20 | 1.0 | max_softmax | 6.9 (5 %) | 9.1 (5 %) | 7.2 (5 %) |"]
+    assert "default heads, 2 folds ResNet-20 66.9 %; cheap heads, 3 folds ResNet-20 61.2 %" in lines[0]
+    files.pop("policies_cheap_crossfit")
+    assert md.head_comparison_blocks() == {}

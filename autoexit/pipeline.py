@@ -390,7 +390,7 @@ class EnableResult:
             "head_training": {"teacher": self.config.train.teacher, "epochs": self.config.train.epochs,
                               "label_free": not self.config.train.supervised,
                               "epoch_kept": "best val KL" if self.config.train.keeps_best else "last",
-                              "head": _head_setting(self.config)},
+                              "head": _head_design(self.config)},
             "dropped_points": [p.name for p in self.points if p.name not in kept],
             "policy": self._policy_manifest(),
             "expected": {
@@ -433,7 +433,11 @@ class EnableResult:
             ("kept exits", ", ".join(self.kept) or "none (no exit pays off)"),
             ("heads trained", f"{self.config.train.epochs} epochs, teacher {self.config.train.teacher}, "
                               + ("with labels" if self.config.train.supervised else "label-free")
-                              + (", best val-KL epoch kept" if self.config.train.keeps_best else ", last epoch kept")),
+                              + (", best val-KL epoch kept" if self.config.train.keeps_best else ", last epoch kept")
+                              + (f", {self.config.head} heads" if isinstance(self.config.head, str)
+                                 and self.config.head != "default" else "")
+                              + (f", heads {self.config.head.describe()}" if isinstance(self.config.head, HeadSpec)
+                                 else "")),
             ("exit policy", f"{pol.get('policy', self.config.policy)}{', chosen by auto' if 'auto' in pol else ''} "
                             f"(risk: {pol.get('risk', self.config.risk)}, "
                             f"delta {self.config.delta})"),
@@ -473,7 +477,7 @@ def _jit_save(scripted, path: Path) -> None:
         torch.jit.save(scripted, str(path))
 
 
-def _head_setting(config: EnableConfig) -> str | dict:
+def _head_design(config: EnableConfig) -> str | dict:
     """How the heads' design was asked for: a preset name, one HeadSpec's dict, and ``per point`` where
     ``head_specs`` names points (the deployed exits' ``head_spec`` say what each got)."""
     head = config.head.to_dict() if isinstance(config.head, HeadSpec) else (config.head or "default")

@@ -59,6 +59,7 @@ def test_enable_with_factory_weights_and_tensor_file(tmp_path, digits_backbone, 
     assert m["backbone"]["class"] == "DigitsCNN" and m["data"]["n"] == 600
     assert m["head_training"] == {"teacher": "augmented", "epochs": 3, "label_free": True,
                                  "epoch_kept": "last", "head": "cheap"}
+    assert "cheap heads" in r.stdout  # the summary's "heads trained" row
     # --head cheap: SDN's head (no conv, 2x2 average pool, one linear layer) at every exit it deployed
     assert all(e["head_spec"]["conv_layers"] == 0 and e["head_spec"]["pool"] == "avg2"
                and e["head_spec"]["fc_layers"] == 1 for e in m["exits"])

@@ -150,30 +150,19 @@ def cached_heads(rec, specs: dict, train_cfg, progress: bool = False) -> dict:
     return heads
 
 
-def head_spec(head: str):
-    """The HeadSpec every point gets for ``--head`` (None: the core's default spec per point)."""
-    if head == "default":
-        return None
-    if head == "cheap":
-        from bench.head_levers import CHEAP_HEAD
-
-        return CHEAP_HEAD
-    raise SystemExit(f"--head must be default or cheap, got {head!r}")
-
-
 def plain_heads(rec, progress: bool = False, train=None, head: str = "default") -> dict:
-    """Heads for every point of ``rec`` (``head``: the core's default design, paper 003's, or ``cheap``, SDN's
-    2x2 average pool + FC, ``bench.head_levers.CHEAP_HEAD``), trained with ``train`` or the default TrainConfig,
-    cached per head.
+    """Heads for every point of ``rec`` (``head``: a preset of ``autoexit.heads.HEAD_PRESETS``, the core's default
+    design, paper 003's, or ``cheap``, SDN's 2x2 average pool + FC), trained with ``train`` or the default
+    TrainConfig, cached per head.
 
     Uses the search package's per-head cache (shared with the other benchmarks) when it is there.
     """
     from autoexit.data import default_cache_dir
     from autoexit.distill import TrainConfig
+    from autoexit.heads import preset_head_spec
 
     train = train or TrainConfig()
-    spec = head_spec(head)
-    specs = {p.name: spec for p in rec.points} if spec is not None else {}
+    specs = {p.name: preset_head_spec(head, p.shape, rec.num_classes) for p in rec.points} if head != "default" else {}
     try:
         from autoexit.search.pipeline import train_heads_cached
     except ImportError:  # pragma: no cover - the search package is optional here
@@ -198,17 +187,16 @@ def setup(depth: int, progress: bool = False, teacher: str = "recorded", epochs:
     with). ``teacher="mixup"``: the default heads trained instead by function matching for ``epochs`` epochs
     (``TrainConfig(teacher="mixup", epochs=epochs, patience=0, select="val")``, the core's training), through
     ``bench.head_levers.augmented_heads`` and its cache, which the mixup lever of that benchmark fills; the
-    val-selected default heads give their specs. ``head="cheap"``: every point gets ``CHEAP_HEAD`` instead of the
-    default design (``EnableConfig(head=...)``), trained as the default heads are."""
+    val-selected default heads give their specs. ``head="cheap"``: every point gets the core's cheap preset instead
+    of the default design (``EnableConfig(head="cheap")``), trained as the default heads are."""
     from autoexit.pipeline import EnableConfig, prepare
 
     if teacher == "mixup":
         if head != "default":
             raise SystemExit("--teacher mixup was measured with the default heads: drop --head")
         train = val_selected_training()
-    spec = head_spec(head)
     cfg = EnableConfig(granularity=2, **({"train": train} if train is not None else {}),
-                       **({"head": spec} if spec is not None else {}))
+                       **({"head": head} if head != "default" else {}))
     tb, points, rec = prepare(cifar_resnet(depth).eval(), cifar10_data(), cfg, progress=progress)
     heads = plain_heads(rec, progress=progress, train=train, head=head)
     if teacher == "mixup":
@@ -542,9 +530,9 @@ def main(argv=None) -> int:
                          "split (K folds), as EnableConfig(cross_fit=K) does; no cascade rows; results go to "
                          "policies_crossfit.json unless --out")
     ap.add_argument("--head", choices=["default", "cheap"], default="default",
-                    help="the heads' design: the core's default (paper 003's) or cheap (SDN's 2x2 average pool + FC, "
-                         "bench.head_levers.CHEAP_HEAD), trained as the default heads are; results go to "
-                         "policies_cheap*.json unless --out")
+                    help="the heads' design, a preset of autoexit.heads.HEAD_PRESETS: the core's default (paper "
+                         "003's) or cheap (SDN's 2x2 average pool + FC, EnableConfig(head='cheap')), trained as the "
+                         "default heads are; results go to policies_cheap*.json unless --out")
     ap.add_argument("--out", default=None, help="results file name under bench/results (default policies, or "
                                                  "policies_mixup with --teacher mixup)")
     ap.add_argument("--merge", action="store_true", help="keep other depths' results already in the output file")
@@ -700,7 +688,7 @@ def run_depth_latency(depth: int, log, teacher: str = "recorded", epochs: int = 
     variants += [(f"{DEFAULT_POLICY}, cost=latency (bs{b})", {"policy": DEFAULT_POLICY, "cost": "latency",
                                                               "cost_batch_size": b}) for b in (1, 32)]
     for label, over in variants:
-        ecfg = EnableConfig(granularity=2, tolerance=1.0, **over, **({"head": cfg.head} if cfg.head else {}),
+        ecfg = EnableConfig(granularity=2, tolerance=1.0, **over, head=cfg.head,
                             **({"cross_fit": cross_fit} if cross_fit and over["policy"] != "paper003" else {}))
         t1 = time.perf_counter()
         res = assemble(ecfg, tb, points, rec, heads, predictions=preds, stats=stats, evaluator=ev)

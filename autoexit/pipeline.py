@@ -434,10 +434,7 @@ class EnableResult:
             ("heads trained", f"{self.config.train.epochs} epochs, teacher {self.config.train.teacher}, "
                               + ("with labels" if self.config.train.supervised else "label-free")
                               + (", best val-KL epoch kept" if self.config.train.keeps_best else ", last epoch kept")
-                              + (f", {self.config.head} heads" if isinstance(self.config.head, str)
-                                 and self.config.head != "default" else "")
-                              + (f", heads {self.config.head.describe()}" if isinstance(self.config.head, HeadSpec)
-                                 else "")),
+                              + _head_words(self.config)),
             ("exit policy", f"{pol.get('policy', self.config.policy)}{', chosen by auto' if 'auto' in pol else ''} "
                             f"(risk: {pol.get('risk', self.config.risk)}, "
                             f"delta {self.config.delta})"),
@@ -482,6 +479,13 @@ def _head_design(config: EnableConfig) -> str | dict:
     ``head_specs`` names points (the deployed exits' ``head_spec`` say what each got)."""
     head = config.head.to_dict() if isinstance(config.head, HeadSpec) else (config.head or "default")
     return head if not config.head_specs else {"head": head, "per point": sorted(config.head_specs)}
+
+
+def _head_words(config: EnableConfig) -> str:
+    """The summary's mention of a head design other than the default ("" for the default)."""
+    if isinstance(config.head, HeadSpec):
+        return f", heads {config.head.describe()}"
+    return f", {config.head} heads" if config.head and config.head != "default" else ""
 
 
 def _headline(m: dict) -> dict:

@@ -490,6 +490,41 @@ def head_comparison_blocks() -> dict[str, str]:
     return out
 
 
+def class_thresholds_blocks() -> dict[str, str]:
+    """bench/class_thresholds.py: one threshold per exit against one per exit and predicted class, side by side
+    per network, risk and tolerance."""
+    res = _load("class_thresholds")
+    if not res:
+        return {}
+    env = res.get("environment", {})
+    by = {(r["model"], r["risk"], r["T %"], r["thresholds"]): r for r in res["rows"]}
+    rows = []
+    for (model, risk, tol, kind), r in by.items():
+        if kind != "per-exit" or (model, risk, tol, "per-class") not in by:
+            continue
+        c = by[(model, risk, tol, "per-class")]
+        row = {"net": f"ResNet-{model.removeprefix('resnet')}", "risk": risk, "T %": tol}
+        for key, label in (("resplit %", "resplit"), ("family, test-picked %", "family"),
+                           ("hindsight %", "hindsight")):
+            row[label] = f"{r[key]:.1f} / {c[key]:.1f}"
+        row["viol"] = f"{100 * r['violations']:.0f} / {100 * c['violations']:.0f}"
+        row["vt"] = f"{r['val->test %']:.1f} ({r['val->test risk %']:.2f}) / {c['val->test %']:.1f} ({c['val->test risk %']:.2f})"
+        rows.append(row)
+    note = (f"Results file written {env.get('date', '?')} at commit {env.get('commit', '?')} "
+            f"(`python bench/class_thresholds.py`, {res['seconds'] / 60:.0f} min, "
+            f"`bench/results/class_thresholds.json`). Cheap heads, max-softmax scores, every candidate exit kept; "
+            "each cell: one threshold per exit / one per exit and predicted class. \"resplit\": FLOPs saved by the "
+            "train family certified on val (delta = 0.1), averaged over "
+            f"{res['args']['resplits']} re-splits of val + test, with the share of them whose test risk exceeded T "
+            "(\"violations\"); \"family\": the best row of the train family on the test labels (hindsight along "
+            "the family); \"hindsight\": a family built on the test labels, read at T; \"val -> test\": a family "
+            "built on val, read at T on val and applied to test (saving, and test risk in %).")
+    return {"class-thresholds": note + "\n\n" + table(rows, [
+        ("net", "network", 0), ("risk", "risk", 0), ("T %", "T %", 1), ("resplit", "certified, saved % over re-splits", 0),
+        ("viol", "violations %", 0), ("family", "train family, test-picked %", 0), ("hindsight", "hindsight on test %", 0),
+        ("vt", "val -> test % (test risk %)", 0)])}
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     done = []
     for name, body in blocks.items():
@@ -507,7 +542,7 @@ def main(argv=None) -> int:
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks(), **runtime_blocks()},
              POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
                             **guarantee_blocks(), **head_comparison_blocks(),
-                            **policies_blocks("policies_cheap_crossfit")}, NNI_DOC: nni_blocks(),
+                            **policies_blocks("policies_cheap_crossfit"), **class_thresholds_blocks()}, NNI_DOC: nni_blocks(),
              REPO / "docs" / "optuna.md": {**outer_certified_blocks(), **outer_certified_blocks(
                  "outer_certified_crossfit3", "outer-certified-crossfit3")}}
     if args.print:

@@ -215,3 +215,24 @@ def test_cheap_heads_block_puts_each_files_resplit_saving_side_by_side(monkeypat
     assert "default heads, 2 folds ResNet-20 66.9 %; cheap heads, 3 folds ResNet-20 61.2 %" in lines[0]
     files.pop("policies_cheap_crossfit")
     assert md.head_comparison_blocks() == {}
+
+
+def test_class_thresholds_block_pairs_each_row_with_its_class_wise_twin(monkeypatch):
+    """bench/md_tables.py's class-thresholds block: one row per (network, risk, T) that has both kinds, each cell
+    "per exit / per class"; a row without its twin is left out; no block without the results file."""
+    import bench.md_tables as md
+
+    def row(kind, risk, tol, base):
+        return {"model": "resnet20", "risk": risk, "T %": tol, "thresholds": kind, "resplit %": base,
+                "violations": 0.03, "family, test-picked %": base + 1, "hindsight %": base + 2,
+                "val->test %": base + 3, "val->test risk %": 1.5}
+
+    res = {"environment": {"date": "d", "commit": "c"}, "seconds": 600.0, "args": {"resplits": 100},
+           "rows": [row("per-exit", "drop", 1.0, 11.5), row("per-class", "drop", 1.0, 8.0),
+                    row("per-exit", "drop", 2.0, 16.3)]}
+    monkeypatch.setattr(md, "_load", lambda name: res if name == "class_thresholds" else {})
+    body = [ln for ln in md.class_thresholds_blocks()["class-thresholds"].splitlines() if ln.startswith("| ResNet")]
+    assert body == ["| ResNet-20 | drop | 1.0 | 11.5 / 8.0 | 3 / 3 | 12.5 / 9.0 | 13.5 / 10.0 | "
+                    "14.5 (1.50) / 11.0 (1.50) |"]
+    monkeypatch.setattr(md, "_load", lambda name: {})
+    assert md.class_thresholds_blocks() == {}

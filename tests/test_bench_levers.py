@@ -449,3 +449,36 @@ def test_try_recall_against_brute_force():
             want = sum(bool(c[i] >= cut) for i in order[:m]) / m if m else 1.0
             assert got == pytest.approx(want)
     assert try_recall(skip, default, teacher, 1.0, 0.05) == 1.0  # every input tries
+
+
+def test_class_exits_are_exactly_one_threshold_per_exit_and_class():
+    """bench/class_thresholds.py runs the core's greedy family and certification on a chain of virtual exits
+    (exit, class). Every row of a family built on that chain must send each input where the direct rule "first
+    exit whose score reaches the threshold of its predicted class" sends it, and charge it that exit's loss and
+    cost; negative scores are refused."""
+    import numpy as np
+
+    from autoexit.policies.cascade import greedy_path, simulate
+    from bench.class_thresholds import class_exit_positions, class_exits, class_threshold_matrix
+
+    rng = np.random.default_rng(0)
+    k, n, ncls = 3, 600, 4
+    scores = rng.random((k, n))
+    pred = rng.integers(0, ncls, (k, n))
+    losses = np.vstack([rng.integers(-1, 2, (k, n)), np.zeros((1, n))]).astype(float)
+    cost = np.array([1.0, 2.0, 3.0, 10.0])
+    vs, vl, vc = class_exits(scores, pred, losses, cost, ncls)
+    assert vs.shape == (k * ncls, n) and vl.shape == (k * ncls + 1, n) and vc.shape == (k * ncls + 1,)
+    fam = greedy_path(vs, vl, vc, chunk=7, max_risk=0.5).thresholds
+    assert len(fam) > 10
+    fam = np.vstack([fam, np.full(k * ncls, -5.0)])  # and a row that lets everyone out at the first exit
+    idx = np.arange(n)
+    for row in fam:
+        virt = simulate(vs, row)
+        direct = class_exit_positions(scores, pred, class_threshold_matrix(row, k, ncls))
+        exit_j = np.where(virt < k * ncls, virt // ncls, k)
+        assert (exit_j == direct).all()
+        assert np.allclose(vl[virt, idx], losses[direct, idx]) and np.allclose(vc[virt], cost[direct])
+    assert (class_exit_positions(scores, pred, class_threshold_matrix(fam[-1], k, ncls)) == 0).all()
+    with pytest.raises(ValueError, match="scores >= 0"):
+        class_exits(scores - 2, pred, losses, cost, ncls)

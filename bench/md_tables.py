@@ -525,6 +525,31 @@ def class_thresholds_blocks() -> dict[str, str]:
         ("vt", "val -> test % (test risk %)", 0)])}
 
 
+def drop_test_power_blocks() -> dict[str, str]:
+    """bench/drop_test_power.py: the labelled drop certified by the core's WSR test against a z-test reference."""
+    res = _load("drop_test_power")
+    if not res:
+        return {}
+    env = res.get("environment", {})
+    rows = [{**r, "net": f"ResNet-{r['model'].removeprefix('resnet')}",
+             "wsr": f"{r['wsr saved %']:.1f} ({r['wsr mean drop %']:.2f}, {100 * r['wsr violations']:.0f} %)",
+             "z": f"{r['z saved %']:.1f} ({r['z mean drop %']:.2f}, {100 * r['z violations']:.0f} %)",
+             "gain": r["z saved %"] - r["wsr saved %"]} for r in res["rows"]]
+    note = (f"Results file written {env.get('date', '?')} at commit {env.get('commit', '?')} "
+            f"(`python bench/drop_test_power.py`, {res['seconds'] / 60:.0f} min, `bench/results/drop_test_power.json`). "
+            f"Cheap heads; each policy fitted once on train, then certified on {res['args']['resplits']} re-splits of "
+            "val + test (2,000 / 3,000) by each test along the same family; cells: FLOPs saved % averaged over the "
+            "re-splits (mean test drop in points, share of re-splits whose test drop exceeded T).")
+    sim = res.get("simulated")
+    if sim:
+        note += (f" Simulated first ({sim['draws']} calibration sets of {sim['n']:,} samples, T = {sim['alpha %']:g} %, "
+                 f"gain {sim['gain %']:g} %): WSR certifies in half of them up to a true drop of "
+                 f"{sim['wsr half-power drop %']:.2f} %, the z-test up to {sim['z half-power drop %']:.2f} %.")
+    return {"drop-test-power": note + "\n\n" + table(rows, [
+        ("net", "network", 0), ("T %", "T %", 1), ("policy", "policy", 0), ("wsr", "WSR (the core)", 0),
+        ("z", "z-test reference (not valid)", 0), ("gain", "z - WSR, points", 1)])}
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     done = []
     for name, body in blocks.items():
@@ -542,7 +567,8 @@ def main(argv=None) -> int:
     pages = {DOC: {**core_blocks(), **peers_blocks(), **generality_blocks(), **runtime_blocks()},
              POLICIES_DOC: {**policies_blocks(), **policies_blocks("policies_mixup"), **levers_blocks(),
                             **guarantee_blocks(), **head_comparison_blocks(),
-                            **policies_blocks("policies_cheap_crossfit"), **class_thresholds_blocks()}, NNI_DOC: nni_blocks(),
+                            **policies_blocks("policies_cheap_crossfit"), **class_thresholds_blocks(),
+                            **drop_test_power_blocks()}, NNI_DOC: nni_blocks(),
              REPO / "docs" / "optuna.md": {**outer_certified_blocks(), **outer_certified_blocks(
                  "outer_certified_crossfit3", "outer-certified-crossfit3")}}
     if args.print:

@@ -236,3 +236,32 @@ def test_class_thresholds_block_pairs_each_row_with_its_class_wise_twin(monkeypa
                     "14.5 (1.50) / 11.0 (1.50) |"]
     monkeypatch.setattr(md, "_load", lambda name: {})
     assert md.class_thresholds_blocks() == {}
+
+
+def test_drop_test_power_reference_and_core_test_along_one_family():
+    """bench/drop_test_power.py: its WSR column is exactly the core's certify; the z reference gives the normal
+    tail of the studentised mean drop, stops at the first row it cannot reject, and handles rows without spread."""
+    import numpy as np
+    from scipy.stats import norm
+
+    from autoexit.policies.cascade import certify
+    from bench.drop_test_power import certify_with, z_pvalues
+
+    rng = np.random.default_rng(1)
+    per = rng.choice([-1.0, 0.0, 1.0], p=[0.01, 0.97, 0.02], size=(3, 2000))
+    m, sd = per.mean(1), per.std(1, ddof=1)
+    assert np.allclose(z_pvalues(per, 0.01), norm.cdf((m - 0.01) / (sd / np.sqrt(2000))))
+    assert list(z_pvalues(np.array([[0.0] * 5, [1.0] * 5]), 0.01)) == [0.0, 1.0]
+    k, n = 2, 2000
+    scores = rng.random((k, n))
+    losses = np.vstack([rng.choice([-1.0, 0.0, 1.0], p=[0.05, 0.9, 0.05], size=(k, n)), np.zeros((1, n))])
+    family = np.array([[np.inf, np.inf], [0.99, np.inf], [0.95, 0.99], [0.8, 0.9], [0.0, 0.0]])
+    res, ex = certify_with("wsr", scores, losses, family, 0.02)
+    ref, ref_ex = certify(scores, losses, family, 0.02, 0.1, "drop", 0)
+    assert res.index == ref.index and np.array_equal(ex, ref_ex) and np.allclose(res.pvalues, ref.pvalues)
+    assert res.index == 4  # everything certified at 2 %
+    res, _ = certify_with("wsr", scores, losses, family, 0.015)
+    z, _ = certify_with("z", scores, losses, family, 0.015)
+    fail = np.nonzero(z.pvalues > 0.1)[0]
+    assert z.index == (int(fail[0]) if fail.size else len(family)) - 1
+    assert (res.index, z.index) == (3, 4)  # at 1.5 % the z reference certifies one row more than WSR

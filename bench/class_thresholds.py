@@ -97,7 +97,9 @@ def class_exit_positions(scores: np.ndarray, pred: np.ndarray, thresholds: np.nd
     return out
 
 
-def _tables(depth: int):
+def cheap_tables(depth: int):
+    """The cheap heads' ``ExitTable`` per split (temperatures fitted on train, as ``autoexit.enable`` fits the
+    guaranteed policies') and the ``ExitCosts`` of every candidate exit, from ``bench/policies.py``'s caches."""
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.policies import ExitCosts, ExitTable
     from bench.policies import setup, split_data
@@ -112,19 +114,14 @@ def _tables(depth: int):
     return tabs, costs
 
 
-def _pool(a, b):
-    from bench.policies import _pool as pool
-
-    return pool(a, b)
-
-
 def run_depth(depth: int, resplits: int, log) -> list[dict]:
     import torch
 
     from autoexit.policies.cascade import certify, chain_costs, greedy_path, loss_matrix, simulate
+    from bench.policies import _pool
 
     t0 = time.perf_counter()
-    tabs, costs = _tables(depth)
+    tabs, costs = cheap_tables(depth)
     k = len(tabs["test"].names)
     chain = list(range(k))
     cvec = chain_costs(costs, chain)

@@ -94,11 +94,11 @@ def certify_with(test: str, s_cal: np.ndarray, l_cal: np.ndarray, family: np.nda
 def run_depth(depth: int, resplits: int, log) -> list[dict]:
     from autoexit.policies import PolicyContext, finalise, make_policy
     from autoexit.policies.cascade import loss_matrix
-    from bench.class_thresholds import _tables
+    from bench.class_thresholds import cheap_tables
     from bench.policies import _pool
 
     t0 = time.perf_counter()
-    tabs, costs = _tables(depth)
+    tabs, costs = cheap_tables(depth)
     pool = _pool(tabs["val"], tabs["test"])
     n_val = tabs["val"].n
     rng = np.random.default_rng(12345)

@@ -707,7 +707,7 @@ def fit_policy(config: EnableConfig, rec: Recording, heads: Mapping[str, Trained
             st = split_stats(rec, names, split)
         tables[split] = ExitTable.from_predictions(p, [temperatures[n] for n in names], st)
     if costs is None:
-        costs = _flops_costs(heads, names, base_flops)
+        costs = flops_costs(heads, names, base_flops)
     elif len(costs.c1) != len(names) or len(costs.before) != len(names):
         raise AutoExitError(f"costs give {len(costs.c1)} exits but there are {len(names)} candidate exits")
     ctx = PolicyContext(tables[config.fit_split], tables["val"], costs, config.tolerance, config.delta,
@@ -729,7 +729,8 @@ def out_of_fold_predictions(rec: Recording, heads: Mapping[str, TrainedHead], co
     return ExitPredictions(names, z, rec.logits("train"), rec.labels("train"))
 
 
-def _flops_costs(heads: Mapping[str, TrainedHead], names: Sequence[str], base_flops: float) -> ExitCosts:
+def flops_costs(heads: Mapping[str, TrainedHead], names: Sequence[str], base_flops: float) -> ExitCosts:
+    """The FLOPs :class:`ExitCosts` of the exits ``names`` (each head's FLOPs and the backbone's up to its point)."""
     return ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names], base_flops)
 
 
@@ -741,7 +742,7 @@ def exit_costs(config: EnableConfig, tb: TracedBackbone, rec: Recording, heads: 
     the end-to-end calibration on the train inputs."""
     names = [p.name for p in rec.points if p.name in heads]
     if config.cost == "flops":
-        return _flops_costs(heads, names, float(tb.total_flops))
+        return flops_costs(heads, names, float(tb.total_flops))
     from .cost import ANCHOR_SAMPLES, exit_latency_costs
     from .evaluator import evaluator_from_config
 

@@ -32,7 +32,6 @@ without. Results: ``bench/results/class_thresholds.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, require_fixtures, write_results  # noqa: E402
+from bench.common import run_resplit_benchmark  # noqa: E402
 
 TOLERANCES = (0.5, 1.0, 2.0)
 RISKS = ("disagreement", "drop")
@@ -101,7 +100,8 @@ def cheap_tables(depth: int):
     """The cheap heads' ``ExitTable`` per split (temperatures fitted on train, as ``autoexit.enable`` fits the
     guaranteed policies') and the ``ExitCosts`` of every candidate exit, from ``bench/policies.py``'s caches."""
     from autoexit.calibrate import calibrate_temperatures
-    from autoexit.policies import ExitCosts, ExitTable
+    from autoexit.pipeline import flops_costs
+    from autoexit.policies import ExitTable
     from bench.policies import setup, split_data
 
     cfg, tb, points, rec, heads = setup(depth, head="cheap")
@@ -109,8 +109,7 @@ def cheap_tables(depth: int):
     names = [p.name for p in rec.points if p.name in heads]
     temps = calibrate_temperatures(data["train"][0])  # the guaranteed policies' fit split, as enable does
     tabs = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
-    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                      float(tb.total_flops))
+    costs = flops_costs(heads, names, float(tb.total_flops))
     return tabs, costs
 
 
@@ -195,29 +194,9 @@ COLUMNS = ["model", "risk", "T %", "thresholds", "certified %", "resplit %", "vi
 
 
 def main(argv=None) -> int:
-    import torch
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
-    ap.add_argument("--resplits", type=int, default=100)
-    args = ap.parse_args(argv)
-    if args.resplits < 1:
-        raise SystemExit(f"--resplits must be >= 1, got {args.resplits}")
-    require_fixtures()
-    torch.set_num_threads(2)
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
-
-    rows = []
-    for depth in args.depths:
-        rows += run_depth(depth, args.resplits, log)
-    print_table(rows, "class-wise thresholds against one per exit (cheap heads, max softmax, every exit kept)",
-                COLUMNS)
-    write_results("class_thresholds", {"args": vars(args), "delta": DELTA, "heads": "cheap",
-                                       "rows": rows, "seconds": time.perf_counter() - t0})
-    return 0
+    return run_resplit_benchmark(__doc__.splitlines()[0], argv, run_depth, "class_thresholds",
+                                 "class-wise thresholds against one per exit (cheap heads, max softmax, every exit kept)",
+                                 COLUMNS, delta=DELTA, heads="cheap")
 
 
 if __name__ == "__main__":

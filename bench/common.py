@@ -146,3 +146,35 @@ def write_results(name: str, payload: dict) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path.relative_to(REPO)}")
     return path
+
+
+def run_resplit_benchmark(description: str, argv, run_depth, name: str, title: str, columns: list[str],
+                          preface=None, **payload) -> int:
+    """The command line of the cheap-heads re-split benchmarks (``bench/class_thresholds.py``,
+    ``bench/drop_test_power.py``): ``--depths`` and ``--resplits`` (checked), the fixtures required, torch on 2
+    threads; ``preface(log) -> dict`` (optional) runs first and is stored under ``simulated``; then
+    ``run_depth(depth, resplits, log) -> rows`` per network, the table printed and ``bench/results/<name>.json``
+    written with ``payload``, the rows and the wall time."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    ap.add_argument("--resplits", type=int, default=100)
+    args = ap.parse_args(argv)
+    if args.resplits < 1:
+        raise SystemExit(f"--resplits must be >= 1, got {args.resplits}")
+    require_fixtures()
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
+
+    if preface is not None:
+        payload["simulated"] = preface(log)
+    rows = [row for depth in args.depths for row in run_depth(depth, args.resplits, log)]
+    print_table(rows, title, columns)
+    write_results(name, {"args": vars(args), **payload, "rows": rows, "seconds": time.perf_counter() - t0})
+    return 0

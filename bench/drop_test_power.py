@@ -23,7 +23,6 @@ cached (``bench/policies.py --head cheap`` fills the cache). Results: ``bench/re
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, require_fixtures, write_results  # noqa: E402
+from bench.common import run_resplit_benchmark  # noqa: E402
 
 TOLERANCES = (0.5, 1.0, 2.0)
 POLICIES = (("max_softmax+drop", "max_softmax", {}), ("gate[harmless]+drop", "gate", {"target": "harmless"}))
@@ -138,32 +137,17 @@ COLUMNS = ["model", "T %", "policy", "wsr saved %", "wsr mean drop %", "wsr viol
            "z violations"]
 
 
-def main(argv=None) -> int:
-    import torch
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
-    ap.add_argument("--resplits", type=int, default=100)
-    args = ap.parse_args(argv)
-    if args.resplits < 1:
-        raise SystemExit(f"--resplits must be >= 1, got {args.resplits}")
-    require_fixtures()
-    torch.set_num_threads(2)
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
-
+def _simulate(log) -> dict:
     sim = simulated_power()
     log(f"simulated, n = 2000, T = 1 %, gain 0.8 %: half the draws certified up to a true drop of "
         f"{sim['wsr half-power drop %']:.2f} % (WSR) and {sim['z half-power drop %']:.2f} % (z)")
-    rows = []
-    for depth in args.depths:
-        rows += run_depth(depth, args.resplits, log)
-    print_table(rows, "the labelled drop certified by WSR (the core) against a z-test reference (not valid)", COLUMNS)
-    write_results("drop_test_power", {"args": vars(args), "delta": DELTA, "heads": "cheap", "simulated": sim, "rows": rows,
-                                      "seconds": time.perf_counter() - t0})
-    return 0
+    return sim
+
+
+def main(argv=None) -> int:
+    return run_resplit_benchmark(__doc__.splitlines()[0], argv, run_depth, "drop_test_power",
+                                 "the labelled drop certified by WSR (the core) against a z-test reference (not valid)",
+                                 COLUMNS, preface=_simulate, delta=DELTA, heads="cheap")
 
 
 if __name__ == "__main__":

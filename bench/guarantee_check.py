@@ -98,7 +98,8 @@ def core_folds(variant: str) -> int | None:
 def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     """ExitTables per split of ``variant``'s heads (temperatures fitted on val) and the exit costs."""
     from autoexit.calibrate import calibrate_temperatures
-    from autoexit.policies import ExitCosts, ExitTable
+    from autoexit.pipeline import flops_costs
+    from autoexit.policies import ExitTable
     from bench.head_levers import (
         FEATURE_WEIGHT,
         MIXUP_EPOCHS,
@@ -119,13 +120,11 @@ def variant_tables(depth: int, variant: str, log) -> tuple[dict, object]:
     cfg, tb, points, rec, heads = setup(depth, train=None if core else val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
-    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                      float(tb.total_flops))
+    costs = flops_costs(heads, names, float(tb.total_flops))
     if variant == "feature":  # as head_levers --levers feature (default weight): their own FLOPs and temperatures
         fh = feature_heads(depth, rec, heads, FEATURE_WEIGHT, log)
         return (trained_tables(rec, fh, data)[1],
-                ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
-                          float(tb.total_flops)))
+                flops_costs(fh, names, float(tb.total_flops)))
     if variant == "mixup-cross-fitted":  # as head_levers --levers mixup-cross-fitted: the mixup heads, fitted on
         _, mtables, _, oof_table = mixup_cross_fitted_tables(depth, tb, rec, heads, data, MIXUP_EPOCHS, 2, log)
         return {**mtables, "train": oof_table}, costs  # out-of-fold predictions of fold heads trained by mixup

@@ -584,12 +584,13 @@ def skip_tables(depth: int, tb, rec, heads: dict, data: dict, lr: float, folds: 
     import torch
 
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
-    from autoexit.policies import ExitCosts, ExitTable
+    from autoexit.pipeline import flops_costs
+    from autoexit.policies import ExitTable
 
     names = [p.name for p in rec.points]
     sk, sk_oof = skip_heads(depth, rec, heads, lr, log, folds)
     preds, tables = trained_tables(rec, sk, data)
-    costs = ExitCosts([sk[n].flops for n in names], [sk[n].point.flops_before for n in names], float(tb.total_flops))
+    costs = flops_costs(sk, names, float(tb.total_flops))
     base_oof = out_of_fold(depth, rec, heads, folds, log)
     fit_logits = torch.stack([sk_oof[n] if n in sk_oof else base_oof[j] for j, n in enumerate(names)])
     tr = data["train"][0]
@@ -968,16 +969,15 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
               feature_weight: float = FEATURE_WEIGHT, mixup_epochs: int = MIXUP_EPOCHS, skip_lr: float = SKIP_LR,
               ensemble_seeds: tuple = (1,)) -> dict:
     from autoexit.calibrate import ExitPredictions, calibrate_temperatures
-    from autoexit.pipeline import predictions_for
-    from autoexit.policies import ExitCosts, ExitTable
+    from autoexit.pipeline import flops_costs, predictions_for
+    from autoexit.policies import ExitTable
     from bench.policies import oracle_saving, setup, split_data
 
     t0 = time.perf_counter()
     cfg, tb, points, rec, heads = setup(depth, train=val_selected_training())
     data = split_data(rec, heads)
     names = [p.name for p in rec.points]
-    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                      float(tb.total_flops))
+    costs = flops_costs(heads, names, float(tb.total_flops))
     temps = calibrate_temperatures(data["val"][0])
     tables = {s: ExitTable.from_predictions(p, temps, st) for s, (p, st) in data.items()}
     rows = policy_rows("baseline (default heads, fitted in-sample)", tables["train"], tables, costs, depth, resplits)
@@ -1025,8 +1025,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         secs["feature"] = time.perf_counter() - t1
         agree["feature distillation"] = [round(float(fh[n].val_agreement), 4) for n in names]
         preds, ftables = trained_tables(rec, fh, data)
-        fcosts = ExitCosts([fh[n].flops for n in names], [fh[n].point.flops_before for n in names],
-                           float(tb.total_flops))
+        fcosts = flops_costs(fh, names, float(tb.total_flops))
         rows += policy_rows(f"feature distillation (penultimate features, weight {feature_weight:g})",
                             ftables["train"], ftables, fcosts, depth, resplits)
         extra["feature"] = {"weight": feature_weight,
@@ -1042,8 +1041,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         preds, etables = trained_tables(rec, eh, data)
         k = 1 + len(ensemble_seeds)
         agree[f"ensemble ({k} heads per exit)"] = [round(float(v), 4) for v in preds["val"].agree().float().mean(1)]
-        ecosts = ExitCosts([eh[n].flops for n in names], [eh[n].point.flops_before for n in names],
-                           float(tb.total_flops))
+        ecosts = flops_costs(eh, names, float(tb.total_flops))
         seeds = [str(x) for x in (0, *ensemble_seeds)]
         rows += policy_rows(f"ensemble ({k} default heads per exit, seeds {', '.join(seeds[:-1])} and {seeds[-1]}, "
                             "log-probabilities averaged)", etables["train"], etables, ecosts, depth, resplits)
@@ -1058,8 +1056,7 @@ def run_depth(depth: int, folds: int, epochs: int, log, levers=("augmented", "cr
         secs["cheap"] = time.perf_counter() - t1
         agree["cheap heads"] = [round(float(ch[n].val_agreement), 4) for n in names]
         preds, ctables = trained_tables(rec, ch, data)
-        ccosts = ExitCosts([ch[n].flops for n in names], [ch[n].point.flops_before for n in names],
-                           float(tb.total_flops))
+        ccosts = flops_costs(ch, names, float(tb.total_flops))
         rows += policy_rows("cheap heads (2x2 average pool + FC, label-free, default schedule)", ctables["train"],
                             ctables, ccosts, depth, resplits)
         extra["cheap"] = {"spec": CHEAP_HEAD.to_dict(), "head flops": {n: int(ch[n].flops) for n in names},

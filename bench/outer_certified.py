@@ -166,7 +166,8 @@ def _certified_rows(depth: int, tol: float, studies: dict, recorded, splits, dra
 
 def run_depth(depth: int, trials: int, log, draws: int = 1000, cross_fit: int = 2) -> dict:
     from autoexit.calibrate import calibrate_temperatures
-    from autoexit.policies import ExitCosts, ExitTable
+    from autoexit.pipeline import flops_costs
+    from autoexit.policies import ExitTable
     from autoexit.search.outer import OuterSearchResult, PickRule, Recorded, evaluate_plan
     from bench.policies import cross_fitted_data, setup, split_data
 
@@ -175,8 +176,7 @@ def run_depth(depth: int, trials: int, log, draws: int = 1000, cross_fit: int = 
     data = split_data(rec, heads)
     names = [p.name for p in rec.points if p.name in heads]
     log(f"resnet{depth}: {len(names)} candidate exits, setup {time.perf_counter() - t0:.0f} s")
-    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                      float(tb.total_flops))
+    costs = flops_costs(heads, names, float(tb.total_flops))
 
     def tables_of(d):  # the guaranteed policies, as bench/policies.py fits them (temperatures on train)
         temps = calibrate_temperatures(d["train"][0])

@@ -395,8 +395,8 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     """One network's rows (``only``: just the VARIANTS of these labels)."""
     from autoexit.calibrate import calibrate_temperatures
     from autoexit.distill import train_cascade_heads
-    from autoexit.pipeline import predictions_for_splits, temperature_split
-    from autoexit.policies import ExitCosts, ExitTable, PolicyContext, make_policy
+    from autoexit.pipeline import flops_costs, predictions_for_splits, temperature_split
+    from autoexit.policies import ExitTable, PolicyContext, make_policy
 
     t_setup = time.perf_counter()
     cfg, tb, points, rec, heads = setup(depth, teacher=teacher, epochs=epochs, head=head)
@@ -421,8 +421,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
     tables_of = {"val": tables_for("val")}
     tables_of["fit"] = tables_of["val"] if fit_split == "val" else tables_for(fit_split)
     tables = tables_of["fit"]
-    costs = ExitCosts([heads[n].flops for n in names], [heads[n].point.flops_before for n in names],
-                      float(tb.total_flops))
+    costs = flops_costs(heads, names, float(tb.total_flops))
     log(f"resnet{depth}: {len(names)} candidate exits, setup {time.perf_counter() - t_setup:.0f} s")
     train_agree = (data["train"][0].agree().float().mean(1)).tolist()
     val_agree = (val.agree().float().mean(1)).tolist()
@@ -483,8 +482,7 @@ def run_depth(depth: int, resplits: int, cascade: bool, log, teacher: str = "rec
             ctemps = calibrate_temperatures(cpreds[tsplit])
             ctab = {s: ExitTable.from_predictions(p, ctemps, [data[s][1][names.index(n)] for n in chain_names])
                     for s, p in cpreds.items()}
-            ccosts = ExitCosts([chained[n].flops for n in chain_names],
-                               [chained[n].point.flops_before for n in chain_names], costs.base)
+            ccosts = flops_costs(chained, chain_names, costs.base)
             ctx = PolicyContext(ctab["train"], ctab["val"], ccosts, tol, 0.1, "disagreement", fixed_chain=True)
             fp = make_policy("gate").fit(ctx)
             m = fp.evaluate(ctab["test"], ccosts)

@@ -150,14 +150,17 @@ def run_depth(depth: int, resplits: int, log) -> list[dict]:
 
     rows = []
     for risk in RISKS:
+        # each split's scores, losses and costs depend on the risk and the kind only, not on T
+        per = {kind: {split: arrays(t, risk, kind) for split, t in (*tabs.items(), ("pool", pool))}
+               for kind in ("per-exit", "per-class")}
         for tol in TOLERANCES:
             for kind in ("per-exit", "per-class"):
                 t1 = time.perf_counter()
-                s_tr, l_tr, c = arrays(tabs["train"], risk, kind)
+                s_tr, l_tr, c = per[kind]["train"]
                 fam = greedy_path(s_tr, l_tr, c, chunk=max(1, tabs["train"].n // 400),
                                   max_risk=max(4 * tol / 100, tol / 100 + 0.02)).thresholds
-                s_te, l_te, _ = arrays(tabs["test"], risk, kind)
-                s_va, l_va, _ = arrays(tabs["val"], risk, kind)
+                s_te, l_te, _ = per[kind]["test"]
+                s_va, l_va, _ = per[kind]["val"]
                 row_i, ok = deployed(s_va, l_va, c, fam, tol, risk)
                 r_te, sav_te = outcome(s_te, l_te, c, fam[row_i])
                 picked = max([sv for r_, sv in (outcome(s_te, l_te, c, th) for th in fam)
@@ -166,7 +169,7 @@ def run_depth(depth: int, resplits: int, log) -> list[dict]:
                 pv = greedy_path(s_va, l_va, c, chunk=max(1, n_val // 1000), max_risk=2 * tol / 100)
                 ok_rows = np.nonzero(pv.fit_risk <= tol / 100 + 1e-12)[0]
                 r_vt, sav_vt = outcome(s_te, l_te, c, pv.thresholds[ok_rows[-1] if ok_rows.size else 0])
-                s_po, l_po, _ = arrays(pool, risk, kind)
+                s_po, l_po, _ = per[kind]["pool"]
                 savings, viol = [], 0
                 for perm in splits:
                     cal, te = perm[:n_val], perm[n_val:]
